@@ -1,0 +1,31 @@
+"""memvidd's storage engine: single-file, append-only, versioned memory capsules.
+
+Synchronous and self-contained: it never imports trio or memvidd. The public API is what
+this module exports; everything else is internal. The file format is specified in
+``docs/format.md`` and ``engine/format.py``.
+"""
+
+from .capsule import Capsule, Frame, FrameInfo, create, open
+from .errors import (
+    CapsuleBroken,
+    CapsuleClosed,
+    CapsuleExists,
+    CapsuleLocked,
+    CorruptionError,
+    EngineError,
+    FormatVersionError,
+    InvalidArgument,
+    NotACapsule,
+    NotFound,
+    ReadOnlyError,
+    StorageError,
+)
+from .format import READ_VERSION, WRITE_VERSION
+from .verify import Report, doctor, verify
+
+__all__ = [
+    "READ_VERSION", "WRITE_VERSION", "Capsule", "CapsuleBroken", "CapsuleClosed",
+    "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
+    "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",
+    "Report", "StorageError", "create", "doctor", "open", "verify",
+]

@@ -1,0 +1,183 @@
+"""The one door between the engine and the operating system's files.
+
+Every byte the engine reads or writes passes through a ``CapsuleFile``: positional
+reads and writes, ``sync`` (fdatasync), ``truncate`` and ``size``. Tests substitute
+wrappers (``engine.testing``) at this seam to inject EIO/ENOSPC or to simulate a crash
+that drops unsynced writes; production uses ``OsFile``.
+
+It also owns the writer lock, which lives on the capsule itself so that no sidecar file
+is ever needed [F-13]:
+
+- exclusion is an ``flock`` on the capsule's open file description: it cannot be
+  released by another descriptor of the same process and it survives commits, because
+  commits append to the same inode instead of replacing it;
+- the holder's pid is published with a one-byte POSIX record lock far beyond any data,
+  which ``F_GETLK`` reports to the loser. It is informational only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+from typing import Protocol
+
+from .errors import CapsuleExists, CapsuleLocked, StorageError
+
+PID_LOCK_BYTE = 1 << 62  # POSIX locks may cover bytes past EOF; the file never gets there
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux (x86-64 and aarch64)
+
+
+class CapsuleFile(Protocol):
+    path: str
+
+    def pread(self, offset: int, n: int) -> bytes: ...
+    def pwrite(self, offset: int, data: bytes) -> None: ...
+    def sync(self) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def size(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class OsFile:
+    """A capsule file descriptor. Errors surface as ``StorageError`` naming the op."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: str, *, readonly: bool) -> OsFile:
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        return cls(path, os.open(path, flags))
+
+    @classmethod
+    def create(cls, path: str, initial: bytes) -> OsFile:
+        """Create ``path`` holding ``initial``, atomically: it appears complete or not at all.
+
+        The file is built unnamed (O_TMPFILE), locked, synced, and only then linked into
+        the directory, so a crash never leaves a half-made capsule and no temporary name
+        is ever visible beside it.
+        """
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.lexists(path):
+            raise CapsuleExists(f"{path} already exists")
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            anonymous = True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise StorageError("create", path, e) from e
+            anonymous = False  # filesystem without O_TMPFILE: plain exclusive create
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                raise CapsuleExists(f"{path} already exists") from None
+        f = cls(path, fd)
+        try:
+            f.lock()
+            f.pwrite(0, initial)
+            f.sync()
+            if anonymous:
+                _link_anonymous(fd, path)
+            fsync_dir(directory)  # the new name is durable, not only the bytes
+        except BaseException:
+            f.close()
+            if not anonymous:
+                os.unlink(path)
+            raise
+        return f
+
+    def pread(self, offset: int, n: int) -> bytes:
+        try:
+            return os.pread(self.fd, n, offset)
+        except OSError as e:
+            raise StorageError("read", self.path, e) from e
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:  # pwrite may be short on a nearly full disk
+                done = os.pwrite(self.fd, view, offset)
+                if done == 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                view = view[done:]
+                offset += done
+        except OSError as e:
+            raise StorageError("write", self.path, e) from e
+
+    def sync(self) -> None:
+        # fdatasync also flushes the file size, which is all the metadata a reader needs.
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise StorageError("fsync", self.path, e) from e
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise StorageError("truncate", self.path, e) from e
+
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as e:
+            raise StorageError("stat", self.path, e) from e
+
+    def identity(self) -> tuple[int, int]:
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
+    def lock(self) -> None:
+        """Take the writer lock or raise ``CapsuleLocked`` naming the holder."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CapsuleLocked(self.path, self._holder_pid()) from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PID_LOCK_BYTE)
+        except OSError:
+            pass  # only the pid advertisement failed; exclusion is already ours
+
+    def _holder_pid(self) -> int | None:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PID_LOCK_BYTE, 1, 0)
+        try:
+            l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, probe))
+        except OSError:
+            return None
+        return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # releases both locks
+
+
+def _link_anonymous(fd: int, path: str) -> None:
+    """Give an O_TMPFILE file its name. CPython's os.link cannot: it calls link(2),
+    which refuses /proc/self/fd magic links, so call linkat(2) with AT_SYMLINK_FOLLOW."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    src = f"/proc/self/fd/{fd}".encode()
+    if _libc.linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise CapsuleExists(f"{path} already exists")
+        raise StorageError("link", path, OSError(code, os.strerror(code)))
+
+
+_libc: ctypes.CDLL | None = None
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

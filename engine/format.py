@@ -1,0 +1,233 @@
+"""The capsule file format: byte layouts, versions and record codecs.
+
+This module is the executable half of ``docs/format.md`` (rules ``[F-nn]`` there). It
+owns every ``struct`` layout and every msgpack schema that reaches the disk, and nothing
+else: no I/O, no policy.
+
+File diagram (all integers little-endian)::
+
+    0      4096     8192
+    +------+--------+-------------------------------------------------------------+
+    |slot A| slot B | record | record | ... | record |   (torn bytes = end)      |
+    +------+--------+-------------------------------------------------------------+
+     header (two slots,       the log: append-only, each record checksummed
+     newest valid wins)
+
+Record = 16-byte record header + body. Kinds: BLOCK (compressed payload bytes), COMMIT
+(the frames of one transaction), SEGMENT (a checkpointed slice of the frame table) and
+CHECKPOINT (the list of segments a reader loads instead of replaying the log).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import msgspec
+
+from .errors import CorruptionError, FormatVersionError, NotACapsule
+
+# -- versions [F-03] -----------------------------------------------------------------
+MAGIC = b"MV2D\x00\r\n\x1a"
+READ_VERSION = 1  # bump when an old reader could misread the file
+WRITE_VERSION = 1  # bump when an old writer could damage the file
+
+# -- header [F-01, F-02] -------------------------------------------------------------
+SLOT_SIZE = 4096
+SLOT_OFFSETS = (0, SLOT_SIZE)
+LOG_START = 2 * SLOT_SIZE
+#   magic, read_version, write_version, generation, capsule_id, created,
+#   checkpoint_offset, checkpoint_length, flags
+HEADER = struct.Struct("<8sHHQ16sdQQQ")
+HEADER_CRC = struct.Struct("<I")
+
+# -- records [F-04 .. F-07] ----------------------------------------------------------
+RECORD_SYNC = b"R\xd5"
+#   sync, kind, flags, body_length, body_crc32, header_crc32 (of the first 12 bytes)
+RECORD = struct.Struct("<2sBBIII")
+RECORD_SIZE = RECORD.size
+MAX_BODY = 1 << 30  # a record body above this is treated as damage, never allocated
+
+BLOCK = 1
+COMMIT = 2
+SEGMENT = 3
+CHECKPOINT = 4
+KIND_NAMES = {BLOCK: "block", COMMIT: "commit", SEGMENT: "segment", CHECKPOINT: "checkpoint"}
+
+# -- block body [F-08] ---------------------------------------------------------------
+#   codec id, flags, reserved, dictionary id, raw length
+BLOCK_HEADER = struct.Struct("<BBHII")
+
+# -- frame ops ------------------------------------------------------------------------
+PUT = 0
+TOMBSTONE = 1
+
+
+class Header(msgspec.Struct, frozen=True):
+    """One decoded header slot."""
+
+    generation: int
+    capsule_id: bytes
+    created: float
+    checkpoint_offset: int
+    checkpoint_length: int
+    read_version: int = READ_VERSION
+    write_version: int = WRITE_VERSION
+    flags: int = 0
+
+
+def encode_header(h: Header) -> bytes:
+    fixed = HEADER.pack(
+        MAGIC, h.read_version, h.write_version, h.generation, h.capsule_id, h.created,
+        h.checkpoint_offset, h.checkpoint_length, h.flags,
+    )
+    raw = fixed + HEADER_CRC.pack(zlib.crc32(fixed))
+    return raw + bytes(SLOT_SIZE - len(raw))  # [F-02] reserved bytes are zero
+
+
+def decode_header(raw: bytes) -> Header | None:
+    """Decode one slot; ``None`` when the slot is torn or blank. Raises on foreign files."""
+    n = HEADER.size
+    if len(raw) < n + HEADER_CRC.size:
+        return None
+    fields = HEADER.unpack_from(raw)
+    if fields[0] != MAGIC:
+        if raw[:4] == MAGIC[:4]:
+            return None  # our magic, torn slot
+        raise NotACapsule("not a memvidd capsule (bad magic)")
+    (crc,) = HEADER_CRC.unpack_from(raw, n)
+    if crc != zlib.crc32(raw[:n]):
+        return None
+    _, rv, wv, gen, cid, created, ck_off, ck_len, flags = fields
+    return Header(gen, cid, created, ck_off, ck_len, rv, wv, flags)
+
+
+def check_versions(h: Header, *, readonly: bool) -> None:
+    """[F-03] refuse files we could misread; refuse to write files we could damage."""
+    if h.read_version > READ_VERSION:
+        raise FormatVersionError(
+            f"capsule needs reader version {h.read_version}; this engine reads {READ_VERSION}"
+        )
+    if not readonly and h.write_version > WRITE_VERSION:
+        raise FormatVersionError(
+            f"capsule needs writer version {h.write_version}; this engine writes "
+            f"{WRITE_VERSION}: open it with readonly=True"
+        )
+
+
+def encode_record(kind: int, body: bytes, flags: int = 0) -> bytes:
+    if len(body) > MAX_BODY:
+        raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_BODY}")
+    head = struct.pack("<2sBBII", RECORD_SYNC, kind, flags, len(body), zlib.crc32(body))
+    return head + struct.pack("<I", zlib.crc32(head)) + body
+
+
+class RecordHeader(msgspec.Struct, frozen=True):
+    kind: int
+    flags: int
+    length: int
+    body_crc: int
+
+
+def decode_record_header(raw: bytes | memoryview, pos: int = 0) -> RecordHeader | None:
+    """The record header at ``raw[pos:]``, or ``None`` if it is torn, blank or garbage."""
+    if len(raw) - pos < RECORD_SIZE:
+        return None
+    sync, kind, flags, length, body_crc, head_crc = RECORD.unpack_from(raw, pos)
+    if sync != RECORD_SYNC or head_crc != zlib.crc32(raw[pos : pos + 12]):
+        return None
+    if kind not in KIND_NAMES or length > MAX_BODY:
+        return None
+    return RecordHeader(kind, flags, length, body_crc)
+
+
+def body_ok(rh: RecordHeader, body: bytes | memoryview) -> bool:
+    return len(body) == rh.length and zlib.crc32(body) == rh.body_crc
+
+
+# -- msgpack schemas [F-09 .. F-12] ----------------------------------------------------
+# array_like keeps records compact; new fields may only be appended, with defaults, so
+# older files keep decoding (msgspec fills missing trailing fields).
+
+
+class FrameMeta(msgspec.Struct, array_like=True, gc=False):
+    """Everything about a frame except its payload bytes. Immutable once committed."""
+
+    id: int
+    seq: int  # commit sequence that created it
+    op: int  # PUT or TOMBSTONE
+    uri: str | None
+    title: str | None
+    kind: str | None
+    tags: dict[str, str]
+    timestamp: float  # event time, seconds since the epoch
+    supersedes: int | None  # the frame this one ends (same URI), if any
+    block: int  # offset of the BLOCK record holding the payload; -1 for none
+    start: int  # payload offset inside the decompressed block
+    length: int  # payload length in bytes
+    digest: bytes  # blake2b-128 of the payload
+    is_text: bool
+    parent: str | None = None  # owning document, for chunks
+    chunk: int | None = None  # chunk number inside the parent document
+
+
+class BlockRef(msgspec.Struct, array_like=True, gc=False):
+    offset: int
+    body_crc: int
+
+
+class CommitRecord(msgspec.Struct, array_like=True, gc=False):
+    seq: int
+    time: float  # commit time, seconds since the epoch, non-decreasing
+    prev: int  # offset of the previous COMMIT record, 0 for the first
+    frames: list[FrameMeta]
+    blocks: list[BlockRef]
+
+
+class CommitInfo(msgspec.Struct, array_like=True, gc=False):
+    seq: int
+    time: float
+    offset: int
+
+
+class SegmentRecord(msgspec.Struct, array_like=True):
+    first_id: int
+    frames: list[FrameMeta]
+    commits: list[CommitInfo]
+
+
+class SegmentRef(msgspec.Struct, array_like=True, frozen=True):
+    offset: int
+    length: int  # whole record, header included
+    first_id: int
+    count: int
+
+
+class CheckpointRecord(msgspec.Struct, array_like=True):
+    capsule_id: bytes
+    seq: int
+    next_id: int
+    last_commit: int  # offset of the last COMMIT record covered
+    segments: list[SegmentRef]
+    counters: dict[str, int]
+    extra: dict[str, Any] = {}  # room for index segments and codec dictionaries
+
+
+_enc = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def pack(obj: Any) -> bytes:
+    return _enc.encode(obj)
+
+
+def unpack(data: bytes | memoryview, typ: type, *, offset: int | None = None) -> Any:
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
+    try:
+        return dec.decode(data)
+    except (msgspec.DecodeError, ValueError) as e:
+        # The checksum matched, so this is not a torn write: the data is wrong.
+        raise CorruptionError(f"undecodable {typ.__name__}: {e}", offset=offset) from None

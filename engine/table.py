@@ -1,0 +1,139 @@
+"""The frame table: the in-memory view of every committed frame and its validity.
+
+It owns the version model [F-20 .. F-23]. A frame is valid from the commit that created
+it until the commit that superseded or tombstoned it (``ended``), so "visible at commit
+S" is ``frame.seq <= S < ended`` and an as-of view is a true historical state, not a
+filter over what is live today. The table is derived data: it is rebuilt from COMMIT
+records (or loaded from checkpoint segments) and never written as such.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from .errors import CorruptionError
+from .format import PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta
+
+FOREVER = 1 << 62  # "ended" of a frame that is still valid
+
+
+class FrameTable:
+    def __init__(self) -> None:
+        self.frames: list[FrameMeta] = []  # index == frame id [F-20]
+        self.commits: list[CommitInfo] = []  # index == seq - 1
+        self.commit_times: list[float] = []  # non-decreasing [F-10]: bisectable
+        self.ended: dict[int, int] = {}  # frame id -> seq that ended it
+        self.ended_by: dict[int, int] = {}  # frame id -> frame id that ended it
+        self.live: dict[str, int] = {}  # uri -> live frame id
+        self.versions: dict[str, list[int]] = {}  # uri -> every frame id, oldest first
+        self.by_time: list[tuple[float, int]] = []  # (timestamp, id) of PUT frames
+        self.live_count = 0
+
+    @property
+    def seq(self) -> int:
+        return len(self.commits)
+
+    @property
+    def next_id(self) -> int:
+        return len(self.frames)
+
+    # -- building ---------------------------------------------------------------------
+
+    def apply(self, rec: CommitRecord, offset: int) -> None:
+        """Add one commit, checking every invariant a valid log keeps [F-10, F-21]."""
+        if rec.seq != self.seq + 1:
+            raise CorruptionError(f"commit seq {rec.seq} follows {self.seq}", offset=offset)
+        if self.commits and rec.time < self.commits[-1].time:
+            raise CorruptionError("commit time went backwards", offset=offset)
+        if not rec.frames:
+            raise CorruptionError("empty commit", offset=offset)
+        for i, f in enumerate(rec.frames):
+            if f.id != self.next_id + i or f.seq != rec.seq:
+                raise CorruptionError(f"frame {f.id} out of order in commit {rec.seq}", offset=offset)
+        self.commits.append(CommitInfo(rec.seq, rec.time, offset))
+        self.commit_times.append(rec.time)
+        for f in rec.frames:
+            self._add(f, offset)
+
+    def load_segment(self, frames: list[FrameMeta], commits: list[CommitInfo], offset: int) -> None:
+        if frames and frames[0].id != self.next_id:
+            raise CorruptionError(f"segment starts at frame {frames[0].id}", offset=offset)
+        if commits and commits[0].seq != self.seq + 1:
+            raise CorruptionError(f"segment starts at commit {commits[0].seq}", offset=offset)
+        self.commits.extend(commits)
+        self.commit_times.extend(c.time for c in commits)
+        for f in frames:
+            if f.seq > self.seq:
+                raise CorruptionError(f"frame {f.id} names future commit {f.seq}", offset=offset)
+            self._add(f, offset)
+
+    def _add(self, f: FrameMeta, offset: int) -> None:
+        if f.id != len(self.frames):
+            raise CorruptionError(f"frame id {f.id} is not dense", offset=offset)
+        if f.supersedes is not None:
+            old = f.supersedes
+            if (
+                old >= f.id
+                or old in self.ended
+                or self.frames[old].op != PUT
+                or self.frames[old].uri != f.uri
+            ):
+                raise CorruptionError(f"frame {f.id} supersedes invalid frame {old}", offset=offset)
+            self.ended[old] = f.seq
+            self.ended_by[old] = f.id
+            self.live_count -= 1
+            if self.live.get(f.uri) == old:  # type: ignore[arg-type]
+                del self.live[f.uri]  # type: ignore[arg-type]
+        elif f.uri is not None and f.uri in self.live:
+            raise CorruptionError(f"frame {f.id} shadows live {f.uri!r}", offset=offset)
+        self.frames.append(f)
+        if f.op == TOMBSTONE:
+            if f.supersedes is None:
+                raise CorruptionError(f"tombstone {f.id} names no frame", offset=offset)
+            self.ended[f.id] = f.seq  # a tombstone is never visible itself
+        else:
+            self.live_count += 1
+            if f.uri is not None:
+                self.live[f.uri] = f.id
+            if not self.by_time or self.by_time[-1] <= (f.timestamp, f.id):
+                self.by_time.append((f.timestamp, f.id))
+            else:
+                bisect.insort(self.by_time, (f.timestamp, f.id))
+        if f.uri is not None:
+            self.versions.setdefault(f.uri, []).append(f.id)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def visible(self, fid: int, seq: int) -> bool:
+        f = self.frames[fid]
+        return f.op == PUT and f.seq <= seq < self.ended.get(fid, FOREVER)
+
+    def seq_at_time(self, t: float) -> int:
+        """The last commit made at or before ``t`` (0 when none)."""
+        return bisect.bisect_right(self.commit_times, t)
+
+    def at_uri(self, uri: str, seq: int) -> int | None:
+        if seq >= self.seq:
+            return self.live.get(uri)
+        for fid in reversed(self.versions.get(uri, ())):
+            f = self.frames[fid]
+            if f.seq <= seq:
+                return fid if self.visible(fid, seq) else None
+        return None
+
+    def timeline(
+        self, seq: int, since: float | None, until: float | None, reverse: bool
+    ) -> Iterator[int]:
+        """Ids of frames visible at ``seq`` with ``since <= timestamp <= until``, in time order."""
+        lo = 0 if since is None else bisect.bisect_left(self.by_time, (since, -1))
+        hi = len(self.by_time) if until is None else bisect.bisect_right(self.by_time, (until, FOREVER))
+        rng = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
+        head = seq >= self.seq
+        for i in rng:
+            fid = self.by_time[i][1]
+            if head:
+                if fid not in self.ended:
+                    yield fid
+            elif self.visible(fid, seq):
+                yield fid

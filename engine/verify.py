@@ -1,0 +1,297 @@
+"""Offline integrity check (``verify``) and repair (``doctor``) of a capsule file.
+
+``verify`` walks every record from the start of the log, independently of the
+checkpoint: it checks every checksum, replays every commit into a fresh frame table
+(which enforces the version invariants), decodes every payload against its digest, and
+then checks that the checkpoint the header points at agrees with that replay.
+
+``doctor`` fixes what can be fixed without guessing: it cuts a torn tail, and when a
+header slot, the checkpoint or its segments are damaged it points the header back at the
+genesis checkpoint and writes a fresh one from a full replay. Damage to committed
+frames or payloads is reported, never papered over.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from . import format as fmt
+from .capsule import genesis, load_checkpoint, open as open_capsule, read_payload
+from .errors import CorruptionError, EngineError, NotACapsule
+from .fileio import OsFile
+from .log import LogCursor
+from .table import FrameTable
+
+MAX_LISTED = 50  # errors listed in a report; the count is always exact
+
+
+class Report(msgspec.Struct, kw_only=True):
+    path: str
+    ok: bool = True
+    errors: list[str] = []
+    warnings: list[str] = []
+    repairs: list[str] = []
+    error_count: int = 0
+    facts: dict[str, int] = {}
+
+    def error(self, text: str) -> None:
+        self.ok = False
+        self.error_count += 1
+        if len(self.errors) < MAX_LISTED:
+            self.errors.append(text)
+
+    def to_dict(self) -> dict[str, object]:
+        return msgspec.to_builtins(self)
+
+
+class _Scan(msgspec.Struct):
+    table: FrameTable
+    end: int  # just past the last applied commit (or the live checkpoint after it)
+    last_commit: int
+    size: int
+    damage: list[tuple[int, int]]  # [start, stop) byte ranges that hold no intact record
+    stuck: list[tuple[int, int]]  # (offset, seq) of intact commits that could not apply
+    checkpoints: list[tuple[int, bytes]]  # (offset, capsule id) of intact checkpoints
+    derived: list[tuple[int, str]] = []  # damaged segment/checkpoint records (rebuildable)
+    torn: int = 0
+    commits_end: int = fmt.LOG_START  # just past the last applied commit
+
+
+def _next_record(cur: LogCursor, pos: int, size: int) -> int:
+    """The offset of the next intact record at or after ``pos`` (``size`` if none)."""
+    while pos < size:
+        window = cur.file.pread(pos, min(1 << 20, size - pos))
+        i = window.find(fmt.RECORD_SYNC)
+        while i >= 0:
+            if cur.record(pos + i) is not None:
+                return pos + i
+            i = window.find(fmt.RECORD_SYNC, i + 1)
+        pos += max(len(window) - 1, 1)
+    return size
+
+
+def _scan(f: OsFile, report: Report) -> _Scan:
+    size = f.size()
+    cur = LogCursor(f, size)
+    s = _Scan(FrameTable(), fmt.LOG_START, 0, size, [], [], [], [])
+    blocks: dict[int, int] = {}
+    counts: dict[str, int] = {}
+    pos = fmt.LOG_START
+    while pos < size:
+        found = cur.record(pos)
+        if found is None:
+            rh = fmt.decode_record_header(cur.read(pos, fmt.RECORD_SIZE))
+            stop = pos + fmt.RECORD_SIZE + rh.length if rh else 0
+            if rh and rh.kind in (fmt.SEGMENT, fmt.CHECKPOINT) and stop <= size:
+                # Derived data: doctor can rebuild it from the commits.
+                s.derived.append((pos, fmt.KIND_NAMES[rh.kind]))
+                pos = stop
+                continue
+            nxt = _next_record(cur, pos + 1, size)
+            s.damage.append((pos, nxt))
+            pos = nxt
+            continue
+        rh, body = found
+        name = fmt.KIND_NAMES[rh.kind]
+        counts[f"records.{name}"] = counts.get(f"records.{name}", 0) + 1
+        counts[f"bytes.{name}"] = counts.get(f"bytes.{name}", 0) + fmt.RECORD_SIZE + rh.length
+        if rh.kind == fmt.BLOCK:
+            blocks[pos] = rh.body_crc
+        elif rh.kind == fmt.CHECKPOINT:
+            try:
+                ck = fmt.unpack(body, fmt.CheckpointRecord, offset=pos)
+                s.checkpoints.append((pos, ck.capsule_id))
+            except CorruptionError as e:
+                report.error(str(e))
+        elif rh.kind == fmt.COMMIT:
+            try:
+                rec = fmt.unpack(body, fmt.CommitRecord, offset=pos)
+            except CorruptionError as e:
+                report.error(str(e))
+                rec = None
+            if rec is not None:
+                intact = (
+                    rec.seq == s.table.seq + 1
+                    and rec.prev == s.last_commit
+                    and all(blocks.get(b.offset) == b.body_crc for b in rec.blocks)
+                )
+                if intact:
+                    try:
+                        s.table.apply(rec, pos)
+                        s.last_commit = pos
+                        s.end = s.commits_end = pos + fmt.RECORD_SIZE + rh.length
+                        blocks.clear()
+                    except CorruptionError as e:
+                        report.error(str(e))
+                        s.stuck.append((pos, rec.seq))
+                else:
+                    s.stuck.append((pos, rec.seq))
+        pos += fmt.RECORD_SIZE + rh.length
+    report.facts.update(counts)
+    return s
+
+
+def _classify(s: _Scan, f: OsFile, report: Report) -> None:
+    """Damage after the last applied commit is a torn tail, unless a later commit exists."""
+    header = _newest_header(f)
+    if header is not None:
+        # A checkpoint written after the last commit is part of the log, not its tail.
+        ck_end = header.checkpoint_offset + header.checkpoint_length
+        if ck_end <= s.size:
+            s.end = max(s.end, ck_end)
+    later = [(off, seq) for off, seq in s.stuck if seq > s.table.seq]
+    for start, stop in s.damage:
+        if start < s.end or later:
+            report.error(f"damaged bytes {start}..{stop} (after commit {s.table.seq})")
+    for off, seq in s.stuck:
+        if off < s.end or later:
+            report.error(f"commit {seq} at offset {off} cannot be applied")
+    for off, kind in s.derived:
+        if off < s.end:
+            report.warnings.append(f"damaged {kind} record at offset {off} (derived data)")
+    s.torn = s.size - s.end
+    if s.torn and not later:
+        report.warnings.append(
+            f"torn tail: {s.torn} bytes after commit {s.table.seq} (a crash leaves these; "
+            "the next writer open or `doctor` cuts them)"
+        )
+
+
+def _check_payloads(f: OsFile, table: FrameTable, report: Report) -> None:
+    checked = 0
+    for m in table.frames:
+        if m.op != fmt.PUT:
+            continue
+        try:
+            read_payload(f, m)
+            checked += 1
+        except EngineError as e:
+            report.error(f"frame {m.id}: {e}")
+    report.facts["payloads_checked"] = checked
+
+
+def _check_header_and_checkpoint(f: OsFile, s: _Scan, report: Report) -> bool:
+    """Are the header slots and the checkpoint intact and true to the log? Reports why not."""
+    raw = f.pread(0, fmt.LOG_START)
+    slots = []
+    for i, off in enumerate(fmt.SLOT_OFFSETS):
+        h = fmt.decode_header(raw[off : off + fmt.SLOT_SIZE])
+        if h is None:
+            report.warnings.append(f"header slot {'AB'[i]} is damaged (the other slot is used)")
+        else:
+            slots.append(h)
+    if not slots:
+        report.error("both header slots are damaged")
+        return False
+    header = max(slots, key=lambda h: h.generation)
+    try:
+        ckpt, ck_table = load_checkpoint(f, header)
+    except CorruptionError as e:
+        report.error(f"checkpoint: {e}")
+        return False
+    n, q = ck_table.next_id, ck_table.seq
+    if ck_table.frames != s.table.frames[:n] or ck_table.commits != s.table.commits[:q]:
+        report.error("checkpoint segments disagree with the log")
+        return False
+    report.facts["checkpoint_seq"] = ckpt.seq
+    return True
+
+
+def verify(path: str) -> Report:
+    """Check every checksum and invariant of the capsule at ``path``; never writes."""
+    report = Report(path=str(path))
+    try:
+        f = OsFile.open(str(path), readonly=True)
+    except OSError as e:
+        report.error(f"cannot open: {e}")
+        return report
+    try:
+        if f.size() < fmt.LOG_START:
+            report.error("file is shorter than its header")
+            return report
+        fmt.decode_header(f.pread(0, fmt.SLOT_SIZE))  # raises NotACapsule on foreign files
+        s = _scan(f, report)
+        _classify(s, f, report)
+        _check_header_and_checkpoint(f, s, report)
+        _check_payloads(f, s.table, report)
+        report.facts.update(commits=s.table.seq, frames=s.table.next_id, file_bytes=s.size, torn_bytes=s.torn)
+    except NotACapsule as e:
+        report.error(str(e))
+    except EngineError as e:
+        report.error(f"verify stopped: {e}")
+    finally:
+        f.close()
+    return report
+
+
+def doctor(path: str, *, dry_run: bool = False) -> Report:
+    """Repair what can be repaired (see the module docstring); report what was done."""
+    path = str(path)
+    report = Report(path=path)
+    f = OsFile.open(path, readonly=dry_run)
+    try:
+        if not dry_run:
+            f.lock()
+        fmt.decode_header(f.pread(0, fmt.SLOT_SIZE))
+        s = _scan(f, report)
+        _classify(s, f, report)
+        if not report.ok:
+            report.repairs.append("nothing changed: committed data is damaged (see errors)")
+            return report
+        header_ok = _check_header_and_checkpoint(f, s, report)
+        if header_ok and not s.torn:
+            report.repairs.append("nothing to repair")
+            return report
+        report.ok = True  # the problems found so far are the ones doctor repairs
+        report.errors.clear()
+        report.error_count = 0
+        keep = s.end  # includes the checkpoint when it is intact (see _classify)
+        if not header_ok:
+            keep = s.commits_end
+        if s.size > keep:
+            report.repairs.append(f"cut torn tail: {s.size - keep} bytes after commit {s.table.seq}")
+            if not dry_run:
+                f.truncate(keep)
+                f.sync()
+        if not header_ok:
+            report.repairs.append(
+                f"rebuilt the checkpoint from a full replay of {s.table.seq} commits"
+            )
+            if not dry_run:
+                _reset_to_genesis(f, s)
+        if dry_run:
+            return report
+    finally:
+        f.close()
+    if not header_ok:
+        with open_capsule(path) as cap:  # replays the whole log from genesis
+            cap.checkpoint()
+    report.facts["verified_after"] = int(verify(path).ok)
+    return report
+
+
+def _newest_header(f: OsFile) -> fmt.Header | None:
+    raw = f.pread(0, fmt.LOG_START)
+    slots = [fmt.decode_header(raw[o : o + fmt.SLOT_SIZE]) for o in fmt.SLOT_OFFSETS]
+    return max((h for h in slots if h is not None), key=lambda h: h.generation, default=None)
+
+
+def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
+    """Point both header slots at the genesis checkpoint, rewriting it if it is damaged."""
+    raw = f.pread(0, fmt.LOG_START)
+    slots = [h for h in (fmt.decode_header(raw[o : o + fmt.SLOT_SIZE]) for o in fmt.SLOT_OFFSETS) if h]
+    if slots:
+        h = max(slots, key=lambda h: h.generation)
+        capsule_id, created, gen = h.capsule_id, h.created, h.generation
+    elif s.checkpoints:
+        capsule_id, created, gen = s.checkpoints[0][1], 0.0, 0
+    else:
+        raise CorruptionError("no header and no checkpoint left to learn the capsule id from")
+    first = genesis(capsule_id)
+    if f.pread(fmt.LOG_START, len(first)) != first:
+        f.pwrite(fmt.LOG_START, first)  # deterministic bytes: same length, same place
+    f.sync()
+    for i in (1, 2):  # one slot at a time, synced, so one is always intact
+        h = fmt.Header(gen + i, capsule_id, created, fmt.LOG_START, len(first))
+        f.pwrite(fmt.SLOT_OFFSETS[h.generation % 2], fmt.encode_header(h))
+        f.sync()

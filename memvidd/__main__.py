@@ -1,0 +1,5 @@
+"""``python -m memvidd`` is the ``memvidd`` command."""
+
+from memvidd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: a temp capsule path and a leak check on open files and threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "c.mv2")
+
+
+def _open_files() -> set[tuple[str, str]]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the fd of the listdir itself
+            continue
+        if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
+            out.add((fd, target))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test must close what it opens: a leaked fd would also leak a capsule lock."""
+    files, threads = _open_files(), threading.active_count()
+    yield
+    leaked = _open_files() - files
+    assert not leaked, f"leaked open files: {sorted(t for _, t in leaked)}"
+    assert threading.active_count() <= threads, "leaked threads"
