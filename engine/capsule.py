@@ -132,8 +132,7 @@ def read_header(f: CapsuleFile) -> fmt.Header:
     raw = f.pread(0, fmt.LOG_START)
     if len(raw) < fmt.HEADER.size:
         raise CorruptionError("file is shorter than its header", offset=0)
-    slots = [fmt.decode_header(raw[o : o + fmt.SLOT_SIZE]) for o in fmt.SLOT_OFFSETS]
-    good = [h for h in slots if h is not None]
+    good = fmt.decode_slots(raw)
     if not good:
         raise CorruptionError("both header slots are damaged", offset=0)
     return max(good, key=lambda h: h.generation)
@@ -222,6 +221,7 @@ class Capsule:
         self._pending_live: dict[str, int | None] = {}  # uri -> pending live id (None: removed)
         self._pending_ended: set[int] = set()
         self._pending_counts: dict[str, int] = {}  # codec tallies of staged blocks
+        self._checkpoint_failures = 0
         self._load()
 
     # -- opening ----------------------------------------------------------------------
@@ -434,7 +434,13 @@ class Capsule:
                 self._tail_frames >= self._opts.checkpoint_frames
                 or self._log_end - self._ckpt_end >= self._opts.checkpoint_bytes
             ):
-                self._checkpoint()
+                try:
+                    self._checkpoint()
+                except StorageError:
+                    # The commit is durable already; a checkpoint only speeds up opening,
+                    # so its failure must not be reported as a failed commit. It is
+                    # retried after the next commit and counted in stats.
+                    self._checkpoint_failures += 1
             return seq
 
     def rollback(self) -> None:
@@ -618,6 +624,7 @@ class Capsule:
                 "payload_raw_bytes": c.get("payload.raw", 0),
                 "codecs": codec_stats,
                 "checkpoints": c.get("checkpoints", 0),
+                "checkpoint_failures": self._checkpoint_failures,
                 "segments": len(self._ckpt.segments),
                 "wal_bytes": self._log_end - self._ckpt_end,
                 "wal_frames": self._tail_frames,

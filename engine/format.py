@@ -87,20 +87,28 @@ def encode_header(h: Header) -> bytes:
 
 
 def decode_header(raw: bytes) -> Header | None:
-    """Decode one slot; ``None`` when the slot is torn or blank. Raises on foreign files."""
+    """Decode one slot; ``None`` when the slot is torn, blank or garbage."""
     n = HEADER.size
     if len(raw) < n + HEADER_CRC.size:
         return None
     fields = HEADER.unpack_from(raw)
     if fields[0] != MAGIC:
-        if raw[:4] == MAGIC[:4]:
-            return None  # our magic, torn slot
-        raise NotACapsule("not a memvidd capsule (bad magic)")
-    (crc,) = HEADER_CRC.unpack_from(raw, n)
-    if crc != zlib.crc32(raw[:n]):
         return None
+    (crc,) = HEADER_CRC.unpack_from(raw, n)
+    if crc != zlib.crc32(raw[:n]) or any(raw[n + HEADER_CRC.size : SLOT_SIZE]):
+        return None  # torn, or reserved bytes not zero [F-02]
     _, rv, wv, gen, cid, created, ck_off, ck_len, flags = fields
     return Header(gen, cid, created, ck_off, ck_len, rv, wv, flags)
+
+
+def decode_slots(raw: bytes) -> list[Header]:
+    """The intact slots of a header region; ``NotACapsule`` when neither slot has our magic.
+
+    One slot with a bad magic is a torn header write; both is a foreign file.
+    """
+    if not any(raw[o : o + len(MAGIC)] == MAGIC for o in SLOT_OFFSETS):
+        raise NotACapsule("not a memvidd capsule (bad magic)")
+    return [h for h in (decode_header(raw[o : o + SLOT_SIZE]) for o in SLOT_OFFSETS) if h is not None]
 
 
 def check_versions(h: Header, *, readonly: bool) -> None:

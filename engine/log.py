@@ -86,13 +86,21 @@ def replay(
     pending_bytes: dict[str, int] = {}
     pos = start
     while pos < size:
-        found = cur.record(pos)
-        if found is None:
+        rh = fmt.decode_record_header(cur.read(pos, fmt.RECORD_SIZE))
+        if rh is None or pos + fmt.RECORD_SIZE + rh.length > size:
             break
-        rh, body = found
         name = fmt.KIND_NAMES[rh.kind]
         rec_len = fmt.RECORD_SIZE + rh.length
         pending_bytes[name] = pending_bytes.get(name, 0) + rec_len
+        if rh.kind in (fmt.BLOCK, fmt.COMMIT):
+            # Segments and checkpoints are derived data that replay never needs, so
+            # their bodies are neither read nor required to be intact here.
+            body = cur.read(pos + fmt.RECORD_SIZE, rh.length)
+            if not fmt.body_ok(rh, body):
+                if rh.kind == fmt.COMMIT:
+                    break
+                pos += rec_len  # a damaged block fails the commit that names it
+                continue
         if rh.kind == fmt.BLOCK:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.COMMIT:
@@ -124,7 +132,11 @@ def _commit_intact(rec: fmt.CommitRecord, blocks: dict[int, int], seq: int, prev
 
 
 def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
-    """Is there an intact COMMIT record numbered after ``seq`` anywhere past ``pos``?"""
+    """Is there an intact COMMIT, blocks included, numbered after ``seq`` past ``pos``?
+
+    A crash can leave a commit record on disk whose blocks never landed; that commit
+    was never acknowledged, so it is a torn tail, not evidence of corruption.
+    """
     chunk = 1 << 20
     while pos < size:
         window = cur.file.pread(pos, min(chunk + fmt.RECORD_SIZE, size - pos))
@@ -136,7 +148,10 @@ def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
                     rec = fmt.unpack(found[1], fmt.CommitRecord, offset=pos + i)
                 except CorruptionError:
                     rec = None
-                if rec is not None and rec.seq > seq:
+                if rec is not None and rec.seq > seq and all(
+                    (b := cur.record(ref.offset)) is not None and b[0].body_crc == ref.body_crc
+                    for ref in rec.blocks
+                ):
                     return True
             i = window.find(fmt.RECORD_SYNC, i + 1)
         pos += chunk

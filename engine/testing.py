@@ -94,11 +94,21 @@ class FaultyFile(_Wrapper):
         self.inner.truncate(size)
 
 
-class CrashFile(_Wrapper):
-    """Tracks unsynced writes so ``crash()`` can apply a seeded power cut."""
+class SimulatedCrash(BaseException):
+    """Raised in place of the fsync at which ``CrashFile`` cuts the power."""
 
-    def __init__(self, inner: OsFile, *, seed: int) -> None:
+
+class CrashFile(_Wrapper):
+    """Tracks unsynced writes so ``crash()`` can apply a seeded power cut.
+
+    With ``crash_at_sync=k`` the k-th ``sync`` does not happen: the post-crash image is
+    stored in ``image`` and ``SimulatedCrash`` unwinds the caller.
+    """
+
+    def __init__(self, inner: OsFile, *, seed: int, crash_at_sync: int = 0) -> None:
         super().__init__(inner)
+        self.crash_at_sync = crash_at_sync
+        self.image: bytes | None = None
         self.rng = random.Random(seed)
         self.durable = bytearray(inner.pread(0, inner.size()))
         self.unsynced: list[tuple[int, bytes]] = []
@@ -113,6 +123,9 @@ class CrashFile(_Wrapper):
         self.unsynced.append((size, b""))  # (size, b"") marks a truncation
 
     def sync(self) -> None:
+        if self.syncs + 1 == self.crash_at_sync:
+            self.image = self.crash()
+            raise SimulatedCrash(f"power cut at sync {self.crash_at_sync}")
         self.inner.sync()
         self.syncs += 1
         self.durable = bytearray(self.inner.pread(0, self.inner.size()))

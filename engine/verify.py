@@ -209,7 +209,7 @@ def verify(path: str) -> Report:
         if f.size() < fmt.LOG_START:
             report.error("file is shorter than its header")
             return report
-        fmt.decode_header(f.pread(0, fmt.SLOT_SIZE))  # raises NotACapsule on foreign files
+        fmt.decode_slots(f.pread(0, fmt.LOG_START))  # raises NotACapsule on foreign files
         s = _scan(f, report)
         _classify(s, f, report)
         _check_header_and_checkpoint(f, s, report)
@@ -232,7 +232,7 @@ def doctor(path: str, *, dry_run: bool = False) -> Report:
     try:
         if not dry_run:
             f.lock()
-        fmt.decode_header(f.pread(0, fmt.SLOT_SIZE))
+        fmt.decode_slots(f.pread(0, fmt.LOG_START))
         s = _scan(f, report)
         _classify(s, f, report)
         if not report.ok:
@@ -271,17 +271,14 @@ def doctor(path: str, *, dry_run: bool = False) -> Report:
 
 
 def _newest_header(f: OsFile) -> fmt.Header | None:
-    raw = f.pread(0, fmt.LOG_START)
-    slots = [fmt.decode_header(raw[o : o + fmt.SLOT_SIZE]) for o in fmt.SLOT_OFFSETS]
-    return max((h for h in slots if h is not None), key=lambda h: h.generation, default=None)
+    slots = fmt.decode_slots(f.pread(0, fmt.LOG_START))
+    return max(slots, key=lambda h: h.generation, default=None)
 
 
 def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
     """Point both header slots at the genesis checkpoint, rewriting it if it is damaged."""
-    raw = f.pread(0, fmt.LOG_START)
-    slots = [h for h in (fmt.decode_header(raw[o : o + fmt.SLOT_SIZE]) for o in fmt.SLOT_OFFSETS) if h]
-    if slots:
-        h = max(slots, key=lambda h: h.generation)
+    h = _newest_header(f)
+    if h is not None:
         capsule_id, created, gen = h.capsule_id, h.created, h.generation
     elif s.checkpoints:
         capsule_id, created, gen = s.checkpoints[0][1], 0.0, 0

@@ -1,0 +1,53 @@
+"""A seeded workload of puts and removes with a model of every committed state."""
+
+from __future__ import annotations
+
+import random
+
+import engine
+
+Op = tuple[str, str, bytes]  # ("put" | "remove", uri, payload)
+
+
+class Workload:
+    def __init__(self, seed: int, uris: int = 8) -> None:
+        self.rng = random.Random(seed)
+        self.uris = [f"u{i}" for i in range(uris)]
+        self.states: list[dict[str, bytes]] = [{}]  # states[seq] = live uri -> payload
+
+    def batch(self) -> list[Op]:
+        live = dict(self.states[-1])
+        ops: list[Op] = []
+        for _ in range(self.rng.randint(1, 6)):
+            uri = self.rng.choice(self.uris)
+            if uri in live and self.rng.random() < 0.2:
+                ops.append(("remove", uri, b""))
+                del live[uri]
+            else:
+                n = self.rng.randint(0, 3000)
+                data = self.rng.randbytes(n) if self.rng.random() < 0.3 else (uri.encode() * (n // 2 + 1))[:n]
+                ops.append(("put", uri, data))
+                live[uri] = data
+        return ops
+
+    @staticmethod
+    def stage(cap: engine.Capsule, ops: list[Op]) -> None:
+        for kind, uri, data in ops:
+            if kind == "put":
+                cap.put(data, uri=uri)
+            else:
+                cap.remove(uri)
+
+    def committed(self, ops: list[Op]) -> None:
+        live = dict(self.states[-1])
+        for kind, uri, data in ops:
+            if kind == "put":
+                live[uri] = data
+            else:
+                del live[uri]
+        self.states.append(live)
+
+
+def snapshot(cap: engine.Capsule, as_of: int | None = None) -> dict[str, bytes]:
+    """Every visible frame's payload by URI, read through the public API."""
+    return {e.uri: cap.get(e.id).payload for e in cap.timeline(as_of=as_of, limit=1 << 30)}
