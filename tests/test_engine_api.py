@@ -256,6 +256,7 @@ def test_close_commits_and_exception_rolls_back(path):
             cap.get(0)
 
 
+@pytest.mark.req("F-20")
 def test_rollback_discards_staged_frames_and_their_bytes(path):
     with engine.create(path) as cap:
         cap.put("a", uri="a")

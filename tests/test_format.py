@@ -118,3 +118,55 @@ def test_golden_capsule_keeps_opening(tmp_path):
             cap.put("a new frame on an old capsule", uri="new://1")
         with engine.open(str(copy), readonly=True) as cap:
             assert cap.get(uri="new://1").text == "a new frame on an old capsule"
+
+
+@pytest.mark.req("F-09")
+def test_frame_schema_is_a_positional_array():
+    meta = fmt.FrameMeta(3, 2, fmt.PUT, "u", "t", "k", {"a": "b"}, 1.5, None, 8192, 0, 5, b"d", True)
+    assert msgspec_decode(fmt.pack(meta)) == [3, 2, 0, "u", "t", "k", {"a": "b"}, 1.5, None, 8192, 0, 5, b"d", True, None, None]
+    # an older body without the trailing optional fields still decodes
+    short = fmt.pack([3, 2, 0, "u", "t", "k", {}, 1.5, None, 8192, 0, 5, b"d", True])
+    assert fmt.unpack(short, fmt.FrameMeta).parent is None
+
+
+def msgspec_decode(raw: bytes):
+    import msgspec
+
+    return msgspec.msgpack.decode(raw)
+
+
+def _records(path: str):
+    data = Path(path).read_bytes()
+    pos = fmt.LOG_START
+    while pos < len(data):
+        rh = fmt.decode_record_header(data, pos)
+        yield pos, rh, data[pos + 16 : pos + 16 + rh.length]
+        pos += 16 + rh.length
+
+
+@pytest.mark.req("F-10")
+@pytest.mark.req("F-12")
+@pytest.mark.req("F-20")
+def test_commit_chain_and_checkpoints_on_disk(path):
+    with engine.create(path, checkpoint_frames=4) as cap:
+        for i in range(20):
+            cap.put(f"x{i}", uri=f"u{i % 3}")
+            if i % 2:
+                cap.commit()
+    prev, seq, next_id, last_time = 0, 0, 0, 0.0
+    checkpoints = []
+    for pos, rh, body in _records(path):
+        if rh.kind == fmt.COMMIT:
+            rec = fmt.unpack(body, fmt.CommitRecord)
+            assert (rec.seq, rec.prev) == (seq + 1, prev) and rec.time >= last_time
+            assert [f.id for f in rec.frames] == list(range(next_id, next_id + len(rec.frames)))
+            assert {f.seq for f in rec.frames} == {rec.seq}
+            assert all(b.offset < pos for b in rec.blocks)
+            prev, seq, next_id, last_time = pos, rec.seq, next_id + len(rec.frames), rec.time
+        elif rh.kind == fmt.CHECKPOINT:
+            checkpoints.append(fmt.unpack(body, fmt.CheckpointRecord))
+    assert seq == 10 and next_id == 20
+    last = checkpoints[-1]
+    assert (last.seq, last.next_id) == (10, 20)
+    assert sum(s.count for s in last.segments) == 20
+    assert [s.first_id for s in last.segments] == sorted(s.first_id for s in last.segments)
