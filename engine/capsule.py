@@ -38,7 +38,7 @@ from .errors import (
     StorageError,
 )
 from .fileio import CapsuleFile, OsFile
-from .log import read_record, replay
+from .log import read_meta, read_record, replay
 from .table import FOREVER, FrameTable
 
 MAX_PAYLOAD = 256 << 20
@@ -141,14 +141,12 @@ def read_header(f: CapsuleFile) -> fmt.Header:
 def load_checkpoint(f: CapsuleFile, header: fmt.Header) -> tuple[fmt.CheckpointRecord, FrameTable]:
     """The checkpoint the header points at, and the frame table its segments hold."""
     ck_off = header.checkpoint_offset
-    ckpt = fmt.unpack(read_record(f, ck_off, fmt.CHECKPOINT), fmt.CheckpointRecord, offset=ck_off)
+    ckpt = read_meta(f, ck_off, fmt.CHECKPOINT, fmt.CheckpointRecord)
     if ckpt.capsule_id != header.capsule_id:
         raise CorruptionError("checkpoint belongs to another capsule", offset=ck_off)
     table = FrameTable()
     for ref in ckpt.segments:
-        body = read_record(f, ref.offset, fmt.SEGMENT)
-        raw = codecs.decompress_meta(body, offset=ref.offset)
-        seg = fmt.unpack(raw, fmt.SegmentRecord, offset=ref.offset)
+        seg = read_meta(f, ref.offset, fmt.SEGMENT, fmt.SegmentRecord)
         if seg.first_id != ref.first_id or len(seg.frames) != ref.count:
             raise CorruptionError("segment does not match its checkpoint entry", offset=ref.offset)
         table.load_segment(seg.frames, seg.commits, ref.offset)
@@ -161,7 +159,7 @@ def read_payload(f: CapsuleFile, m: fmt.FrameMeta) -> bytes:
     """A frame's payload bytes, checked against its digest."""
     if m.block < 0:
         return b""
-    body = read_record(f, m.block, fmt.BLOCK)
+    _, body = read_record(f, m.block, fmt.BLOCK)
     codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
     raw = codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=m.block)
     payload = raw[m.start : m.start + m.length]
@@ -409,7 +407,7 @@ class Capsule:
             for m in self._pending:
                 m.seq = seq
             rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending, self._pending_blocks)
-            raw = fmt.encode_record(fmt.COMMIT, fmt.pack(rec))
+            raw = fmt.meta_record(fmt.COMMIT, rec)
             offset = self._write_end
             try:
                 self._file.pwrite(offset, raw)
@@ -499,8 +497,7 @@ class Capsule:
         for first, count in pending[keep:]:
             frames = t.frames[first : first + count]
             commits = t.commits[frames[0].seq - 1 : frames[-1].seq] if frames else []
-            body = codecs.compress_meta(fmt.pack(fmt.SegmentRecord(first, frames, commits)))
-            raw = fmt.encode_record(fmt.SEGMENT, body)
+            raw = fmt.meta_record(fmt.SEGMENT, fmt.SegmentRecord(first, frames, commits))
             refs.append(fmt.SegmentRef(pos, len(raw), first, count))
             out += raw
             pos += len(raw)
@@ -509,11 +506,10 @@ class Capsule:
         counters["bytes.dead"] = counters.get("bytes.dead", 0) + dead
         counters["checkpoints"] = counters.get("checkpoints", 0) + 1
         ckpt = fmt.CheckpointRecord(self.capsule_id, t.seq, t.next_id, self._last_commit, refs, counters, self._ckpt.extra)
-        ck_raw = fmt.encode_record(fmt.CHECKPOINT, fmt.pack(ckpt))
-        # Include the checkpoint's own size in what it reports.
-        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(ck_raw)
-        ckpt.counters = counters
-        ck_raw = fmt.encode_record(fmt.CHECKPOINT, fmt.pack(ckpt))
+        # The checkpoint counts its own bytes: encode once to learn the size (the count
+        # itself may change the size by a byte or two, which stats can live with).
+        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(fmt.meta_record(fmt.CHECKPOINT, ckpt))
+        ck_raw = fmt.meta_record(fmt.CHECKPOINT, ckpt)
         ck_off = pos
         out += ck_raw
         try:

@@ -26,12 +26,13 @@ from typing import Any
 
 import msgspec
 
+from . import codecs
 from .errors import CorruptionError, FormatVersionError, NotACapsule
 
 # -- versions [F-03] -----------------------------------------------------------------
 MAGIC = b"MV2D\x00\r\n\x1a"
-READ_VERSION = 1  # bump when an old reader could misread the file
-WRITE_VERSION = 1  # bump when an old writer could damage the file
+READ_VERSION = 2  # bump when an old reader could misread the file (2: compressed bodies)
+WRITE_VERSION = 2  # bump when an old writer could damage the file
 
 # -- header [F-01, F-02] -------------------------------------------------------------
 SLOT_SIZE = 4096
@@ -54,6 +55,8 @@ COMMIT = 2
 SEGMENT = 3
 CHECKPOINT = 4
 KIND_NAMES = {BLOCK: "block", COMMIT: "commit", SEGMENT: "segment", CHECKPOINT: "checkpoint"}
+FLAG_ZSTD = 1  # record flag: the (msgpack) body is one zstd frame [F-04]
+COMPRESS_OVER = 512  # metadata bodies above this many bytes are compressed
 
 # -- block body [F-08] ---------------------------------------------------------------
 #   codec id, flags, reserved, dictionary id, raw length
@@ -228,6 +231,21 @@ _decoders: dict[type, msgspec.msgpack.Decoder] = {}
 
 def pack(obj: Any) -> bytes:
     return _enc.encode(obj)
+
+
+def meta_record(kind: int, obj: Any) -> bytes:
+    """A record holding a msgpack body, compressed when that pays [F-04]."""
+    body = _enc.encode(obj)
+    if len(body) > COMPRESS_OVER or kind == SEGMENT:
+        return encode_record(kind, codecs.compress_meta(body), FLAG_ZSTD)
+    return encode_record(kind, body)
+
+
+def meta_body(rh: RecordHeader, body: bytes, typ: type, *, offset: int) -> Any:
+    """Decode the body of a record written by ``meta_record``."""
+    if rh.flags & FLAG_ZSTD or rh.kind == SEGMENT:  # read version 1 compressed segments unflagged
+        body = codecs.decompress_meta(body, offset=offset)
+    return unpack(body, typ, offset=offset)
 
 
 def unpack(data: bytes | memoryview, typ: type, *, offset: int | None = None) -> Any:

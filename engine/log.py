@@ -10,6 +10,7 @@ tail but corruption in the middle of the log, which is reported, never skipped [
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -49,8 +50,8 @@ class LogCursor:
         return (rh, body) if fmt.body_ok(rh, body) else None
 
 
-def read_record(file: CapsuleFile, offset: int, kind: int, size: int | None = None) -> bytes:
-    """The body of a record the committed state points at; damage here is corruption."""
+def read_record(file: CapsuleFile, offset: int, kind: int) -> tuple[fmt.RecordHeader, bytes]:
+    """A record the committed state points at; damage here is corruption."""
     head = file.pread(offset, fmt.RECORD_SIZE)
     rh = fmt.decode_record_header(head)
     if rh is None or rh.kind != kind:
@@ -58,7 +59,13 @@ def read_record(file: CapsuleFile, offset: int, kind: int, size: int | None = No
     body = file.pread(offset + fmt.RECORD_SIZE, rh.length)
     if not fmt.body_ok(rh, body):
         raise CorruptionError(f"{fmt.KIND_NAMES[kind]} record checksum mismatch", offset=offset)
-    return body
+    return rh, body
+
+
+def read_meta(file: CapsuleFile, offset: int, kind: int, typ: type) -> Any:
+    """The decoded msgpack body of the record at ``offset``."""
+    rh, body = read_record(file, offset, kind)
+    return fmt.meta_body(rh, body, typ, offset=offset)
 
 
 class Replay(msgspec.Struct):
@@ -104,7 +111,7 @@ def replay(
         if rh.kind == fmt.BLOCK:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.COMMIT:
-            rec = fmt.unpack(body, fmt.CommitRecord, offset=pos)
+            rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=pos)
             if not _commit_intact(rec, blocks, seq, result.last_commit):
                 break  # its blocks did not all land: a torn, unacknowledged commit
             apply(rec, pos)
@@ -145,7 +152,7 @@ def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
             found = cur.record(pos + i)
             if found is not None and found[0].kind == fmt.COMMIT:
                 try:
-                    rec = fmt.unpack(found[1], fmt.CommitRecord, offset=pos + i)
+                    rec = fmt.meta_body(found[0], found[1], fmt.CommitRecord, offset=pos + i)
                 except CorruptionError:
                     rec = None
                 if rec is not None and rec.seq > seq and all(

@@ -99,13 +99,13 @@ def _scan(f: OsFile, report: Report) -> _Scan:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.CHECKPOINT:
             try:
-                ck = fmt.unpack(body, fmt.CheckpointRecord, offset=pos)
+                ck = fmt.meta_body(rh, body, fmt.CheckpointRecord, offset=pos)
                 s.checkpoints.append((pos, ck.capsule_id))
             except CorruptionError as e:
                 report.error(str(e))
         elif rh.kind == fmt.COMMIT:
             try:
-                rec = fmt.unpack(body, fmt.CommitRecord, offset=pos)
+                rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=pos)
             except CorruptionError as e:
                 report.error(str(e))
                 rec = None

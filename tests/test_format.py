@@ -144,6 +144,10 @@ def _records(path: str):
         pos += 16 + rh.length
 
 
+def _meta(rh, body, typ):
+    return fmt.meta_body(rh, body, typ, offset=0)
+
+
 @pytest.mark.req("F-10")
 @pytest.mark.req("F-12")
 @pytest.mark.req("F-20")
@@ -157,14 +161,14 @@ def test_commit_chain_and_checkpoints_on_disk(path):
     checkpoints = []
     for pos, rh, body in _records(path):
         if rh.kind == fmt.COMMIT:
-            rec = fmt.unpack(body, fmt.CommitRecord)
+            rec = _meta(rh, body, fmt.CommitRecord)
             assert (rec.seq, rec.prev) == (seq + 1, prev) and rec.time >= last_time
             assert [f.id for f in rec.frames] == list(range(next_id, next_id + len(rec.frames)))
             assert {f.seq for f in rec.frames} == {rec.seq}
             assert all(b.offset < pos for b in rec.blocks)
             prev, seq, next_id, last_time = pos, rec.seq, next_id + len(rec.frames), rec.time
         elif rh.kind == fmt.CHECKPOINT:
-            checkpoints.append(fmt.unpack(body, fmt.CheckpointRecord))
+            checkpoints.append(_meta(rh, body, fmt.CheckpointRecord))
     assert seq == 10 and next_id == 20
     last = checkpoints[-1]
     assert (last.seq, last.next_id) == (10, 20)

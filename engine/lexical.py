@@ -1,0 +1,206 @@
+"""The lexical index: Tantivy BM25 over every version of every text frame.
+
+Each frame is one Tantivy document carrying its validity interval (``seq`` created,
+``end`` superseded or removed), so one index answers both "what is live" (``end`` is
+FOREVER) and "what was visible as of S" (``seq <= S < end``) with filters evaluated
+inside the index. When a frame is superseded its document is replaced by one carrying
+the new ``end``; nothing else ever changes.
+
+The index lives in a working directory (a derived cache, see ``engine/indexes.py``);
+its files are copied into the capsule at checkpoints so a lost cache is restored, not
+rebuilt.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import tantivy
+from tantivy import Document, FieldType, Occur, Query
+
+from .format import FrameMeta
+from .table import FOREVER
+
+SCHEMA_VERSION = 1
+MAX_QUERY_CHARS = 4096  # a longer query is cut here (and says so): BM25 gains nothing past it
+TEXT_FIELDS = ["title", "text"]
+_BOUNDARY = re.compile(r"[/#:?]")
+
+
+def _schema() -> tantivy.Schema:
+    sb = tantivy.SchemaBuilder()
+    sb.add_integer_field("frame_id", stored=True, indexed=True, fast=True)
+    sb.add_integer_field("seq", indexed=True, fast=True)
+    sb.add_integer_field("end", indexed=True, fast=True)
+    sb.add_float_field("ts", indexed=True, fast=True)
+    sb.add_text_field("title", tokenizer_name="en_stem")
+    sb.add_text_field("text", stored=False, tokenizer_name="en_stem")
+    sb.add_text_field("uri", tokenizer_name="raw")
+    sb.add_text_field("uri_pfx", tokenizer_name="raw")  # every prefix ending at / # : ?
+    sb.add_text_field("tags", tokenizer_name="raw")  # "key=value" terms
+    sb.add_text_field("kind", tokenizer_name="raw")
+    return sb.build()
+
+
+def uri_prefixes(uri: str) -> list[str]:
+    return [uri[: m.end()] for m in _BOUNDARY.finditer(uri)] + [uri]
+
+
+class Filters:
+    """Frame filters, expressed once for Tantivy and once for frames outside it."""
+
+    def __init__(
+        self,
+        *,
+        scope: str | None = None,
+        tags: dict[str, str] | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> None:
+        self.scope, self.tags, self.kind, self.since, self.until = scope, tags or {}, kind, since, until
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.scope, tuple(sorted(self.tags.items())), self.kind, self.since, self.until)
+
+    def match(self, m: FrameMeta) -> bool:
+        if self.scope is not None and not (m.uri or "").startswith(self.scope):
+            return False
+        if self.kind is not None and m.kind != self.kind:
+            return False
+        if any(m.tags.get(k) != v for k, v in self.tags.items()):
+            return False
+        if self.since is not None and m.timestamp < self.since:
+            return False
+        return self.until is None or m.timestamp <= self.until
+
+
+class LexIndex:
+    """One Tantivy index in ``directory`` (or in memory when ``None``)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.schema = _schema()
+        self.directory = directory
+        if directory is None:
+            self.index = tantivy.Index(self.schema)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.index = tantivy.Index(self.schema, path=str(directory))
+        self._writer: Any = None
+        self.dirty = False
+
+    # -- writing ----------------------------------------------------------------------
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:  # Tantivy allows one writer per directory: only when needed
+            self._writer = self.index.writer(heap_size=64_000_000, num_threads=1)
+        return self._writer
+
+    def add(self, m: FrameMeta, text: str, end: int = FOREVER) -> None:
+        doc = Document(
+            frame_id=m.id, seq=m.seq, end=end, ts=m.timestamp, text=text, title=m.title or "",
+            uri=m.uri or "", uri_pfx=uri_prefixes(m.uri) if m.uri else [],
+            tags=[f"{k}={v}" for k, v in m.tags.items()], kind=m.kind or "",
+        )
+        self.writer.add_document(doc)
+        self.dirty = True
+
+    def set_end(self, m: FrameMeta, text: str, end: int) -> None:
+        """Record that frame ``m`` stopped being visible at commit ``end``."""
+        self.writer.delete_documents_by_term("frame_id", m.id)
+        self.add(m, text, end)
+
+    def flush(self) -> None:
+        """Make added documents searchable (a Tantivy commit: ~10 ms, so done lazily)."""
+        if self.dirty:
+            self.writer.commit()
+            self.index.reload()
+            self.dirty = False
+
+    def files(self) -> list[Path]:
+        """The files a copy of this index needs (lock files excluded)."""
+        assert self.directory is not None
+        return sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.endswith(".lock"))
+
+    def close(self) -> None:
+        self.flush()
+        self._writer = None  # drops the writer lock
+
+    # -- searching --------------------------------------------------------------------
+
+    def parse(self, text: str, *, conjunction: bool) -> tuple[Any, list[str]]:
+        try:
+            q = self.index.parse_query(text, TEXT_FIELDS, conjunction_by_default=conjunction)
+            return q, []
+        except ValueError:
+            q, errors = self.index.parse_query_lenient(text, TEXT_FIELDS, conjunction_by_default=conjunction)
+            return q, [f"query syntax: {e}" for e in errors]
+
+    def _filter_query(self, seq: int, head: bool, all_versions: bool, f: Filters) -> Any:
+        s = self.schema
+        must = [Query.range_query(s, "seq", FieldType.Integer, 0, seq)] if not head else []
+        if not all_versions:
+            if head:
+                must.append(Query.term_query(s, "end", FOREVER))
+            else:
+                must.append(Query.range_query(s, "end", FieldType.Integer, seq + 1, FOREVER))
+        if f.scope is not None:
+            if f.scope in uri_prefixes(f.scope):  # ends at a boundary: one exact term
+                must.append(Query.term_query(s, "uri_pfx", f.scope))
+            else:
+                must.append(Query.regex_query(s, "uri", re.escape(f.scope) + ".*"))
+        for k, v in f.tags.items():
+            must.append(Query.term_query(s, "tags", f"{k}={v}"))
+        if f.kind is not None:
+            must.append(Query.term_query(s, "kind", f.kind))
+        if f.since is not None or f.until is not None:
+            lo = f.since if f.since is not None else -1e300
+            hi = f.until if f.until is not None else 1e300
+            must.append(Query.range_query(s, "ts", FieldType.Float, lo, hi))
+        if not must:
+            return None
+        # Filters must not change BM25 scores: wrap them with a constant score of 0.
+        return Query.const_score_query(Query.boolean_query([(Occur.Must, q) for q in must]), 0.0)
+
+    def search(
+        self, text: str, k: int, *, seq: int, head: bool, all_versions: bool, filters: Filters
+    ) -> tuple[list[tuple[float, int]], Any, list[str]]:
+        """Top ``k`` (score, frame id): AND of the terms, OR when AND finds fewer than k."""
+        warnings: list[str] = []
+        if len(text) > MAX_QUERY_CHARS:
+            text = text[:MAX_QUERY_CHARS]
+            warnings.append(f"query cut to its first {MAX_QUERY_CHARS} characters")
+        fq = self._filter_query(seq, head, all_versions, filters)
+        searcher = self.index.searcher()
+        hits: list[tuple[float, int]] = []
+        query = None
+        for conjunction in (True, False):
+            q, errors = self.parse(text, conjunction=conjunction)
+            if conjunction:
+                warnings += errors
+            full = q if fq is None else Query.boolean_query([(Occur.Must, q), (Occur.Must, fq)])
+            found = searcher.search(full, k, count=False).hits
+            if found:
+                ids = searcher.fast_field_values("frame_id", [a for _, a in found])
+                hits = [(score, int(fid)) for (score, _), fid in zip(found, ids)]
+            query = q
+            if len(hits) >= k:
+                break
+        return hits, query, warnings
+
+    def snippet(self, query: Any, text: str, max_chars: int) -> tuple[str, list[tuple[int, int]]]:
+        """The best fragment of ``text`` for ``query``, with highlight spans in characters."""
+        gen = tantivy.SnippetGenerator.create(self.index.searcher(), query, self.schema, "text")
+        gen.set_max_num_chars(max_chars)
+        snip = gen.snippet_from_doc(Document(text=text))
+        fragment = snip.fragment()
+        if not fragment:
+            return text[:max_chars], []
+        raw = fragment.encode()
+        # Tantivy reports byte offsets; Python callers index strings by character.
+        spans = [(len(raw[: r.start].decode(errors="ignore")), len(raw[: r.end].decode(errors="ignore")))
+                 for r in snip.highlighted()]
+        return fragment, spans
