@@ -21,10 +21,13 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from . import codecs
 from . import format as fmt
@@ -32,16 +35,24 @@ from .errors import (
     CapsuleBroken,
     CapsuleClosed,
     CorruptionError,
+    EngineError,
     InvalidArgument,
     NotFound,
     ReadOnlyError,
     StorageError,
 )
+from .cache import LRUCache
+from .embed import DEFAULT_MODEL, MODELS, Embedder
 from .fileio import CapsuleFile, OsFile
+from .lexical import Filters
 from .log import read_meta, read_record, replay
+from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, rrf
 from .table import FOREVER, FrameTable
+from .vectors import as_vector, pack_vectors, unpack_vectors
 
 MAX_PAYLOAD = 256 << 20
+MUTABLE_LEX_FILES = {"meta.json", ".managed.json"}  # Tantivy rewrites these in place
+REWARM_QUERIES = 8
 FANOUT = 4  # segments of one size tier merged together
 
 
@@ -80,6 +91,10 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     checkpoint_bytes: int = 8 << 20  # checkpoint when the tail grows past this
     checkpoint_frames: int = 4096  # ... or holds this many frames
     close_checkpoint_frames: int = 256  # close() checkpoints only a tail at least this big
+    index_dir: str | None = None  # where index working copies live (default: the user cache)
+    result_cache_bytes: int = 16 << 20
+    block_cache_bytes: int = 32 << 20
+    embed_batch: int = 32  # frames per background embedding step
 
 
 def _options(kw: Mapping[str, Any]) -> Options:
@@ -89,24 +104,39 @@ def _options(kw: Mapping[str, Any]) -> Options:
         raise InvalidArgument(f"bad capsule option: {e}") from None
 
 
-def create(path: str | os.PathLike[str], *, file_factory: Any = None, **options: Any) -> Capsule:
-    """Make a new, empty capsule at ``path``; ``CapsuleExists`` if anything is there."""
+def create(
+    path: str | os.PathLike[str],
+    *,
+    model: str | None = DEFAULT_MODEL,
+    embedder: Embedder | None = None,
+    file_factory: Any = None,
+    **options: Any,
+) -> Capsule:
+    """Make a new, empty capsule at ``path``; ``CapsuleExists`` if anything is there.
+
+    ``model`` binds the capsule to an embedding model (``None``: lexical search only);
+    ``embedder`` is a loaded ``Embedder`` for that model, used to embed new text in the
+    background and queries at search time.
+    """
     path = os.fspath(path)
     opts = _options(options)
+    if model is not None and model not in MODELS:
+        raise InvalidArgument(f"unknown model {model!r}; known: {sorted(MODELS)}")
     capsule_id = uuid.uuid4().bytes
     created = time.time()
-    ckpt_raw = genesis(capsule_id)
+    ckpt_raw = genesis(capsule_id, model)
     header = fmt.Header(1, capsule_id, created, fmt.LOG_START, len(ckpt_raw))
     slot = fmt.encode_header(header)
     initial = slot + slot + ckpt_raw  # both slots valid from the start [F-02]
     f = (file_factory or OsFile.create)(path, initial)
-    return Capsule(f, header, readonly=False, opts=opts)
+    return Capsule(f, header, readonly=False, opts=opts, embedder=embedder)
 
 
 def open(  # noqa: A001 - the public name the API promises
     path: str | os.PathLike[str],
     readonly: bool = False,
     *,
+    embedder: Embedder | None = None,
     file_factory: Any = None,
     **options: Any,
 ) -> Capsule:
@@ -121,7 +151,7 @@ def open(  # noqa: A001 - the public name the API promises
             f.lock()  # type: ignore[attr-defined]
         header = read_header(f)
         fmt.check_versions(header, readonly=readonly)
-        return Capsule(f, header, readonly=readonly, opts=opts)
+        return Capsule(f, header, readonly=readonly, opts=opts, embedder=embedder)
     except BaseException:
         f.close()
         raise
@@ -155,22 +185,37 @@ def load_checkpoint(f: CapsuleFile, header: fmt.Header) -> tuple[fmt.CheckpointR
     return ckpt, table
 
 
-def read_payload(f: CapsuleFile, m: fmt.FrameMeta) -> bytes:
+def read_block(f: CapsuleFile, offset: int) -> bytes:
+    """The decoded bytes of the BLOCK record at ``offset``."""
+    _, body = read_record(f, offset, fmt.BLOCK)
+    codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
+    return codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=offset)
+
+
+def read_payload(f: CapsuleFile, m: fmt.FrameMeta, blocks: LRUCache | None = None) -> bytes:
     """A frame's payload bytes, checked against its digest."""
     if m.block < 0:
         return b""
-    _, body = read_record(f, m.block, fmt.BLOCK)
-    codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
-    raw = codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=m.block)
+    raw = blocks.get(m.block) if blocks is not None else None
+    if raw is None:
+        raw = read_block(f, m.block)
+        if blocks is not None:
+            blocks.put(m.block, raw)
     payload = raw[m.start : m.start + m.length]
     if hashlib.blake2b(payload, digest_size=16).digest() != m.digest:
         raise CorruptionError(f"payload of frame {m.id} fails its digest", offset=m.block)
     return payload
 
 
-def genesis(capsule_id: bytes) -> bytes:
-    """The first record of every capsule: the empty checkpoint at LOG_START [F-02]."""
-    return fmt.encode_record(fmt.CHECKPOINT, fmt.pack(fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {})))
+def genesis(capsule_id: bytes, model: str | None) -> bytes:
+    """The first record of every capsule: the empty checkpoint at LOG_START [F-02].
+
+    It binds the embedding model for good; every later checkpoint carries it forward.
+    """
+    extra: dict[str, Any] = {}
+    if model is not None:
+        extra["vec"] = {"model": model, "dim": MODELS[model].dim}
+    return fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra))
 
 
 def _timestamp(value: Any) -> float:
@@ -204,7 +249,10 @@ def _tags(value: Any) -> dict[str, str]:
 class Capsule:
     """An open capsule. Thread-safe: one writer at a time inside, reads in parallel."""
 
-    def __init__(self, f: CapsuleFile, header: fmt.Header, *, readonly: bool, opts: Options) -> None:
+    def __init__(
+        self, f: CapsuleFile, header: fmt.Header, *, readonly: bool, opts: Options,
+        embedder: Embedder | None = None,
+    ) -> None:
         self._file = f
         self._header = header
         self.path = f.path
@@ -220,7 +268,27 @@ class Capsule:
         self._pending_ended: set[int] = set()
         self._pending_counts: dict[str, int] = {}  # codec tallies of staged blocks
         self._checkpoint_failures = 0
+        self._pending_texts: dict[int, str] = {}  # staged text, for the lexical index
+        self._ready_vectors: dict[int, np.ndarray] = {}  # vectors not yet written
+        self._vec_refs: list[list[int]] = []  # [offset, count] of every VECTORS record
+        self._ckpt_vec_refs = 0  # how many of those the last checkpoint listed
+        self._has_vec = bytearray()  # per frame id: 1 if it has a vector
+        self._embedder = embedder
+        self._indexes: Indexes | None = None
+        self._blocks = LRUCache(opts.block_cache_bytes, size=len)
+        self._bg: ThreadPoolExecutor | None = None  # prefetch and cache re-warming
+        self._embed_thread: threading.Thread | None = None
+        self._embed_wake = threading.Event()
+        self._embed_queue: deque[int] = deque()
+        self._embed_stats = {"embedded": 0, "seconds": 0.0, "errors": 0}
+        self._embed_error: str | None = None
+        self._embedding_inflight = 0
         self._load()
+        if self._embedder is not None and self._vec is not None:
+            if self._embedder.dim != self._vec["dim"]:
+                raise InvalidArgument(f"embedder gives {self._embedder.dim} dims, capsule wants {self._vec['dim']}")
+            if not readonly:
+                self._queue_unembedded(0)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -230,6 +298,11 @@ class Capsule:
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
+        self._vec: dict[str, Any] | None = ckpt.extra.get("vec")
+        if self._vec is not None:
+            self._vec_refs = [list(r) for r in self._vec.get("records", [])]
+            self._ckpt_vec_refs = len(self._vec_refs)
+            self._has_vec = bytearray(self._vec.get("bitmap", b""))
         self._log_end = self._ckpt_end
         self._last_commit = ckpt.last_commit
         self._tail_frames = 0
@@ -242,6 +315,11 @@ class Capsule:
             self._file.sync()
             self._torn_bytes = 0
         self._write_end = self._log_end
+        h = self._header
+        if not self.readonly and (h.read_version, h.write_version) < (fmt.READ_VERSION, fmt.WRITE_VERSION):
+            # This writer adds records an older reader would misread: say so first [F-03].
+            self._write_header(fmt.Header(h.generation + 1, h.capsule_id, h.created,
+                                          h.checkpoint_offset, h.checkpoint_length))
 
     def _catch_up(self) -> int:
         """Apply commits that follow ``_log_end``; returns how many there were."""
@@ -252,6 +330,8 @@ class Capsule:
             self._table.apply(rec, offset)
             self._count_commit(rec)
             self._tail_frames += len(rec.frames)
+            if self._indexes is not None:  # a reader refreshing after opening its indexes
+                self._indexes.on_commit(self._table, rec.frames, {}, self._text_of)
 
         for attempt in range(3):
             try:
@@ -266,6 +346,14 @@ class Capsule:
         for kind, n in r.record_bytes.items():
             counted[f"bytes.{kind}"] = n
         self._add_counters(counted)
+        self._has_vec.extend(bytes(self._table.next_id - len(self._has_vec)))
+        for offset in r.vectors:  # vectors committed after the checkpoint
+            ids, vectors = self._read_vectors(offset)
+            self._vec_refs.append([offset, len(ids)])
+            for fid in ids:
+                self._has_vec[fid] = 1
+            if self._indexes is not None:
+                self._indexes.add_vectors(ids, vectors)
         self._log_end = r.end
         self._last_commit = r.last_commit
         self._torn_bytes = r.torn_bytes
@@ -300,10 +388,13 @@ class Capsule:
         timestamp: float | _dt.datetime | None = None,
         parent: str | None = None,
         chunk: int | None = None,
+        vector: Any = None,
     ) -> int:
         """Stage a frame; returns its id. Durable and visible after the next ``commit``.
 
         A ``uri`` that already has a live frame gets a new version that supersedes it.
+        ``vector`` is the frame's embedding when the caller computed it already; text
+        without one is embedded in the background when the capsule has an embedder.
         """
         if isinstance(data, str):
             payload, is_text = data.encode("utf-8", errors="surrogateescape"), True
@@ -322,6 +413,14 @@ class Capsule:
             uri=uri, title=_opt_str("title", title), kind=_opt_str("kind", kind),
             tags=_tags(tags), timestamp=_timestamp(timestamp), parent=_opt_str("parent", parent),
         )
+        vec = None
+        if vector is not None:
+            if self._vec is None:
+                raise InvalidArgument("this capsule stores no vectors (created with model=None)")
+            try:
+                vec = as_vector(vector, self._vec["dim"])
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
         codec, packed = codecs.encode(payload, self._opts.level)
         body = fmt.BLOCK_HEADER.pack(codec, 0, 0, 0, len(payload)) + packed
         record = fmt.encode_record(fmt.BLOCK, body)
@@ -345,6 +444,10 @@ class Capsule:
                 self._pending_live[uri] = fid
             if meta.supersedes is not None:
                 self._pending_ended.add(meta.supersedes)
+            if is_text:
+                self._pending_texts[fid] = data  # type: ignore[assignment]
+            if vec is not None:
+                self._ready_vectors[fid] = vec
             return fid
 
     def _count_block(self, codec: int, raw: int, stored: int) -> None:
@@ -400,46 +503,73 @@ class Capsule:
         """Make every staged frame durable with one fsync; returns the commit sequence."""
         with self._lock:
             self._check_writable()
-            if not self._pending:
-                return self._table.seq
-            seq = self._table.seq + 1
-            last_time = self._table.commit_times[-1] if self._table.commits else 0.0
-            for m in self._pending:
-                m.seq = seq
-            rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending, self._pending_blocks)
-            raw = fmt.meta_record(fmt.COMMIT, rec)
-            offset = self._write_end
+            return self._commit()
+
+    def _commit(self) -> int:
+        if not self._pending and not self._ready_vectors:
+            return self._table.seq
+        seq = self._table.seq + 1
+        last_time = self._table.commit_times[-1] if self._table.commits else 0.0
+        for m in self._pending:
+            m.seq = seq
+        offset = self._write_end
+        vec_raw, vec_ids, vec_rows = b"", [], None
+        if self._ready_vectors:
+            # Vectors ride in the commit: written before it, named by it [F-14].
+            vec_ids = list(self._ready_vectors)
+            vec_rows = np.stack([self._ready_vectors[i] for i in vec_ids])
+            vec_raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(vec_ids, pack_vectors(vec_rows))))
+        vec_refs = [fmt.BlockRef(offset, fmt.decode_record_header(vec_raw).body_crc)] if vec_raw else []  # type: ignore[union-attr]
+        rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending,
+                               self._pending_blocks, vec_refs)
+        raw = fmt.meta_record(fmt.COMMIT, rec)
+        try:
+            self._file.pwrite(offset, vec_raw + raw)
+            # The acknowledgement point: once this returns the commit survives a crash.
+            self._file.sync()
+        except StorageError:
+            self._rollback()
+            raise
+        commit_offset = offset + len(vec_raw)
+        self._table.apply(rec, commit_offset)
+        self._count_commit(rec)
+        self._add_counters({
+            "bytes.commit": len(raw),
+            "bytes.vectors": len(vec_raw),
+            "bytes.block": offset - self._log_end,
+            **self._pending_counts,
+        })
+        self._pending_counts = {}
+        self._tail_frames += len(self._pending)
+        self._last_commit = commit_offset
+        self._log_end = self._write_end = commit_offset + len(raw)
+        self._has_vec.extend(bytes(self._table.next_id - len(self._has_vec)))
+        if vec_raw:
+            self._vec_refs.append([offset, len(vec_ids)])
+            for fid in vec_ids:
+                self._has_vec[fid] = 1
+        frames, texts = self._pending, self._pending_texts
+        self._clear_pending()
+        self._ready_vectors = {}
+        if self._indexes is not None:
+            self._indexes.on_commit(self._table, frames, texts, self._text_of)
+            if vec_rows is not None:
+                self._indexes.add_vectors(vec_ids, vec_rows)
+            self._rewarm()
+        if self._embed_thread is not None or self._embedder is not None:
+            self._queue_unembedded(frames[0].id if frames else self._table.next_id)
+        if (
+            self._tail_frames >= self._opts.checkpoint_frames
+            or self._log_end - self._ckpt_end >= self._opts.checkpoint_bytes
+        ):
             try:
-                self._file.pwrite(offset, raw)
-                # The acknowledgement point: once this returns the commit survives a crash.
-                self._file.sync()
+                self._checkpoint()
             except StorageError:
-                self._rollback()
-                raise
-            self._table.apply(rec, offset)
-            self._count_commit(rec)
-            self._add_counters({
-                "bytes.commit": len(raw),
-                "bytes.block": offset - self._log_end,
-                **self._pending_counts,
-            })
-            self._pending_counts = {}
-            self._tail_frames += len(self._pending)
-            self._last_commit = offset
-            self._log_end = self._write_end = offset + len(raw)
-            self._clear_pending()
-            if (
-                self._tail_frames >= self._opts.checkpoint_frames
-                or self._log_end - self._ckpt_end >= self._opts.checkpoint_bytes
-            ):
-                try:
-                    self._checkpoint()
-                except StorageError:
-                    # The commit is durable already; a checkpoint only speeds up opening,
-                    # so its failure must not be reported as a failed commit. It is
-                    # retried after the next commit and counted in stats.
-                    self._checkpoint_failures += 1
-            return seq
+                # The commit is durable already; a checkpoint only speeds up opening,
+                # so its failure must not be reported as a failed commit. It is
+                # retried after the next commit and counted in stats.
+                self._checkpoint_failures += 1
+        return seq
 
     def rollback(self) -> None:
         """Discard every staged, uncommitted frame."""
@@ -459,6 +589,7 @@ class Capsule:
 
     def _clear_pending(self) -> None:
         self._pending = []
+        self._pending_texts = {}
         self._pending_blocks = []
         self._pending_live.clear()
         self._pending_ended.clear()
@@ -475,37 +606,38 @@ class Capsule:
     def _checkpoint(self) -> None:
         t = self._table
         segments = list(self._ckpt.segments)
-        new = [(self._ckpt.next_id, t.next_id - self._ckpt.next_id)]
-        # Merge tiers: the newest segment swallows smaller-tier predecessors, and four
-        # segments of one tier become one of the next tier.
-        pending = [(s.first_id, s.count) for s in segments] + new
+        # Each segment holds a run of frames and of the commits after its predecessor's.
+        runs = [(s.first_id, s.count, self._last_seq(s)) for s in segments]
+        runs.append((self._ckpt.next_id, t.next_id - self._ckpt.next_id, t.seq))
         keep = len(segments)
-        while True:
-            if len(pending) >= 2 and _tier(pending[-1][1]) > _tier(pending[-2][1]):
+        while True:  # merge tiers (four of a tier make one; a bigger one absorbs a smaller)
+            if len(runs) >= 2 and _tier(runs[-1][1]) > _tier(runs[-2][1]):
                 n = 2
-            elif len(pending) >= FANOUT and len({_tier(c) for _, c in pending[-FANOUT:]}) == 1:
+            elif len(runs) >= FANOUT and len({_tier(c) for _, c, _ in runs[-FANOUT:]}) == 1:
                 n = FANOUT
             else:
                 break
-            first = pending[-n][0]
-            pending[-n:] = [(first, sum(c for _, c in pending[-n:]))]
-            keep = min(keep, len(pending) - 1)
+            runs[-n:] = [(runs[-n][0], sum(c for _, c, _ in runs[-n:]), runs[-1][2])]
+            keep = min(keep, len(runs) - 1)
         dead = sum(s.length for s in segments[keep:])
         out = bytearray()
         refs = list(segments[:keep])
         pos = self._log_end
-        for first, count in pending[keep:]:
-            frames = t.frames[first : first + count]
-            commits = t.commits[frames[0].seq - 1 : frames[-1].seq] if frames else []
-            raw = fmt.meta_record(fmt.SEGMENT, fmt.SegmentRecord(first, frames, commits))
-            refs.append(fmt.SegmentRef(pos, len(raw), first, count))
+        for first, count, last_seq in runs[keep:]:
+            first_seq = (self._last_seq(refs[-1]) if refs else 0) + 1
+            seg = fmt.SegmentRecord(first, t.frames[first : first + count], t.commits[first_seq - 1 : last_seq])
+            raw = fmt.meta_record(fmt.SEGMENT, seg)
+            refs.append(fmt.SegmentRef(pos, len(raw), first, count, last_seq))
             out += raw
             pos += len(raw)
+        extra = dict(self._ckpt.extra)
+        pos = self._checkpoint_vectors(extra, out, pos)
+        pos = self._checkpoint_lexical(extra, out, pos)
         counters = dict(self._counters)
-        counters["bytes.segment"] = counters.get("bytes.segment", 0) + len(out)
+        counters["bytes.segment"] = counters.get("bytes.segment", 0) + sum(r.length for r in refs[keep:])
         counters["bytes.dead"] = counters.get("bytes.dead", 0) + dead
         counters["checkpoints"] = counters.get("checkpoints", 0) + 1
-        ckpt = fmt.CheckpointRecord(self.capsule_id, t.seq, t.next_id, self._last_commit, refs, counters, self._ckpt.extra)
+        ckpt = fmt.CheckpointRecord(self.capsule_id, t.seq, t.next_id, self._last_commit, refs, counters, extra)
         # The checkpoint counts its own bytes: encode once to learn the size (the count
         # itself may change the size by a byte or two, which stats can live with).
         counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(fmt.meta_record(fmt.CHECKPOINT, ckpt))
@@ -517,20 +649,72 @@ class Capsule:
             # Order matters: the header may only point at bytes already on disk.
             self._file.sync()
             h = self._header
-            header = fmt.Header(h.generation + 1, h.capsule_id, h.created, ck_off, len(ck_raw))
-            slot = fmt.SLOT_OFFSETS[header.generation % 2]  # never overwrite the live slot
-            self._file.pwrite(slot, fmt.encode_header(header))
-            self._file.sync()
+            self._write_header(fmt.Header(h.generation + 1, h.capsule_id, h.created, ck_off, len(ck_raw)))
         except StorageError:
             # The old header still points at the old checkpoint; the new records are
             # harmless garbage past the end, cut here or at the next open.
             self._rollback()
             raise
-        self._header = header
         self._ckpt = ckpt
         self._counters = counters
         self._log_end = self._write_end = self._ckpt_end = ck_off + len(ck_raw)
         self._tail_frames = 0
+        self._vec = extra.get("vec")
+        self._vec_refs = [list(r) for r in self._vec.get("records", [])] if self._vec else []
+        self._ckpt_vec_refs = len(self._vec_refs)
+        if self._indexes is not None:
+            self._indexes.save(t)
+
+    def _write_header(self, header: fmt.Header) -> None:
+        slot = fmt.SLOT_OFFSETS[header.generation % 2]  # never overwrite the live slot [F-02]
+        self._file.pwrite(slot, fmt.encode_header(header))
+        self._file.sync()
+        self._header = header
+
+    def _last_seq(self, ref: fmt.SegmentRef) -> int:
+        if ref.last_seq >= 0:
+            return ref.last_seq
+        return self._table.frames[ref.first_id + ref.count - 1].seq  # read versions 1-2
+
+    def _checkpoint_vectors(self, extra: dict[str, Any], out: bytearray, pos: int) -> int:
+        """List every VECTORS record in the checkpoint, folding the tail's into one."""
+        if self._vec is None:
+            return pos
+        refs = self._vec_refs[: self._ckpt_vec_refs]
+        tail = self._vec_refs[self._ckpt_vec_refs :]
+        if len(tail) > 1:
+            ids: list[int] = []
+            rows = []
+            for offset, _ in tail:
+                i, v = self._read_vectors(offset)
+                ids += i
+                rows.append(v)
+            raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))))
+            tail = [[pos, len(ids)]]
+            out += raw
+            pos += len(raw)
+        extra["vec"] = {**self._vec, "records": refs + tail, "bitmap": bytes(self._has_vec)}
+        return pos
+
+    def _checkpoint_lexical(self, extra: dict[str, Any], out: bytearray, pos: int) -> int:
+        """Copy the lexical index's new files into the capsule [F-15]."""
+        ix = self._indexes
+        if ix is None or ix.lex is None or ix.readonly:
+            return pos
+        stored = extra.get("lex", {}).get("files", {})
+        files: dict[str, list[int]] = {}
+        for p in ix.lex_files():
+            data = p.read_bytes()
+            old = stored.get(p.name)
+            if old is not None and old[1] == len(data) and p.name not in MUTABLE_LEX_FILES:
+                files[p.name] = old  # segment files never change once written
+                continue
+            raw = fmt.encode_record(fmt.LEXFILE, data)
+            files[p.name] = [pos, len(data)]
+            out += raw
+            pos += len(raw)
+        extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq), "files": files}
+        return pos
 
     # -- reading ----------------------------------------------------------------------
 
@@ -559,7 +743,9 @@ class Capsule:
                 fid = found
             meta = t.frames[fid]
             info = self._info(meta)
-        return Frame(**msgspec.structs.asdict(info), payload=read_payload(self._file, meta))
+        payload = read_payload(self._file, meta, self._blocks)
+        self._prefetch_next(meta)
+        return Frame(**msgspec.structs.asdict(info), payload=payload)
 
     def timeline(
         self,
@@ -624,7 +810,28 @@ class Capsule:
                 "segments": len(self._ckpt.segments),
                 "wal_bytes": self._log_end - self._ckpt_end,
                 "wal_frames": self._tail_frames,
+                "vectors": self._vector_stats(),
+                "search": self._indexes.stats() if self._indexes is not None else None,
+                "block_cache": self._blocks.stats(),
             }
+
+    def _vector_stats(self) -> dict[str, Any] | None:
+        if self._vec is None:
+            return None
+        t = self._table
+        text = sum(1 for m in t.frames if m.op == fmt.PUT and m.is_text)
+        have = sum(self._has_vec) + len(self._ready_vectors)
+        e = self._embed_stats
+        return {
+            "model": self._vec["model"], "dim": self._vec["dim"], "text_frames": text,
+            "frames_with_vectors": have, "coverage": round(have / text, 4) if text else 1.0,
+            "embedding": {
+                "queued": len(self._embed_queue), "embedded": e["embedded"], "errors": e["errors"],
+                "last_error": self._embed_error,
+                "frames_per_s": round(e["embedded"] / e["seconds"], 2) if e["seconds"] else None,
+                "embedder_loaded": self._embedder is not None,
+            },
+        }
 
     @property
     def seq(self) -> int:
@@ -653,6 +860,306 @@ class Capsule:
             supersedes=m.supersedes, parent=m.parent, chunk=m.chunk, length=m.length,
             is_text=m.is_text,
         )
+
+    # -- search -----------------------------------------------------------------------
+
+    def find(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        mode: str = "auto",
+        scope: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        kind: str | None = None,
+        since: Any = None,
+        until: Any = None,
+        as_of: Any = None,
+        snippet_chars: int = 200,
+        all_versions: bool = False,
+    ) -> Hits:
+        """Search the frames visible at ``as_of`` (default: now); see ``engine/search.py``.
+
+        ``mode``: "lex" (BM25), "vec" (embeddings), "hybrid" (both, fused) or "auto"
+        (hybrid when the capsule has vectors and an embedder, else lex); the result's
+        ``.mode`` says which ran. ``all_versions`` also returns superseded versions.
+        """
+        if not isinstance(query, str):
+            raise InvalidArgument("query must be a string")
+        if mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {MODES}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidArgument("k must be a non-negative int")
+        if isinstance(snippet_chars, bool) or not isinstance(snippet_chars, int) or snippet_chars < 0:
+            raise InvalidArgument("snippet_chars must be a non-negative int")
+        filters = Filters(
+            scope=_opt_str("scope", scope), tags=_tags(tags), kind=_opt_str("kind", kind),
+            since=None if since is None else _timestamp(since), until=None if until is None else _timestamp(until),
+        )
+        warnings = []
+        if k > MAX_K:
+            warnings.append(f"k lowered from {k} to {MAX_K}")
+            k = MAX_K
+        with self._lock:
+            self._check_open()
+            seq = self._resolve_as_of(as_of)
+            ix = self._open_indexes()
+            generation = (self._table.seq, len(ix.vec) if ix.vec else 0)
+        used = self._resolve_mode(mode, ix)
+        # Live queries are keyed by "now" (None) so re-warming can find them after a commit.
+        key = (query, k, used, filters.key(), None if as_of is None else seq, snippet_chars, all_versions)
+        hit = ix.results.get((key, generation))
+        if hit is not None:
+            ix.recent[key] += 1
+            return Hits(list(hit), mode=used, seq=seq, warnings=hit.warnings, cached=True)
+        if not query.strip() or k == 0:
+            return Hits([], mode=used, seq=seq, warnings=warnings + (["empty query"] if not query.strip() else []))
+        hits = self._search(query, k, used, filters, seq, snippet_chars, all_versions, warnings)
+        ix.results.put((key, generation), hits)
+        ix.recent[key] += 1
+        return hits
+
+    def _resolve_mode(self, mode: str, ix: Indexes) -> str:
+        has_vectors = ix.vec is not None and len(ix.vec) > 0
+        if mode == "auto":
+            return "hybrid" if has_vectors and self._embedder is not None else "lex"
+        if mode in ("vec", "hybrid"):
+            if self._vec is None:
+                raise InvalidArgument(f"mode={mode!r}: this capsule stores no vectors (model=None)")
+            if self._embedder is None:
+                raise InvalidArgument(f"mode={mode!r} needs an embedder to embed the query")
+        return mode
+
+    def _search(
+        self, query: str, k: int, mode: str, filters: Filters, seq: int, snippet_chars: int,
+        all_versions: bool, warnings: list[str],
+    ) -> Hits:
+        ix = self._indexes
+        assert ix is not None
+        t = self._table
+        head = seq >= t.seq
+        depth = k if mode != "hybrid" else max(2 * k, 40)  # fusion needs more than k from each list
+        lex_hits: list[tuple[float, int]] = []
+        parsed = None
+        if mode in ("lex", "hybrid"):
+            lex_hits, parsed, notes = ix.lexical(query, depth, seq=seq, head=head, all_versions=all_versions, filters=filters)
+            warnings = warnings + notes
+        vec_hits: list[tuple[float, int]] = []
+        if mode in ("vec", "hybrid"):
+            def accept(fid: int) -> bool:
+                if fid >= t.next_id:
+                    return False
+                m = t.frames[fid]
+                ok = m.seq <= seq if all_versions else t.visible(fid, seq)
+                return ok and filters.match(m)
+
+            vec_hits = ix.semantic(self._query_vector(query), depth, accept)
+        if mode == "lex":
+            ranked = lex_hits
+        elif mode == "vec":
+            ranked = vec_hits
+        else:
+            ranked = rrf([[f for _, f in lex_hits], [f for _, f in vec_hits]])
+        lex_ids = {f for _, f in lex_hits}
+        vec_ids = {f for _, f in vec_hits}
+        hits = []
+        for score, fid in ranked[:k]:
+            m = t.frames[fid]
+            text = self._text_of(m)
+            if parsed is not None and fid in lex_ids:
+                snippet, spans = ix.lex.snippet(parsed, text, snippet_chars) if snippet_chars else ("", [])  # type: ignore[union-attr]
+            else:
+                snippet, spans = text[:snippet_chars], []
+            end = t.ended.get(fid, FOREVER)
+            hits.append(Hit(
+                frame_id=fid, uri=m.uri, title=m.title, score=round(float(score), 6), snippet=snippet,
+                highlights=spans, tags=m.tags, kind=m.kind, timestamp=m.timestamp, commit_seq=m.seq,
+                valid_until=None if end == FOREVER else end,
+                sources=tuple(s for s, ids in (("lex", lex_ids), ("vec", vec_ids)) if fid in ids),
+            ))
+        return Hits(hits, mode=mode, seq=seq, warnings=warnings)
+
+    def _query_vector(self, query: str) -> np.ndarray:
+        ix = self._indexes
+        assert ix is not None and self._embedder is not None
+        v = ix.query_vectors.get(query)
+        if v is None:
+            v = self._embedder.embed([query[:4096]])[0]
+            ix.query_vectors.put(query, v)
+        return v
+
+    def _open_indexes(self) -> Indexes:
+        """Attach the search indexes on first use (callers hold the lock)."""
+        if self._indexes is None:
+            dim = self._vec["dim"] if self._vec else None
+            ix = Indexes(
+                capsule_id=self.capsule_id, path=self.path, readonly=self.readonly, dim=dim,
+                cache_dir=self._opts.index_dir, result_cache_bytes=self._opts.result_cache_bytes,
+                block_cache_bytes=self._opts.block_cache_bytes,
+            )
+            ix.blocks = self._blocks
+            lex = self._ckpt.extra.get("lex")
+            ix.attach(
+                self._table, self._text_of, lex, self._read_lexfile,
+                self._all_vectors, self._vectors_since,
+            )
+            for fid, v in self._ready_vectors.items():  # embedded, not yet committed
+                ix.add_vectors([fid], v[None, :])
+            self._indexes = ix
+        return self._indexes
+
+    def _text_of(self, m: fmt.FrameMeta) -> str:
+        return read_payload(self._file, m, self._blocks).decode("utf-8", errors="replace")
+
+    def _read_lexfile(self, offset: int, length: int) -> bytes:
+        _, body = read_record(self._file, offset, fmt.LEXFILE)
+        if len(body) != length:
+            raise CorruptionError("lexical index file has the wrong length", offset=offset)
+        return body
+
+    def _read_vectors(self, offset: int) -> tuple[list[int], np.ndarray]:
+        rh, body = read_record(self._file, offset, fmt.VECTORS)
+        rec = fmt.meta_body(rh, body, fmt.VectorsRecord, offset=offset)
+        assert self._vec is not None
+        rows = unpack_vectors(rec.data, self._vec["dim"])
+        if len(rows) != len(rec.ids):
+            raise CorruptionError("vector count does not match ids", offset=offset)
+        return rec.ids, rows
+
+    def _all_vectors(self) -> tuple[list[int], np.ndarray]:
+        return self._vectors_from(self._vec_refs)
+
+    def _vectors_since(self, seq: int) -> tuple[list[int], np.ndarray]:
+        """Vectors committed after commit ``seq`` (read from those commits' records)."""
+        refs = []
+        for c in self._table.commits[seq:]:
+            rh, body = read_record(self._file, c.offset, fmt.COMMIT)
+            rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=c.offset)
+            refs += [[v.offset, 0] for v in rec.vectors]
+        return self._vectors_from(refs)
+
+    def _vectors_from(self, refs: list[list[int]]) -> tuple[list[int], np.ndarray]:
+        dim = self._vec["dim"] if self._vec else 0
+        ids: list[int] = []
+        rows = [np.zeros((0, dim), dtype=np.float32)]
+        for offset, _ in refs:
+            i, v = self._read_vectors(offset)
+            ids += i
+            rows.append(v)
+        return ids, np.concatenate(rows)
+
+    # -- background work: embedding, prefetch, cache re-warming ------------------------
+
+    def _queue_unembedded(self, first_id: int) -> None:
+        """Queue text frames from ``first_id`` on that have no vector yet (newest first)."""
+        if self._embedder is None or self._vec is None or self.readonly:
+            return
+        t = self._table
+        fresh = [m.id for m in t.frames[first_id:] if m.op == fmt.PUT and m.is_text
+                 and not (m.id < len(self._has_vec) and self._has_vec[m.id]) and m.id not in self._ready_vectors]
+        self._embed_queue.extendleft(fresh)  # newest first: what an agent most likely asks about
+        if fresh and self._embed_thread is None:
+            self._embed_thread = threading.Thread(target=self._embed_loop, name="memvidd-embed", daemon=True)
+            self._embed_thread.start()
+        self._embed_wake.set()
+
+    def _embed_loop(self) -> None:
+        """Embed queued frames in batches; vectors land in the index at once, on disk at
+        the next commit (or right away when no puts are staged)."""
+        assert self._embedder is not None
+        while True:
+            self._embed_wake.wait()
+            with self._lock:
+                if self._closed:
+                    return
+                batch = []
+                while self._embed_queue and len(batch) < self._opts.embed_batch:
+                    fid = self._embed_queue.popleft()
+                    if not self._has_vec[fid] and fid not in self._ready_vectors:
+                        batch.append(self._table.frames[fid])
+                if not batch:
+                    self._embed_wake.clear()
+                    continue
+                self._embedding_inflight = len(batch)
+            try:
+                t0 = time.perf_counter()
+                texts = [f"{m.title}\n{self._text_of(m)}" if m.title else self._text_of(m) for m in batch]
+                vectors = self._embedder.embed(texts)
+            except Exception as e:  # keep the capsule usable; the error shows in stats
+                self._embed_error = f"{type(e).__name__}: {e}"
+                self._embed_stats["errors"] += 1
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                self._embed_stats["embedded"] += len(batch)
+                self._embed_stats["seconds"] += time.perf_counter() - t0
+                for m, v in zip(batch, vectors):
+                    self._ready_vectors[m.id] = v
+                self._embedding_inflight = 0
+                if self._indexes is not None:
+                    self._indexes.add_vectors([m.id for m in batch], vectors)
+                if not self._pending and not self._broken:
+                    try:
+                        self._commit()
+                    except (StorageError, CapsuleBroken) as e:
+                        self._embed_error = str(e)
+
+    def wait_embedded(self, timeout: float | None = None) -> bool:
+        """Block until every queued frame has its vector; False on timeout or error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                done = not self._embed_queue and not self._ready_vectors and not self._embedding_inflight
+                busy = self._embed_thread is not None and self._embed_thread.is_alive()
+            if done or self._embed_error or not busy:
+                return done and not self._embed_error
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._bg is None:
+            self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memvidd-bg")
+        return self._bg
+
+    def _prefetch_next(self, m: fmt.FrameMeta) -> None:
+        """Warm the block cache with the next chunks of the document just read."""
+        if m.parent is None or m.chunk is None or self._closed:
+            return
+        siblings = self._table.children.get(m.parent, {})
+        todo = [self._table.frames[siblings[c]] for c in (m.chunk + 1, m.chunk + 2) if c in siblings]
+        todo = [n for n in todo if n.block >= 0 and not self._blocks.peek(n.block)]
+        if todo:
+            self._background().submit(self._warm_blocks, todo)
+
+    def _warm_blocks(self, metas: list[fmt.FrameMeta]) -> None:
+        for n in metas:
+            try:
+                read_payload(self._file, n, self._blocks)
+            except (EngineError, OSError, ValueError):
+                return  # a closed file or damage: the real read will report it
+
+    def _rewarm(self) -> None:
+        """After a commit, re-run the most frequent recent queries for the new generation."""
+        ix = self._indexes
+        if ix is None or not ix.recent:
+            return
+        top = [key for key, _ in ix.recent.most_common(REWARM_QUERIES)]
+        if len(ix.recent) > 4 * REWARM_QUERIES:  # forget the long tail
+            ix.recent = type(ix.recent)(dict(ix.recent.most_common(REWARM_QUERIES)))
+        self._background().submit(self._rewarm_run, top)
+
+    def _rewarm_run(self, keys: list[tuple[Any, ...]]) -> None:
+        for query, k, mode, fkey, as_of, snippet_chars, all_versions in keys:
+            if self._closed or as_of is not None:
+                continue  # as-of queries do not change with new commits
+            scope, tags, kind, since, until = fkey
+            try:
+                self.find(query, k=k, mode=mode, scope=scope, tags=dict(tags), kind=kind, since=since,
+                          until=until, snippet_chars=snippet_chars, all_versions=all_versions)
+            except EngineError:
+                return
 
     # -- pending-aware lookups (writer only) ----------------------------------------------
 
@@ -691,13 +1198,22 @@ class Capsule:
         with self._lock:
             if self._closed:
                 return
+            self._closed = True  # background threads see this and stop
+            self._embed_wake.set()
+        if self._embed_thread is not None:
+            self._embed_thread.join()
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+        with self._lock:
             try:
                 if not self.readonly and not self._broken:
-                    self.commit()
+                    self._commit()  # staged frames and vectors embedded so far
                     if self._tail_frames >= self._opts.close_checkpoint_frames:
                         self._checkpoint()
             finally:
-                self._closed = True
+                if self._indexes is not None:
+                    self._indexes.close(None if self.readonly or self._broken else self._table)
+                    self._indexes = None
                 self._file.close()
 
     def __enter__(self) -> Capsule:

@@ -31,8 +31,8 @@ from .errors import CorruptionError, FormatVersionError, NotACapsule
 
 # -- versions [F-03] -----------------------------------------------------------------
 MAGIC = b"MV2D\x00\r\n\x1a"
-READ_VERSION = 2  # bump when an old reader could misread the file (2: compressed bodies)
-WRITE_VERSION = 2  # bump when an old writer could damage the file
+READ_VERSION = 3  # bump when an old reader could misread the file (see docs/format.md)
+WRITE_VERSION = 3  # bump when an old writer could damage the file
 
 # -- header [F-01, F-02] -------------------------------------------------------------
 SLOT_SIZE = 4096
@@ -54,7 +54,14 @@ BLOCK = 1
 COMMIT = 2
 SEGMENT = 3
 CHECKPOINT = 4
-KIND_NAMES = {BLOCK: "block", COMMIT: "commit", SEGMENT: "segment", CHECKPOINT: "checkpoint"}
+VECTORS = 5
+LEXFILE = 6
+KIND_NAMES = {
+    BLOCK: "block", COMMIT: "commit", SEGMENT: "segment", CHECKPOINT: "checkpoint",
+    VECTORS: "vectors", LEXFILE: "lexfile",
+}
+DERIVED = (SEGMENT, CHECKPOINT, LEXFILE)  # rebuildable from the commits; replay skips them
+PAYLOAD = (BLOCK, VECTORS)  # named by a COMMIT, which is intact only if they are
 FLAG_ZSTD = 1  # record flag: the (msgpack) body is one zstd frame [F-04]
 COMPRESS_OVER = 512  # metadata bodies above this many bytes are compressed
 
@@ -194,6 +201,14 @@ class CommitRecord(msgspec.Struct, array_like=True, gc=False):
     prev: int  # offset of the previous COMMIT record, 0 for the first
     frames: list[FrameMeta]
     blocks: list[BlockRef]
+    vectors: list[BlockRef] = []  # VECTORS records of this commit (read version 3)
+
+
+class VectorsRecord(msgspec.Struct, array_like=True):
+    """Embeddings of frames: ``ids[i]`` owns row i of ``data`` (little-endian float16)."""
+
+    ids: list[int]
+    data: bytes
 
 
 class CommitInfo(msgspec.Struct, array_like=True, gc=False):
@@ -213,6 +228,7 @@ class SegmentRef(msgspec.Struct, array_like=True, frozen=True):
     length: int  # whole record, header included
     first_id: int
     count: int
+    last_seq: int = -1  # last commit it holds (-1 in versions 1-2: its last frame's seq)
 
 
 class CheckpointRecord(msgspec.Struct, array_like=True):

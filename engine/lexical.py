@@ -148,7 +148,7 @@ class LexIndex:
             else:
                 must.append(Query.range_query(s, "end", FieldType.Integer, seq + 1, FOREVER))
         if f.scope is not None:
-            if f.scope in uri_prefixes(f.scope):  # ends at a boundary: one exact term
+            if _BOUNDARY.match(f.scope[-1:]):  # ends at a boundary: one indexed prefix term
                 must.append(Query.term_query(s, "uri_pfx", f.scope))
             else:
                 must.append(Query.regex_query(s, "uri", re.escape(f.scope) + ".*"))

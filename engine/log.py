@@ -76,6 +76,7 @@ class Replay(msgspec.Struct):
     commits: int = 0
     torn_bytes: int = 0  # bytes after ``end`` up to the size of the file
     record_bytes: dict[str, int] = {}  # bytes of applied records, by kind
+    vectors: list[int] = []  # offsets of the VECTORS records of the applied commits
 
 
 def replay(
@@ -99,7 +100,7 @@ def replay(
         name = fmt.KIND_NAMES[rh.kind]
         rec_len = fmt.RECORD_SIZE + rh.length
         pending_bytes[name] = pending_bytes.get(name, 0) + rec_len
-        if rh.kind in (fmt.BLOCK, fmt.COMMIT):
+        if rh.kind in fmt.PAYLOAD or rh.kind == fmt.COMMIT:
             # Segments and checkpoints are derived data that replay never needs, so
             # their bodies are neither read nor required to be intact here.
             body = cur.read(pos + fmt.RECORD_SIZE, rh.length)
@@ -108,13 +109,14 @@ def replay(
                     break
                 pos += rec_len  # a damaged block fails the commit that names it
                 continue
-        if rh.kind == fmt.BLOCK:
+        if rh.kind in fmt.PAYLOAD:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.COMMIT:
             rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=pos)
             if not _commit_intact(rec, blocks, seq, result.last_commit):
                 break  # its blocks did not all land: a torn, unacknowledged commit
             apply(rec, pos)
+            result.vectors.extend(v.offset for v in rec.vectors)
             seq = rec.seq
             result.commits += 1
             result.last_commit = pos
@@ -135,7 +137,7 @@ def replay(
 def _commit_intact(rec: fmt.CommitRecord, blocks: dict[int, int], seq: int, prev: int) -> bool:
     if rec.seq != seq + 1 or rec.prev != prev:
         return False
-    return all(blocks.get(b.offset) == b.body_crc for b in rec.blocks)
+    return all(blocks.get(b.offset) == b.body_crc for b in (*rec.blocks, *rec.vectors))
 
 
 def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
@@ -157,7 +159,7 @@ def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
                     rec = None
                 if rec is not None and rec.seq > seq and all(
                     (b := cur.record(ref.offset)) is not None and b[0].body_crc == ref.body_crc
-                    for ref in rec.blocks
+                    for ref in (*rec.blocks, *rec.vectors)
                 ):
                     return True
             i = window.find(fmt.RECORD_SYNC, i + 1)

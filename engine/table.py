@@ -29,6 +29,7 @@ class FrameTable:
         self.versions: dict[str, list[int]] = {}  # uri -> every frame id, oldest first
         self.by_time: list[tuple[float, int]] = []  # (timestamp, id) of PUT frames
         self.live_count = 0
+        self.children: dict[str, dict[int, int]] = {}  # parent -> chunk -> newest frame id
 
     @property
     def seq(self) -> int:
@@ -46,7 +47,7 @@ class FrameTable:
             raise CorruptionError(f"commit seq {rec.seq} follows {self.seq}", offset=offset)
         if self.commits and rec.time < self.commits[-1].time:
             raise CorruptionError("commit time went backwards", offset=offset)
-        if not rec.frames:
+        if not rec.frames and not rec.vectors:
             raise CorruptionError("empty commit", offset=offset)
         for i, f in enumerate(rec.frames):
             if f.id != self.next_id + i or f.seq != rec.seq:
@@ -102,6 +103,8 @@ class FrameTable:
                 bisect.insort(self.by_time, (f.timestamp, f.id))
         if f.uri is not None:
             self.versions.setdefault(f.uri, []).append(f.id)
+        if f.parent is not None and f.chunk is not None and f.op == PUT:
+            self.children.setdefault(f.parent, {})[f.chunk] = f.id
 
     # -- reading ----------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ class _Scan(msgspec.Struct):
     size: int
     damage: list[tuple[int, int]]  # [start, stop) byte ranges that hold no intact record
     stuck: list[tuple[int, int]]  # (offset, seq) of intact commits that could not apply
-    checkpoints: list[tuple[int, bytes]]  # (offset, capsule id) of intact checkpoints
+    checkpoints: list[tuple[int, bytes, str | None]]  # (offset, capsule id, model) of intact ones
     derived: list[tuple[int, str]] = []  # damaged segment/checkpoint records (rebuildable)
     torn: int = 0
     commits_end: int = fmt.LOG_START  # just past the last applied commit
@@ -82,7 +82,7 @@ def _scan(f: OsFile, report: Report) -> _Scan:
         if found is None:
             rh = fmt.decode_record_header(cur.read(pos, fmt.RECORD_SIZE))
             stop = pos + fmt.RECORD_SIZE + rh.length if rh else 0
-            if rh and rh.kind in (fmt.SEGMENT, fmt.CHECKPOINT) and stop <= size:
+            if rh and rh.kind in fmt.DERIVED and stop <= size:
                 # Derived data: doctor can rebuild it from the commits.
                 s.derived.append((pos, fmt.KIND_NAMES[rh.kind]))
                 pos = stop
@@ -95,12 +95,12 @@ def _scan(f: OsFile, report: Report) -> _Scan:
         name = fmt.KIND_NAMES[rh.kind]
         counts[f"records.{name}"] = counts.get(f"records.{name}", 0) + 1
         counts[f"bytes.{name}"] = counts.get(f"bytes.{name}", 0) + fmt.RECORD_SIZE + rh.length
-        if rh.kind == fmt.BLOCK:
+        if rh.kind in fmt.PAYLOAD:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.CHECKPOINT:
             try:
                 ck = fmt.meta_body(rh, body, fmt.CheckpointRecord, offset=pos)
-                s.checkpoints.append((pos, ck.capsule_id))
+                s.checkpoints.append((pos, ck.capsule_id, ck.extra.get("vec", {}).get("model")))
             except CorruptionError as e:
                 report.error(str(e))
         elif rh.kind == fmt.COMMIT:
@@ -113,7 +113,7 @@ def _scan(f: OsFile, report: Report) -> _Scan:
                 intact = (
                     rec.seq == s.table.seq + 1
                     and rec.prev == s.last_commit
-                    and all(blocks.get(b.offset) == b.body_crc for b in rec.blocks)
+                    and all(blocks.get(b.offset) == b.body_crc for b in (*rec.blocks, *rec.vectors))
                 )
                 if intact:
                     try:
@@ -284,9 +284,12 @@ def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
         capsule_id, created, gen = s.checkpoints[0][1], 0.0, 0
     else:
         raise CorruptionError("no header and no checkpoint left to learn the capsule id from")
-    first = genesis(capsule_id)
-    if f.pread(fmt.LOG_START, len(first)) != first:
-        f.pwrite(fmt.LOG_START, first)  # deterministic bytes: same length, same place
+    model = s.checkpoints[0][2] if s.checkpoints else None
+    first = genesis(capsule_id, model)
+    if not s.checkpoints or s.checkpoints[0][0] != fmt.LOG_START:
+        # The genesis record is damaged; its bytes are determined by the capsule id and
+        # model, so it can be written again in place, at the same length.
+        f.pwrite(fmt.LOG_START, first)
     f.sync()
     for i in (1, 2):  # one slot at a time, synced, so one is always intact
         h = fmt.Header(gen + i, capsule_id, created, fmt.LOG_START, len(first))

@@ -33,3 +33,17 @@ def no_leaks():
     leaked = _open_files() - files
     assert not leaked, f"leaked open files: {sorted(t for _, t in leaked)}"
     assert threading.active_count() <= threads, "leaked threads"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Index working copies go to a per-test cache dir, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def embedder(tmp_path_factory):
+    """The real embedding model, loaded once per test session (~2 s)."""
+    from engine.embed import Embedder
+
+    return Embedder(threads=2, cache=tmp_path_factory.mktemp("model-cache"))

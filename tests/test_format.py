@@ -174,3 +174,13 @@ def test_commit_chain_and_checkpoints_on_disk(path):
     assert (last.seq, last.next_id) == (10, 20)
     assert sum(s.count for s in last.segments) == 20
     assert [s.first_id for s in last.segments] == sorted(s.first_id for s in last.segments)
+
+
+@pytest.mark.req("F-03")
+def test_writing_to_an_old_capsule_raises_its_versions(tmp_path):
+    copy = tmp_path / "v1.mv2"
+    shutil.copy(GOLDEN / "v1.mv2", copy)
+    with engine.open(str(copy)) as cap:
+        cap.put("new", uri="n")
+    h = max(fmt.decode_slots(copy.read_bytes()[: fmt.LOG_START]), key=lambda h: h.generation)
+    assert (h.read_version, h.write_version) == (fmt.READ_VERSION, fmt.WRITE_VERSION)

@@ -3,7 +3,9 @@ an existing golden file: old capsules must keep opening (tests/test_format.py)."
 
 import base64
 import json
+import random
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -11,10 +13,15 @@ import engine  # noqa: E402
 
 here = Path(__file__).parent
 path = here / f"v{engine.WRITE_VERSION}.mv2"
-with engine.create(path, checkpoint_frames=4) as cap:
+rng = random.Random(0)
+with engine.create(path, checkpoint_frames=4, index_dir=tempfile.mkdtemp()) as cap:
     for i in range(10):
+        vector = [rng.gauss(0, 1) for _ in range(384)] if engine.WRITE_VERSION >= 3 else None
         cap.put(f"note {i}: ünïcode ✓ " * (i + 1), uri=f"note://{i % 4}", title=f"t{i}",
-                tags={"n": str(i)}, kind="note", timestamp=1_700_000_000 + i)
+                tags={"n": str(i)}, kind="note", timestamp=1_700_000_000 + i,
+                **({"vector": vector} if vector else {}))
+        if i == 1 and engine.WRITE_VERSION >= 3:
+            cap.find("note", mode="lex")  # attach the indexes: checkpoints store lex files
         if i % 3 == 2:
             cap.remove(f"note://{(i + 1) % 4}") if cap.stats()["live_uris"] > 3 else None
         cap.commit()

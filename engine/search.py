@@ -1,0 +1,356 @@
+"""Retrieval over a capsule: the two indexes, their working copies, fusion and caches.
+
+``Indexes`` keeps the lexical (Tantivy) and semantic (USearch) indexes of one open
+capsule current, and answers ``find``. Both are derived data:
+
+- their working copies live in a cache directory keyed by the capsule id and path, with
+  a ``state.json`` recording which commit each one covers and that commit's fingerprint,
+  so a copy from another history is never trusted;
+- the lexical index's files are also copied into the capsule at checkpoints, so a lost
+  working copy is restored, not rebuilt; vectors are stored in the capsule as they are
+  committed and the graph is rebuilt from them when its working copy is missing;
+- on open, each index is caught up with the commits made after the point it covers.
+
+Ranking: BM25 (AND of the terms, OR when AND finds fewer than k), cosine over the HNSW
+graph, and hybrid = reciprocal-rank fusion (k=60) of the two lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from hashlib import sha1
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from .cache import LRUCache
+from .embed import cache_root
+from .format import PUT, FrameMeta
+from .lexical import SCHEMA_VERSION, Filters, LexIndex
+from .table import FOREVER, FrameTable
+from .vectors import VecIndex
+
+RRF_K = 60
+MODES = ("auto", "lex", "vec", "hybrid")
+MAX_K = 1000
+
+
+class Hit(msgspec.Struct, frozen=True, kw_only=True):
+    frame_id: int
+    uri: str | None
+    title: str | None
+    score: float
+    snippet: str
+    highlights: list[tuple[int, int]]  # character spans in ``snippet``
+    tags: dict[str, str]
+    kind: str | None
+    timestamp: float
+    commit_seq: int  # the version: the commit that created this frame
+    valid_until: int | None  # the commit that superseded or removed it, if any
+    sources: tuple[str, ...]  # which lists it came from: "lex", "vec"
+
+
+class Hits(list):  # type: ignore[type-arg]
+    """A ranked list of ``Hit`` that also says how it was made."""
+
+    def __init__(self, hits: list[Hit], *, mode: str, seq: int, warnings: list[str], cached: bool = False) -> None:
+        super().__init__(hits)
+        self.mode = mode  # the mode actually used ("auto" resolves to "hybrid" or "lex")
+        self.seq = seq  # the commit the results describe
+        self.warnings = warnings
+        self.cached = cached
+
+
+def fingerprint(table: FrameTable, seq: int) -> list[Any]:
+    """Identifies commit ``seq`` of this very history (not just its number)."""
+    if seq == 0:
+        return [0]
+    c = table.commits[seq - 1]
+    return [seq, c.offset, c.time]
+
+
+class Indexes:
+    def __init__(
+        self,
+        *,
+        capsule_id: bytes,
+        path: str,
+        readonly: bool,
+        dim: int | None,
+        cache_dir: str | None,
+        result_cache_bytes: int,
+        block_cache_bytes: int,
+    ) -> None:
+        self.readonly = readonly
+        self.dim = dim
+        key = f"{capsule_id.hex()}-{sha1(os.path.realpath(path).encode()).hexdigest()[:10]}"
+        self.root = Path(cache_dir) if cache_dir else cache_root() / "index"
+        self.home = self.root / key  # the shared working copies of this capsule
+        self._private: Path | None = None  # a reader's own copy, when the shared one lags
+        self._stored_lex: tuple[dict[str, Any] | None, Callable[[int, int], bytes]] = (None, lambda o, n: b"")
+        self.lex: LexIndex | None = None
+        self.vec: VecIndex | None = None
+        self.lex_seq = 0  # commit the lexical index covers
+        self.vec_seq = 0
+        self.lock = threading.RLock()  # guards index mutation against concurrent searches
+        self.results = LRUCache(result_cache_bytes, size=lambda h: 512 + 400 * len(h))
+        self.query_vectors = LRUCache(8 << 20, size=lambda v: 2000)
+        self.blocks = LRUCache(block_cache_bytes, size=len)
+        self.recent: Counter[tuple[Any, ...]] = Counter()
+        self.timings: dict[str, float] = {}
+        self.origin: dict[str, str] = {}  # per index: "working-copy", "capsule" or "rebuilt"
+
+    # -- working copies ---------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.home / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, table: FrameTable) -> None:
+        if self.readonly:
+            return
+        state = {
+            "schema": SCHEMA_VERSION,
+            "lex": {"seq": self.lex_seq, "fingerprint": fingerprint(table, self.lex_seq)},
+            "vec": {"seq": self.vec_seq, "fingerprint": fingerprint(table, self.vec_seq), "dim": self.dim},
+        }
+        tmp = self.home / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.home / "state.json")
+
+    @staticmethod
+    def _trusted(entry: dict[str, Any], table: FrameTable) -> int | None:
+        """The seq a working copy covers, if it belongs to this history."""
+        seq = entry.get("seq")
+        if not isinstance(seq, int) or not 0 <= seq <= table.seq:
+            return None
+        return seq if entry.get("fingerprint") == fingerprint(table, seq) else None
+
+    def attach(
+        self,
+        table: FrameTable,
+        text_of: Callable[[FrameMeta], str],
+        lex_files: dict[str, Any] | None,
+        read_file: Callable[[int, int], bytes],
+        all_vectors: Callable[[], tuple[list[int], np.ndarray]],
+        vectors_since: Callable[[int], tuple[list[int], np.ndarray]],
+    ) -> None:
+        """Open or restore both working copies and catch them up with the capsule."""
+        t0 = time.perf_counter()
+        state = self._state()
+        if state.get("schema") != SCHEMA_VERSION:
+            state = {}
+        self._attach_lex(table, text_of, state.get("lex", {}), lex_files, read_file)
+        t1 = time.perf_counter()
+        if self.dim:
+            self._attach_vec(table, state.get("vec", {}), all_vectors, vectors_since)
+        self.timings = {"lex_attach_s": round(t1 - t0, 4), "vec_attach_s": round(time.perf_counter() - t1, 4)}
+        self._write_state(table)
+
+    def _attach_lex(
+        self,
+        table: FrameTable,
+        text_of: Callable[[FrameMeta], str],
+        entry: dict[str, Any],
+        lex_files: dict[str, Any] | None,
+        read_file: Callable[[int, int], bytes],
+    ) -> None:
+        shared = self.home / "lex"
+        seq = self._trusted(entry, table) if shared.is_dir() else None
+        stored = lex_files if lex_files and self._trusted(lex_files, table) is not None else None
+        if stored is not None and (seq is None or stored["seq"] > seq):
+            seq = None  # the capsule's own copy is newer than the cache: restore it
+        self._stored_lex = (stored, read_file)
+        if self.readonly and seq != table.seq:
+            # Readers never write the shared copy (a writer may own it, and copying it
+            # while Tantivy merges would race): build a private one from the capsule.
+            self._private = Path(tempfile.mkdtemp(prefix="lex-", dir=self._tmp_root()))
+            target = self._private / "lex"
+            seq = None
+        else:
+            target = shared
+        self.origin["lex"] = "working-copy"
+        if seq is None:
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            seq = 0
+            self.origin["lex"] = "rebuilt"
+            if stored is not None:
+                for name, (offset, length) in stored["files"].items():
+                    (target / name).write_bytes(read_file(offset, length))
+                seq = stored["seq"]
+                self.origin["lex"] = "capsule"
+        self.lex = LexIndex(target)
+        self.lex_seq = seq
+        self._catch_up_lex(table, text_of)
+
+    def _tmp_root(self) -> Path:
+        d = self.root / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _catch_up_lex(self, table: FrameTable, text_of: Callable[[FrameMeta], str]) -> None:
+        lex, since = self.lex, self.lex_seq
+        assert lex is not None
+        if since >= table.seq:
+            return
+        start = _first_frame_after(table, since)
+        for m in table.frames[start:]:
+            if m.op == PUT and m.is_text:
+                lex.add(m, text_of(m), table.ended.get(m.id, FOREVER))
+        for fid, end in table.ended.items():  # older frames that ended after `since`
+            m = table.frames[fid]
+            if end > since and m.seq <= since and m.op == PUT and m.is_text:
+                lex.set_end(m, text_of(m), end)
+        self.lex_seq = table.seq
+
+    def _attach_vec(
+        self,
+        table: FrameTable,
+        entry: dict[str, Any],
+        all_vectors: Callable[[], tuple[list[int], np.ndarray]],
+        vectors_since: Callable[[int], tuple[list[int], np.ndarray]],
+    ) -> None:
+        assert self.dim
+        path = self.home / "vec.usearch"
+        seq = self._trusted(entry, table) if entry.get("dim") == self.dim else None
+        vec = VecIndex.load(path, self.dim) if seq is not None and path.exists() else None
+        if vec is None:
+            vec = VecIndex(self.dim)
+            ids, vectors = all_vectors()
+            self.origin["vec"] = "rebuilt"
+        else:
+            ids, vectors = vectors_since(seq)  # type: ignore[arg-type]
+            self.origin["vec"] = "working-copy"
+        vec.add(ids, vectors)
+        self.vec = vec
+        self.vec_seq = table.seq
+
+    # -- keeping current --------------------------------------------------------------
+
+    def on_commit(self, table: FrameTable, frames: list[FrameMeta], texts: dict[int, str],
+                  text_of: Callable[[FrameMeta], str]) -> None:
+        if self.lex is None:
+            return
+        if self.readonly and self._private is None:
+            self._go_private(table, text_of)
+            self._catch_up_lex(table, text_of)  # covers `frames` too
+            return
+        lex = self.lex
+        with self.lock:
+            for m in frames:
+                if m.op == PUT and m.is_text:
+                    lex.add(m, texts[m.id] if m.id in texts else text_of(m), table.ended.get(m.id, FOREVER))
+                if m.supersedes is not None:
+                    old = table.frames[m.supersedes]
+                    if old.op == PUT and old.is_text:
+                        lex.set_end(old, text_of(old), m.seq)
+            self.lex_seq = table.seq
+            self.vec_seq = table.seq
+
+    def _go_private(self, table: FrameTable, text_of: Callable[[FrameMeta], str]) -> None:
+        """A reader's index must change: leave the shared copy, which it may not write,
+        for a private one restored from the capsule and caught up."""
+        self._private = Path(tempfile.mkdtemp(prefix="lex-", dir=self._tmp_root()))
+        target = self._private / "lex"
+        target.mkdir()
+        stored, read_file = self._stored_lex
+        self.lex_seq = 0
+        if stored is not None:
+            for name, (offset, length) in stored["files"].items():
+                (target / name).write_bytes(read_file(offset, length))
+            self.lex_seq = stored["seq"]
+        self.lex = LexIndex(target)
+
+    def add_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
+        if self.vec is not None:
+            with self.lock:
+                self.vec.add(ids, vectors)
+
+    def flush(self) -> None:
+        if self.lex is not None and self.lex.dirty:
+            with self.lock:
+                self.lex.flush()
+
+    def lex_files(self) -> list[Path]:
+        assert self.lex is not None
+        self.flush()
+        return self.lex.files()
+
+    def save(self, table: FrameTable) -> None:
+        """Persist both working copies (at checkpoints and on close)."""
+        if self.readonly:
+            return
+        self.flush()
+        if self.vec is not None and self.vec.dirty:
+            with self.lock:
+                self.vec.save(self.home / "vec.usearch")
+        self._write_state(table)
+
+    def close(self, table: FrameTable | None) -> None:
+        if table is not None and not self.readonly:
+            self.save(table)
+        if self.lex is not None:
+            self.lex.close()
+            self.lex = None
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    # -- querying ---------------------------------------------------------------------
+
+    def lexical(self, query: str, k: int, *, seq: int, head: bool, all_versions: bool,
+                filters: Filters) -> tuple[list[tuple[float, int]], Any, list[str]]:
+        assert self.lex is not None
+        self.flush()
+        return self.lex.search(query, k, seq=seq, head=head, all_versions=all_versions, filters=filters)
+
+    def semantic(self, qvec: np.ndarray, k: int, accept: Callable[[int], bool]) -> list[tuple[float, int]]:
+        if self.vec is None:
+            return []
+        with self.lock:
+            return self.vec.search(qvec, k, accept)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "lexical": {"working_copy": str(self.lex.directory) if self.lex else None, "covers_seq": self.lex_seq},
+            "semantic": {"vectors": len(self.vec) if self.vec else 0, "dim": self.dim},
+            "caches": {
+                "results": self.results.stats(),
+                "query_vectors": self.query_vectors.stats(),
+                "blocks": self.blocks.stats(),
+            },
+            "attach": {**self.timings, "origin": self.origin},
+        }
+
+
+def _first_frame_after(table: FrameTable, seq: int) -> int:
+    """The id of the first frame created after commit ``seq``."""
+    lo, hi = 0, table.next_id
+    while lo < hi:  # frames are in commit order, so their seqs are sorted
+        mid = (lo + hi) // 2
+        if table.frames[mid].seq <= seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def rrf(lists: list[list[int]], k: int = RRF_K) -> list[tuple[float, int]]:
+    """Reciprocal-rank fusion: sum of 1/(k + rank) over the lists an id appears in."""
+    scores: dict[int, float] = {}
+    for ranked in lists:
+        for rank, fid in enumerate(ranked, 1):
+            scores[fid] = scores.get(fid, 0.0) + 1.0 / (k + rank)
+    return sorted(((s, fid) for fid, s in scores.items()), key=lambda x: (-x[0], x[1]))
