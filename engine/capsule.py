@@ -963,11 +963,12 @@ class Capsule:
         lex_ids = {f for _, f in lex_hits}
         vec_ids = {f for _, f in vec_hits}
         hits = []
+        make_snippet = ix.lex.snippets(parsed, snippet_chars) if parsed is not None and snippet_chars and lex_ids else None  # type: ignore[union-attr]
         for score, fid in ranked[:k]:
             m = t.frames[fid]
-            text = self._text_of(m)
-            if parsed is not None and fid in lex_ids:
-                snippet, spans = ix.lex.snippet(parsed, text, snippet_chars) if snippet_chars else ("", [])  # type: ignore[union-attr]
+            text = self._text_of(m) if snippet_chars else ""
+            if make_snippet is not None and fid in lex_ids:
+                snippet, spans = make_snippet(text)
             else:
                 snippet, spans = text[:snippet_chars], []
             end = t.ended.get(fid, FOREVER)
@@ -988,7 +989,22 @@ class Capsule:
             ix.query_vectors.put(query, v)
         return v
 
-    def _open_indexes(self) -> Indexes:
+    def rebuild_indexes(self) -> dict[str, str]:
+        """Rebuild the lexical index from the frames and the vector graph from the stored
+        vectors, ignoring every working copy, then checkpoint them into the capsule."""
+        with self._lock:
+            self._check_writable()
+            if self._pending:
+                raise InvalidArgument("commit or roll back staged frames first")
+            if self._indexes is not None:
+                self._indexes.close(None)
+                self._indexes = None
+            self._ckpt.extra.pop("lex", None)
+            ix = self._open_indexes(fresh=True)
+            self._checkpoint()
+            return dict(ix.origin)
+
+    def _open_indexes(self, *, fresh: bool = False) -> Indexes:
         """Attach the search indexes on first use (callers hold the lock)."""
         if self._indexes is None:
             dim = self._vec["dim"] if self._vec else None
@@ -998,6 +1014,8 @@ class Capsule:
                 block_cache_bytes=self._opts.block_cache_bytes,
             )
             ix.blocks = self._blocks
+            if fresh:
+                ix.discard_working_copies()
             lex = self._ckpt.extra.get("lex")
             ix.attach(
                 self._table, self._text_of, lex, self._read_lexfile,

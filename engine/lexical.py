@@ -14,6 +14,7 @@ rebuilt.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,16 +192,21 @@ class LexIndex:
                 break
         return hits, query, warnings
 
-    def snippet(self, query: Any, text: str, max_chars: int) -> tuple[str, list[tuple[int, int]]]:
-        """The best fragment of ``text`` for ``query``, with highlight spans in characters."""
+    def snippets(self, query: Any, max_chars: int) -> Callable[[str], tuple[str, list[tuple[int, int]]]]:
+        """A function giving the best fragment of a text for ``query``, with highlight
+        spans in characters (one generator per query: building it costs more than using it)."""
         gen = tantivy.SnippetGenerator.create(self.index.searcher(), query, self.schema, "text")
         gen.set_max_num_chars(max_chars)
-        snip = gen.snippet_from_doc(Document(text=text))
-        fragment = snip.fragment()
-        if not fragment:
-            return text[:max_chars], []
-        raw = fragment.encode()
-        # Tantivy reports byte offsets; Python callers index strings by character.
-        spans = [(len(raw[: r.start].decode(errors="ignore")), len(raw[: r.end].decode(errors="ignore")))
-                 for r in snip.highlighted()]
-        return fragment, spans
+
+        def snippet(text: str) -> tuple[str, list[tuple[int, int]]]:
+            snip = gen.snippet_from_doc(Document(text=text))
+            fragment = snip.fragment()
+            if not fragment:
+                return text[:max_chars], []
+            raw = fragment.encode()
+            # Tantivy reports byte offsets; Python callers index strings by character.
+            spans = [(len(raw[: r.start].decode(errors="ignore")), len(raw[: r.end].decode(errors="ignore")))
+                     for r in snip.highlighted()]
+            return fragment, spans
+
+        return snippet

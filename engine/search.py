@@ -117,6 +117,9 @@ class Indexes:
         except (OSError, ValueError):
             return {}
 
+    def discard_working_copies(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
     def _write_state(self, table: FrameTable) -> None:
         if self.readonly:
             return
@@ -125,6 +128,7 @@ class Indexes:
             "lex": {"seq": self.lex_seq, "fingerprint": fingerprint(table, self.lex_seq)},
             "vec": {"seq": self.vec_seq, "fingerprint": fingerprint(table, self.vec_seq), "dim": self.dim},
         }
+        self.home.mkdir(parents=True, exist_ok=True)
         tmp = self.home / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.home / "state.json")

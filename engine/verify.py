@@ -224,9 +224,26 @@ def verify(path: str) -> Report:
     return report
 
 
-def doctor(path: str, *, dry_run: bool = False) -> Report:
-    """Repair what can be repaired (see the module docstring); report what was done."""
+def doctor(path: str, *, dry_run: bool = False, reindex: bool = False) -> Report:
+    """Repair what can be repaired (see the module docstring); report what was done.
+
+    ``reindex`` also rebuilds both search indexes from the frames and stored vectors.
+    """
     path = str(path)
+    report = _repair(path, dry_run)
+    if reindex and report.ok:
+        if dry_run:
+            report.repairs.append("would rebuild the search indexes")
+        else:
+            with open_capsule(path) as cap:
+                origin = cap.rebuild_indexes()
+                frames = cap.stats()["frames"]
+            report.repairs.append(f"rebuilt the search indexes from {frames} frames ({origin})")
+            report.facts["verified_after"] = int(verify(path).ok)
+    return report
+
+
+def _repair(path: str, dry_run: bool) -> Report:
     report = Report(path=path)
     f = OsFile.open(path, readonly=dry_run)
     try:

@@ -37,7 +37,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = engine.doctor(args.file, dry_run=args.dry_run)
+    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex)
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="repair a torn tail or a damaged checkpoint")
     d.add_argument("file")
     d.add_argument("--dry-run", action="store_true", help="report what would be done")
+    d.add_argument("--reindex", action="store_true", help="also rebuild the search indexes from the frames")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 

@@ -288,3 +288,17 @@ def test_vectors_are_searchable_before_they_are_durable(path, embedder):
         assert cap.find("photosynthesis", mode="lex")  # lexical at once, whatever the embedder does
         assert cap.wait_embedded(timeout=60)
         assert cap.find("how plants make energy from sunlight", mode="vec", k=1)[0].uri == "doc://bio"
+
+
+def test_doctor_reindex_rebuilds_both_indexes_from_the_capsule(path, embedder, tmp_path):
+    with engine.create(path, embedder=embedder) as cap:
+        fill(cap)
+        assert cap.wait_embedded(timeout=60)
+        cap.find("bread", mode="lex")
+    report = engine.doctor(path, reindex=True)
+    assert report.ok and "rebuilt the search indexes from 6 frames" in report.repairs[-1], report
+    assert report.facts["verified_after"] == 1
+    with engine.open(path, embedder=embedder) as cap:
+        assert uris(cap.find("flour", mode="lex")) == ["note://1"]
+        assert cap.find("memory reclaiming", mode="vec", k=1)[0].uri == "doc://python/gc"
+        assert cap.stats()["search"]["attach"]["origin"] == {"lex": "working-copy", "vec": "working-copy"}
