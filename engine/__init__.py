@@ -6,6 +6,7 @@ this module exports; everything else is internal. The file format is specified i
 """
 
 from .capsule import Capsule, Frame, FrameInfo, create, open
+from .embed import DEFAULT_MODEL, MODELS, Embedder, ModelError
 from .errors import (
     CapsuleBroken,
     CapsuleClosed,
@@ -21,9 +22,11 @@ from .errors import (
     StorageError,
 )
 from .format import READ_VERSION, WRITE_VERSION
+from .search import Hit, Hits
 from .verify import Report, doctor, verify
 
 __all__ = [
+    "DEFAULT_MODEL", "MODELS", "Embedder", "Hit", "Hits", "ModelError",
     "READ_VERSION", "WRITE_VERSION", "Capsule", "CapsuleBroken", "CapsuleClosed",
     "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
     "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",

@@ -456,18 +456,55 @@ class Capsule:
             self._pending_counts[k] = self._pending_counts.get(k, 0) + v
 
     def put_many(self, items: Iterable[Mapping[str, Any]]) -> list[int]:
-        """``put`` each item (a dict with ``text`` or ``data`` plus put's keywords)."""
-        ids = []
-        for item in items:
-            item = dict(item)
-            if "text" in item:
-                data = item.pop("text")
-            elif "data" in item:
-                data = item.pop("data")
-            else:
-                raise InvalidArgument("each item needs a 'text' or 'data' key")
-            ids.append(self.put(data, **item))
-        return ids
+        """``put`` each item (a dict with ``text`` or ``data`` plus put's keywords).
+
+        All or nothing: if one item is refused, none of this call's items stay staged.
+        """
+        with self._lock:
+            self._check_writable()
+            keep, counts = len(self._pending), dict(self._pending_counts)
+            ids = []
+            try:
+                for item in items:
+                    item = dict(item)
+                    if "text" in item:
+                        data = item.pop("text")
+                    elif "data" in item:
+                        data = item.pop("data")
+                    else:
+                        raise InvalidArgument("each item needs a 'text' or 'data' key")
+                    try:
+                        ids.append(self.put(data, **item))
+                    except TypeError as e:  # an unknown key in the item
+                        raise InvalidArgument(f"bad item: {e}") from None
+            except BaseException:
+                self._unstage(keep)
+                self._pending_counts = counts
+                raise
+            return ids
+
+    def _unstage(self, keep: int) -> None:
+        """Drop the staged frames after the first ``keep`` (and their block bytes)."""
+        dropped = self._pending[keep:]
+        if not dropped:
+            return
+        blocks = [m.block for m in dropped if m.block >= 0]
+        if blocks:
+            self._write_end = min(blocks)  # blocks are appended in order: cut from the first
+            self._pending_blocks = [b for b in self._pending_blocks if b.offset < self._write_end]
+            self._cut_tail(self._write_end)
+        self._pending = self._pending[:keep]
+        for m in dropped:
+            self._pending_texts.pop(m.id, None)
+            self._ready_vectors.pop(m.id, None)
+        # Rebuild the staged overlays from what remains.
+        self._pending_live.clear()
+        self._pending_ended.clear()
+        for m in self._pending:
+            if m.uri is not None:
+                self._pending_live[m.uri] = m.id if m.op == fmt.PUT else None
+            if m.supersedes is not None:
+                self._pending_ended.add(m.supersedes)
 
     def remove(self, target: str | int) -> int:
         """Stage a tombstone for a live frame (by id) or a URI's live version.
@@ -580,12 +617,15 @@ class Capsule:
     def _rollback(self) -> None:
         self._clear_pending()
         self._pending_counts = {}
+        self._cut_tail(self._log_end)
+        self._write_end = self._log_end
+
+    def _cut_tail(self, end: int) -> None:
         try:
-            self._file.truncate(self._log_end)
+            self._file.truncate(end)
         except StorageError as e:
             # Stale bytes past the end could be misread by a later scan: refuse to go on.
             self._broken = f"could not cut the tail after a failed write: {e}"
-        self._write_end = self._log_end
 
     def _clear_pending(self) -> None:
         self._pending = []
@@ -771,6 +811,18 @@ class Capsule:
                     if len(out) >= limit:
                         break
             return out
+
+    def changes(self, since_seq: int, *, limit: int = 10_000) -> list[Frame]:
+        """Frames (puts, with payload) created by the commits after ``since_seq``, oldest
+        first: what a subscriber that saw ``since_seq`` has not seen yet."""
+        with self._lock:
+            self._check_open()
+            t = self._table
+            first = t.first_after(max(0, since_seq))
+            metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT]
+            infos = [self._info(m) for m in metas]
+        return [Frame(**msgspec.structs.asdict(i), payload=read_payload(self._file, m, self._blocks))
+                for i, m in zip(infos, metas)]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -209,7 +209,7 @@ class Indexes:
         assert lex is not None
         if since >= table.seq:
             return
-        start = _first_frame_after(table, since)
+        start = table.first_after(since)
         for m in table.frames[start:]:
             if m.op == PUT and m.is_text:
                 lex.add(m, text_of(m), table.ended.get(m.id, FOREVER))
@@ -337,18 +337,6 @@ class Indexes:
             },
             "attach": {**self.timings, "origin": self.origin},
         }
-
-
-def _first_frame_after(table: FrameTable, seq: int) -> int:
-    """The id of the first frame created after commit ``seq``."""
-    lo, hi = 0, table.next_id
-    while lo < hi:  # frames are in commit order, so their seqs are sorted
-        mid = (lo + hi) // 2
-        if table.frames[mid].seq <= seq:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def rrf(lists: list[list[int]], k: int = RRF_K) -> list[tuple[float, int]]:

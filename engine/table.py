@@ -112,6 +112,17 @@ class FrameTable:
         f = self.frames[fid]
         return f.op == PUT and f.seq <= seq < self.ended.get(fid, FOREVER)
 
+    def first_after(self, seq: int) -> int:
+        """The id of the first frame created after commit ``seq``."""
+        lo, hi = 0, self.next_id
+        while lo < hi:  # frames are in commit order, so their seqs are sorted
+            mid = (lo + hi) // 2
+            if self.frames[mid].seq <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
     def seq_at_time(self, t: float) -> int:
         """The last commit made at or before ``t`` (0 when none)."""
         return bisect.bisect_right(self.commit_times, t)

@@ -1,18 +1,31 @@
 """The ``memvidd`` command line: one function per subcommand, argparse wiring at the end.
 
-Exit codes: 0 success, 1 the capsule is damaged or the operation failed, 2 bad usage.
+Client commands (status, put, find, get, timeline, tail, stats) talk to a running daemon
+over ``--socket`` (default ``$MEMVIDD_SOCKET``, then the configured socket). With
+``--capsule FILE`` they work on the file directly, without a daemon: reads open it
+read-only; ``put`` writes it unless a daemon holds it.
+
+Exit codes: 0 success, 1 the capsule is damaged or the operation failed (no daemon,
+not found, ...), 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import engine
+
+from . import config as config_mod
+from .client import Client, RemoteError, default_socket
 
 
 def _print_report(report: engine.Report, as_json: bool) -> None:
@@ -76,9 +89,286 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# -- client commands -------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, obj: Any, human: Any) -> None:
+    if args.json:
+        print(msgspec.json.encode(msgspec.to_builtins(obj)).decode())
+    else:
+        human()
+
+
+def _as_of(value: str | None) -> int | float | None:
+    """``--as-of 12`` is commit 12; ``@1700000000`` or an ISO time is a point in time."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        return float(value[1:])
+    if value.isdigit():
+        return int(value)
+    t = dt.datetime.fromisoformat(value)
+    return (t if t.tzinfo else t.astimezone()).timestamp()
+
+
+def _time(value: str | None) -> float | None:
+    a = _as_of(value)
+    return float(a) if a is not None else None
+
+
+def _tags(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"memvidd: --tag wants key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _client(args: argparse.Namespace) -> Client:
+    path = args.socket or default_socket()
+    try:
+        return Client(path, timeout=args.timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise SystemExit(f"memvidd: no daemon listening at {path} (start one with `memvidd run`, "
+                         "or use --capsule FILE to work on a capsule directly)") from None
+
+
+def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
+    embedder = engine.Embedder() if getattr(args, "mode", None) in ("vec", "hybrid") else None
+    try:
+        return engine.open(args.capsule, readonly=not write, embedder=embedder)
+    except engine.CapsuleLocked as e:
+        raise SystemExit(f"memvidd: {e}: a daemon holds it; talk to it with --socket") from None
+
+
+def _frame_text(f: Any) -> str:
+    text = getattr(f, "text", None)
+    if text is None and getattr(f, "payload", None) is not None:
+        text = f.payload.decode("utf-8", errors="replace") if f.is_text else f"<{len(f.payload)} bytes>"
+    return text if text is not None else f"<{f.length} bytes>"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        caps = c.capsules()
+        out = {"socket": c.path, "server": c.server.server, "protocol": c.server.version,
+               "capsules": [msgspec.to_builtins(x) for x in caps]}
+
+        def human() -> None:
+            print(f"{c.server.server} at {c.path} (protocol {c.server.version})")
+            for x in caps:
+                print(f"  {x.name}{' (default)' if x.default else ''}: {x.frames} frames, commit {x.commit_seq}, {x.path}")
+
+        _emit(args, out, human)
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    if args.file:
+        data: str | bytes = Path(args.file).read_bytes()
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    elif args.text == "-":
+        data = sys.stdin.read()
+    elif args.text is not None:
+        data = args.text
+    else:
+        raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
+    meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=_tags(args.tag)).items() if v is not None}
+    if args.capsule:
+        if not os.path.exists(args.capsule):
+            cap = engine.create(args.capsule, model=None)
+        else:
+            cap = _direct(args, write=True)
+        with cap:
+            fid = cap.put(data, **meta)
+            seq = cap.commit()
+    else:
+        with _client(args) as c:
+            reply = c._call(c._put(data, capsule=args.name, **meta))
+            fid, seq = reply.frame_ids[0], reply.seq
+    _emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    kw = dict(k=args.k, mode=args.mode, scope=args.scope, tags=_tags(args.tag), kind=args.kind,
+              since=_time(args.since), until=_time(args.until), as_of=_as_of(args.as_of))
+    if args.capsule:
+        with _direct(args) as cap:
+            if kw["mode"] == "auto" and cap.stats()["vectors"] is not None:
+                kw["mode"] = "lex"  # no model loaded for a one-shot read: say --mode hybrid for it
+            hits = cap.find(args.query, **kw)
+            rows = [msgspec.to_builtins(h) for h in hits]
+            mode = hits.mode
+    else:
+        with _client(args) as c:
+            reply = c.find_reply(args.query, capsule=args.name, **kw)
+            rows = [msgspec.to_builtins(h) for h in reply.hits]
+            mode = reply.mode
+
+    def human() -> None:
+        if not rows:
+            print(f"no results ({mode})")
+        for h in rows:
+            print(f"{h['score']:.4f}  #{h['frame_id']}  {h['uri'] or ''}  [{'+'.join(h['sources'])}]")
+            if h["snippet"]:
+                print("    " + h["snippet"].replace("\n", " ")[:200])
+
+    _emit(args, {"mode": mode, "hits": rows}, human)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.uri is None):
+        raise SystemExit("memvidd: get needs a frame ID or --uri")
+    if args.capsule:
+        with _direct(args) as cap:
+            f = cap.get(args.id, uri=args.uri, as_of=_as_of(args.as_of))
+            out = {**msgspec.to_builtins(msgspec.structs.replace(f, payload=b"")), "text": _frame_text(f)}
+            out.pop("payload", None)
+    else:
+        with _client(args) as c:
+            f = c.get(args.id, uri=args.uri, as_of=_as_of(args.as_of), capsule=args.name)
+            out = msgspec.to_builtins(f)
+    _emit(args, out, lambda: print(out.get("text") or f"<{out['length']} bytes>"))
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    kw = dict(since=_time(args.since), until=_time(args.until), limit=args.limit, reverse=args.reverse,
+              as_of=_as_of(args.as_of))
+    if args.capsule:
+        with _direct(args) as cap:
+            rows = [msgspec.to_builtins(e) for e in cap.timeline(**kw)]
+    else:
+        with _client(args) as c:
+            rows = [msgspec.to_builtins(e) for e in c.timeline(capsule=args.name, **kw)]
+
+    def human() -> None:
+        for e in rows:
+            when = dt.datetime.fromtimestamp(e["timestamp"]).isoformat(timespec="seconds")
+            print(f"{when}  #{e['id']}  {e['uri'] or ''}  {e['title'] or ''}")
+
+    _emit(args, rows, human)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    args.timeout = None
+    with _client(args) as c:
+        try:
+            for f in c.tail(capsule=args.name, scope=args.scope, kind=args.kind, tags=_tags(args.tag)):
+                if args.json:
+                    print(msgspec.json.encode(f).decode(), flush=True)
+                else:
+                    print(f"#{f.id}  {f.uri or ''}  {(f.text or '')[:120]!r}", flush=True)
+        except KeyboardInterrupt:
+            pass
+        except RemoteError as e:
+            print(f"memvidd: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.capsule:
+        with _direct(args) as cap:
+            stats = cap.stats()
+    else:
+        with _client(args) as c:
+            stats = c.stats(capsule=args.name)
+    _emit(args, stats, lambda: print(json.dumps(stats, indent=2, default=str)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"memvidd: {e}", file=sys.stderr)
+        return 2
+    daemon = cfg.daemon
+    if args.socket:
+        daemon = msgspec.structs.replace(daemon, socket=args.socket)
+    if args.events_socket:
+        daemon = msgspec.structs.replace(daemon, events_socket=args.events_socket)
+    capsules = list(cfg.capsule)
+    if args.capsule:
+        capsules[0] = msgspec.structs.replace(capsules[0], path=args.capsule)
+    if args.watch:
+        capsules[0] = msgspec.structs.replace(capsules[0], watch=[*capsules[0].watch, *args.watch])
+    embedding = cfg.embedding if not args.no_embed else msgspec.structs.replace(cfg.embedding, model="none")
+    cfg = msgspec.structs.replace(cfg, daemon=daemon, capsule=capsules, embedding=embedding)
+    return run(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memvidd", description="Local memory capsules for AI agents.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the daemon in the foreground")
+    r.add_argument("--config", help="configuration file (default: the embedded config.toml)")
+    r.add_argument("--capsule", help="path of the default capsule (overrides the config)")
+    r.add_argument("--socket", help="agent socket path")
+    r.add_argument("--events-socket", help="event socket path")
+    r.add_argument("--watch", action="append", metavar="DIR", help="watch DIR into the default capsule")
+    r.add_argument("--no-embed", action="store_true", help="lexical search only (no model loaded)")
+    r.set_defaults(func=cmd_run)
+
+    def client_cmd(name: str, help: str, func: Any, *, direct: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--socket", help="daemon socket (default: $MEMVIDD_SOCKET, then the config)")
+        c.add_argument("--name", help="capsule name in the daemon (default: its default capsule)")
+        if direct:
+            c.add_argument("--capsule", metavar="FILE", help="use this capsule file directly, without a daemon")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+        c.set_defaults(func=func)
+        return c
+
+    client_cmd("status", "is a daemon running, and what does it serve", cmd_status, direct=False)
+    c = client_cmd("put", "store a text (argument, '-' for stdin, or --file)", cmd_put)
+    c.add_argument("text", nargs="?")
+    c.add_argument("--file")
+    c.add_argument("--uri")
+    c.add_argument("--title")
+    c.add_argument("--kind")
+    c.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    c = client_cmd("find", "search (lexical, semantic or hybrid)", cmd_find)
+    c.add_argument("query")
+    c.add_argument("-k", type=int, default=10)
+    c.add_argument("--mode", default="auto", choices=["auto", "lex", "vec", "hybrid"])
+    c.add_argument("--scope", help="URI prefix")
+    c.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    c.add_argument("--kind")
+    c.add_argument("--since")
+    c.add_argument("--until")
+    c.add_argument("--as-of", help="commit number, @unix-time or ISO time")
+    c = client_cmd("get", "one frame, by id or --uri", cmd_get)
+    c.add_argument("id", nargs="?", type=int)
+    c.add_argument("--uri")
+    c.add_argument("--as-of")
+    c = client_cmd("timeline", "frames in time order", cmd_timeline)
+    c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--reverse", action="store_true")
+    c.add_argument("--since")
+    c.add_argument("--until")
+    c.add_argument("--as-of")
+    c = client_cmd("tail", "print frames as they are committed", cmd_tail, direct=False)
+    c.add_argument("--scope")
+    c.add_argument("--kind")
+    c.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    client_cmd("stats", "capsule statistics", cmd_stats)
 
     v = sub.add_parser("verify", help="check every checksum and invariant of a capsule file")
     v.add_argument("file")
@@ -103,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: Any = args.func(args)
     except engine.EngineError as e:
+        print(f"memvidd: {e}", file=sys.stderr)
+        return 1
+    except RemoteError as e:
+        print(f"memvidd: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
         print(f"memvidd: {e}", file=sys.stderr)
         return 1
     return int(result or 0)

@@ -308,3 +308,18 @@ def test_unknown_option_is_rejected(path):
     with pytest.raises(engine.InvalidArgument):
         engine.create(path, levle=3)
     assert not os.path.exists(path)
+
+
+def test_put_many_is_all_or_nothing(path):
+    with engine.create(path) as cap:
+        cap.put("staged before", uri="a")
+        size_before = os.path.getsize(path)
+        with pytest.raises(engine.InvalidArgument):
+            cap.put_many([{"text": "ok", "uri": "b"}, {"text": "bad", "tags": {"x": 1}}])
+        with pytest.raises(engine.InvalidArgument):
+            cap.put_many([{"text": "ok", "uri": "c"}, {"text": "typo", "titel": "t"}])
+        assert os.path.getsize(path) == size_before
+        cap.put("after", uri="b")
+        cap.commit()
+        assert {e.uri for e in cap.timeline()} == {"a", "b"}
+        assert cap.get(uri="b").text == "after" and cap.get(uri="b").supersedes is None

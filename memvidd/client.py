@@ -1,0 +1,238 @@
+"""Clients of the agent socket: ``Client`` (blocking) and ``AsyncClient`` (trio).
+
+Both have the same methods; each builds a request, sends it, and returns the reply's
+useful part (or raises ``RemoteError``). ``tail`` yields frames until the connection is
+closed::
+
+    with Client("/run/user/1000/memvidd/memvidd.sock") as c:
+        c.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
+        for hit in c.find("what theme does the user like"):
+            print(hit.score, hit.uri, hit.snippet)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import trio
+
+from . import protocol as p
+from .framing import FrameReader, pack, recv_frame, send_frame
+
+
+class RemoteError(Exception):
+    """The daemon answered with an error."""
+
+    def __init__(self, err: p.Error) -> None:
+        super().__init__(f"{err.code}: {err.message}")
+        self.code = err.code
+        self.message = err.message
+        self.retryable = err.retryable
+
+
+class ConnectionLost(Exception):
+    """The daemon closed the connection before replying."""
+
+
+def default_socket() -> str:
+    """``$MEMVIDD_SOCKET``, else the default configuration's socket."""
+    env = os.environ.get("MEMVIDD_SOCKET")
+    if env:
+        return env
+    from .config import expand, load
+
+    return expand(load().daemon.socket)
+
+
+class _Requests:
+    """Request construction shared by both clients: each method returns (request, unwrap)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    def _id(self) -> int:
+        return next(self._ids)
+
+    def _put(self, text: str | bytes, **kw: Any) -> p.Put:
+        if isinstance(text, bytes):
+            return p.Put(id=self._id(), data=text, **kw)
+        return p.Put(id=self._id(), text=text, **kw)
+
+    def _put_many(self, items: list[dict[str, Any]], capsule: str | None) -> p.PutMany:
+        return p.PutMany(id=self._id(), capsule=capsule, items=[p.PutItem(**i) for i in items])
+
+
+def _check(reply: Any) -> Any:
+    if isinstance(reply, p.Error):
+        raise RemoteError(reply)
+    return reply
+
+
+class Client(_Requests):
+    """A blocking client over one connection. Not thread-safe: one per thread."""
+
+    def __init__(self, path: str | None = None, *, timeout: float | None = 30.0, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
+        super().__init__()
+        self.path = path or default_socket()
+        self.max_frame = max_frame
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except OSError:
+            self.sock.close()
+            raise
+        self.server = self.hello()
+
+    def _call(self, req: Any) -> Any:
+        send_frame(self.sock, p.encoder.encode(req))
+        body = recv_frame(self.sock, self.max_frame)
+        if body is None:
+            raise ConnectionLost("the daemon closed the connection")
+        return _check(p.reply_decoder.decode(body))
+
+    def hello(self) -> p.HelloReply:
+        return self._call(p.Hello(id=self._id(), client="memvidd.client"))
+
+    def put(self, text: str | bytes, **kw: Any) -> int:
+        return self._call(self._put(text, **kw)).frame_ids[0]
+
+    def put_many(self, items: list[dict[str, Any]], *, capsule: str | None = None) -> list[int]:
+        return self._call(self._put_many(items, capsule)).frame_ids
+
+    def find(self, query: str, **kw: Any) -> list[p.HitOut]:
+        return self._call(p.Find(id=self._id(), query=query, **kw)).hits
+
+    def find_reply(self, query: str, **kw: Any) -> p.FindReply:
+        return self._call(p.Find(id=self._id(), query=query, **kw))
+
+    def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
+        return self._call(p.Get(id=self._id(), frame_id=frame_id, **kw)).frame
+
+    def timeline(self, **kw: Any) -> list[p.FrameOut]:
+        return self._call(p.Timeline(id=self._id(), **kw)).entries
+
+    def remove(self, target: int | str, *, capsule: str | None = None) -> int:
+        key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
+        return self._call(p.Remove(id=self._id(), capsule=capsule, **key)).frame_id
+
+    def stats(self, *, capsule: str | None = None) -> dict[str, Any]:
+        return self._call(p.Stats(id=self._id(), capsule=capsule)).stats
+
+    def capsules(self) -> list[p.CapsuleInfo]:
+        return self._call(p.Capsules(id=self._id())).capsules
+
+    def flush(self, *, capsule: str | None = None) -> int:
+        return self._call(p.Flush(id=self._id(), capsule=capsule)).seq
+
+    def verify(self, *, capsule: str | None = None) -> p.VerifyReply:
+        return self._call(p.Verify(id=self._id(), capsule=capsule))
+
+    def tail(self, **kw: Any) -> Iterator[p.FrameOut]:
+        """Frames as they are committed, until the daemon ends the stream or the
+        connection is closed. The connection is used up by this call."""
+        send_frame(self.sock, p.encoder.encode(p.Tail(id=self._id(), **kw)))
+        self.sock.settimeout(None)
+        while True:
+            body = recv_frame(self.sock, self.max_frame)
+            if body is None:
+                return
+            msg = _check(p.reply_decoder.decode(body))
+            if isinstance(msg, p.TailEnd):
+                raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
+            if isinstance(msg, p.TailEvent) and msg.frame is not None:
+                yield msg.frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+class AsyncClient(_Requests):
+    """The same methods, for trio: ``async with await AsyncClient.connect(path) as c``."""
+
+    def __init__(self, stream: trio.SocketStream, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
+        super().__init__()
+        self.stream = stream
+        self.reader = FrameReader(stream, max_frame)
+        self.lock = trio.Lock()
+        self.server: p.HelloReply | None = None
+
+    @classmethod
+    async def connect(cls, path: str | None = None) -> AsyncClient:
+        stream = await trio.open_unix_socket(path or default_socket())
+        c = cls(stream)
+        c.server = await c.hello()
+        return c
+
+    async def _call(self, req: Any) -> Any:
+        async with self.lock:
+            await self.stream.send_all(pack(p.encoder.encode(req)))
+            body = await self.reader.read()
+        if body is None:
+            raise ConnectionLost("the daemon closed the connection")
+        return _check(p.reply_decoder.decode(body))
+
+    async def hello(self) -> p.HelloReply:
+        return await self._call(p.Hello(id=self._id(), client="memvidd.client/async"))
+
+    async def put(self, text: str | bytes, **kw: Any) -> int:
+        return (await self._call(self._put(text, **kw))).frame_ids[0]
+
+    async def put_many(self, items: list[dict[str, Any]], *, capsule: str | None = None) -> list[int]:
+        return (await self._call(self._put_many(items, capsule))).frame_ids
+
+    async def find(self, query: str, **kw: Any) -> list[p.HitOut]:
+        return (await self._call(p.Find(id=self._id(), query=query, **kw))).hits
+
+    async def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
+        return (await self._call(p.Get(id=self._id(), frame_id=frame_id, **kw))).frame
+
+    async def timeline(self, **kw: Any) -> list[p.FrameOut]:
+        return (await self._call(p.Timeline(id=self._id(), **kw))).entries
+
+    async def remove(self, target: int | str, *, capsule: str | None = None) -> int:
+        key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
+        return (await self._call(p.Remove(id=self._id(), capsule=capsule, **key))).frame_id
+
+    async def stats(self, *, capsule: str | None = None) -> dict[str, Any]:
+        return (await self._call(p.Stats(id=self._id(), capsule=capsule))).stats
+
+    async def capsules(self) -> list[p.CapsuleInfo]:
+        return (await self._call(p.Capsules(id=self._id()))).capsules
+
+    async def flush(self, *, capsule: str | None = None) -> int:
+        return (await self._call(p.Flush(id=self._id(), capsule=capsule))).seq
+
+    async def verify(self, *, capsule: str | None = None) -> p.VerifyReply:
+        return await self._call(p.Verify(id=self._id(), capsule=capsule))
+
+    async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
+        await self.stream.send_all(pack(p.encoder.encode(p.Tail(id=self._id(), **kw))))
+        while True:
+            body = await self.reader.read()
+            if body is None:
+                return
+            msg = _check(p.reply_decoder.decode(body))
+            if isinstance(msg, p.TailEnd):
+                raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
+            if isinstance(msg, p.TailEvent) and msg.frame is not None:
+                yield msg.frame
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.aclose()

@@ -1,0 +1,139 @@
+"""The daemon's configuration: strict msgspec structs decoded from TOML.
+
+``config.toml`` at the repository root documents every key; the same file ships inside
+the package (``memvidd/default_config.toml``, kept identical by a test) and is what runs
+when no ``--config`` is given. An unknown key or a bad value is an error naming the key
+and the file, and the daemon does not start.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from engine import MODELS
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Base(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, rename="kebab"):
+    pass
+
+
+class Daemon(Base):
+    socket: str = "$XDG_RUNTIME_DIR/memvidd/memvidd.sock"
+    events_socket: str = "$XDG_RUNTIME_DIR/memvidd/events.sock"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+
+
+class Durability(Base):
+    policy: Literal["commit", "interval"] = "commit"
+    interval_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
+
+
+class Limits(Base):
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 16 << 20
+    max_put_bytes: Annotated[int, msgspec.Meta(ge=1, le=256 << 20)] = 8 << 20
+    max_connections: Positive = 1024
+    tail_buffer: Positive = 1024  # events queued for one tail subscriber before it is dropped
+
+
+class Embedding(Base):
+    model: str = "all-MiniLM-L6-v2"  # "none": lexical search only
+    threads: NonNegative = 0  # 0: all cores
+    batch_size: Positive = 8
+
+
+class Cache(Base):
+    result_bytes: NonNegative = 16 << 20
+    block_bytes: NonNegative = 32 << 20
+
+
+class EngineOptions(Base):
+    level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 3
+    checkpoint_bytes: Positive = 8 << 20
+    checkpoint_frames: Positive = 4096
+
+
+class CapsuleConfig(Base):
+    name: str
+    path: str
+    watch: list[str] = []
+    include: list[str] = []
+    exclude: list[str] = []
+    engine: EngineOptions = EngineOptions()
+
+
+class Config(Base):
+    daemon: Daemon = Daemon()
+    durability: Durability = Durability()
+    limits: Limits = Limits()
+    embedding: Embedding = Embedding()
+    cache: Cache = Cache()
+    capsule: list[CapsuleConfig] = []
+    source: str = ""  # where it was read from (set by ``load``, not a TOML key)
+
+    @property
+    def default_capsule(self) -> CapsuleConfig:
+        return self.capsule[0]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def expand(value: str) -> str:
+    """``~`` and ``$VARS`` expanded, with the XDG base directories' documented fallbacks."""
+    home = os.path.expanduser("~")
+    env = {
+        "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memvidd-{os.getuid()}",
+        "XDG_DATA_HOME": os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"),
+        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
+        "XDG_CONFIG_HOME": os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+    }
+    for var, default in env.items():
+        value = value.replace("${" + var + "}", default).replace("$" + var, default)
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def default_text() -> str:
+    return resources.files("memvidd").joinpath("default_config.toml").read_text()
+
+
+def parse(text: str, source: str) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        # msgspec names the key as a path, e.g. "$.capsule[0].engine.level"
+        raise ConfigError(f"{source}: {e}") from None
+    if not cfg.capsule:
+        raise ConfigError(f"{source}: at least one [[capsule]] is required")
+    names = [c.name for c in cfg.capsule]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: capsule names must be unique, got {names}")
+    if cfg.embedding.model != "none":
+        if cfg.embedding.model not in MODELS:
+            raise ConfigError(f"{source}: embedding.model {cfg.embedding.model!r} is not one of {sorted(MODELS)} or 'none'")
+    return msgspec.structs.replace(cfg, source=source)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """The configuration in ``path``, or the embedded default."""
+    if path is None:
+        return parse(default_text(), "<default config.toml>")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse(text, str(path))

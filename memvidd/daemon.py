@@ -1,0 +1,273 @@
+"""``memvidd run``: the daemon's life cycle, from start-up to a clean exit.
+
+Task tree (one root nursery; every service started with ``nursery.start`` so READY is
+sent only when all of them are up)::
+
+    main
+    ├── committer, one per capsule          (group commit: service.py)
+    ├── query server                        (server.py)
+    ├── event server                        (events.py)
+    ├── watchdog pings, status updates      (systemd.py)
+    └── signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the configuration
+
+Shutdown: STOPPING=1, stop accepting and cancel the connections, then, shielded and
+bounded by ``shutdown-grace-s``, commit what is staged and close every capsule. Anything
+acknowledged was durable already; a put staged but not yet acknowledged is committed too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import engine
+
+from . import __version__, systemd
+from .config import CapsuleConfig, Config, ConfigError, expand, load
+from .events import EventServer
+from .server import QueryServer
+from .service import CapsuleService
+
+log = logging.getLogger("memvidd.daemon")
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; no timestamps under systemd (the journal adds them)."""
+    fmt = "%(levelname)s %(name)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def unix_listener(path: str) -> trio.SocketListener:
+    """Bind ``path`` (directory 0700, socket 0600), replacing a stale socket, never a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(p.parent, 0o700)
+    try:
+        if stat.S_ISSOCK(os.lstat(p).st_mode):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(p))
+            except OSError:
+                p.unlink()  # nobody listens: a leftover of a crashed daemon
+            else:
+                raise ConfigError(f"{path}: another daemon is listening there")
+            finally:
+                probe.close()
+        else:
+            raise ConfigError(f"{path} exists and is not a socket: refusing to replace it")
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+    try:
+        sock.bind(str(p))
+    finally:
+        os.umask(old)
+    sock.listen(512)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | None) -> engine.Capsule:
+    path = expand(c.path)
+    options: dict[str, Any] = dict(
+        level=c.engine.level, checkpoint_bytes=c.engine.checkpoint_bytes,
+        checkpoint_frames=c.engine.checkpoint_frames, result_cache_bytes=cfg.cache.result_bytes,
+        block_cache_bytes=cfg.cache.block_bytes,
+    )
+    if not os.path.exists(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        model = None if cfg.embedding.model == "none" else cfg.embedding.model
+        log.info("creating capsule name=%s path=%s model=%s", c.name, path, model)
+        cap = engine.create(path, model=model, embedder=embedder, **options)
+    else:
+        cap = engine.open(path, **options)
+        model = (cap.stats()["vectors"] or {}).get("model")
+        cap.close()
+        if embedder is not None and model != embedder.model:
+            log.warning("capsule name=%s is bound to model=%s, not %s: semantic search off for it",
+                        c.name, model, embedder.model)
+            embedder = None
+        cap = engine.open(path, embedder=embedder, **options)
+    cap.find("", k=0)  # attach the search indexes now, so the first query is fast
+    return cap
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.services: dict[str, CapsuleService] = {}
+        self.committers: dict[str, trio.CancelScope] = {}
+        self.embedder: engine.Embedder | None = None
+        self.queries: QueryServer | None = None
+        self.created_sockets: list[str] = []
+        self.started = time.monotonic()
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        raise_fd_limit()
+        if cfg.embedding.model != "none":
+            log.info("loading embedding model=%s", cfg.embedding.model)
+            self.embedder = await trio.to_thread.run_sync(
+                lambda: engine.Embedder(cfg.embedding.model, threads=cfg.embedding.threads or None,
+                                        batch_size=cfg.embedding.batch_size))
+        inherited = systemd.listen_fds()
+        query_listeners = self._listeners(inherited.get("query"), cfg.daemon.socket)
+        event_listeners = self._listeners(inherited.get("events"), cfg.daemon.events_socket)
+        # Signals are caught from before READY: a SIGHUP or SIGTERM sent the moment the
+        # daemon says it is ready must not meet the default action (death).
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+                await self._serve(query_listeners, event_listeners, received)
+        finally:
+            await self._close_all()
+            for path in self.created_sockets:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        log.info("stopped")
+        return 0
+
+    async def _serve(self, query_listeners: list[trio.SocketListener],
+                     event_listeners: list[trio.SocketListener], received: Any) -> None:
+        cfg = self.cfg
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            for c in cfg.capsule:
+                await self._add_capsule(c)
+            self.queries = QueryServer(
+                self.services, cfg.default_capsule.name, max_frame=cfg.limits.max_frame_bytes,
+                max_put=cfg.limits.max_put_bytes, max_connections=cfg.limits.max_connections,
+                tail_buffer=cfg.limits.tail_buffer, version=f"memvidd {__version__}",
+            )
+            queries = self.queries
+
+            async def serve_all(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                async with trio.open_nursery() as inner:
+                    await inner.start(queries.serve, query_listeners)
+                    await inner.start(EventServer(queries).serve, event_listeners)
+                    interval = systemd.watchdog_interval()
+                    if interval:
+                        await inner.start(systemd.serve_watchdog, interval)
+                    inner.start_soon(self._report_status)
+                    task_status.started()
+
+            await nursery.start(serve_all)
+            systemd.notify("READY=1", f"STATUS={self._status()}")
+            socket_path = expand(cfg.daemon.socket)
+            log.info("ready socket=%s events=%s capsules=%s", socket_path, expand(cfg.daemon.events_socket),
+                     ",".join(self.services))
+            print(f"memvidd ready: socket {socket_path}\n"
+                  f"  try: memvidd put --socket {socket_path} 'hello memory'\n"
+                  f"       memvidd find --socket {socket_path} 'hello'", file=sys.stderr, flush=True)
+            await self._signals(received)
+            systemd.notify("STOPPING=1", "STATUS=stopping")
+            log.info("stopping")
+            nursery.cancel_scope.cancel()  # stop accepting, end connections and committers
+
+    def _listeners(self, inherited: list[socket.socket] | None, path: str) -> list[trio.SocketListener]:
+        if inherited:
+            log.info("using socket from systemd path=%s", inherited[0].getsockname())
+            return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited]
+        listener = unix_listener(expand(path))
+        self.created_sockets.append(expand(path))
+        return [listener]
+
+    async def _add_capsule(self, c: CapsuleConfig) -> None:
+        cap = await trio.to_thread.run_sync(open_capsule, c, self.cfg, self.embedder)
+        svc = CapsuleService(c.name, cap, interval_ms=self.cfg.durability.interval_ms
+                             if self.cfg.durability.policy == "interval" else 0)
+        self.services[c.name] = svc
+        scope = trio.CancelScope()
+        self.committers[c.name] = scope
+
+        async def committer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await svc.serve_committer(task_status=task_status)
+
+        await self.nursery.start(committer)
+        log.info("capsule open name=%s path=%s frames=%s", c.name, cap.path, cap.stats()["frames"])
+
+    async def _remove_capsule(self, name: str) -> None:
+        svc = self.services.pop(name)
+        self.committers.pop(name).cancel()
+        with trio.CancelScope(shield=True):
+            await svc.close()
+        log.info("capsule closed name=%s", name)
+
+    async def _signals(self, received: Any) -> None:
+        async for sig in received:
+            if sig == signal.SIGHUP:
+                await self._reload()
+            else:
+                log.info("signal=%s", signal.Signals(sig).name)
+                return
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the configuration file; open added capsules, close removed ones."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = load(self.cfg.source) if not self.cfg.source.startswith("<") else self.cfg
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            systemd.notify("READY=1")
+            return
+        old_names = {c.name for c in self.cfg.capsule}
+        new_names = {c.name for c in new.capsule}
+        for name in old_names - new_names:
+            await self._remove_capsule(name)
+        for c in new.capsule:
+            if c.name not in old_names:
+                try:
+                    await self._add_capsule(c)
+                except (engine.EngineError, OSError) as e:
+                    log.error("reload: cannot open capsule name=%s: %s", c.name, e)
+        self.cfg = new
+        log.info("reloaded capsules=%s", ",".join(self.services))
+        systemd.notify("READY=1", f"STATUS={self._status()}")
+
+    def _status(self) -> str:
+        parts = [f"{name}: {svc.cap.stats()['frames']} frames" for name, svc in self.services.items()]
+        return "serving " + "; ".join(parts)
+
+    async def _report_status(self) -> None:
+        while True:
+            await trio.sleep(10)
+            systemd.notify(f"STATUS={self._status()}")
+
+    async def _close_all(self) -> None:
+        with trio.move_on_after(self.cfg.daemon.shutdown_grace_s, shield=True) as scope:
+            for name in list(self.services):
+                svc = self.services.pop(name)
+                await svc.close()  # commits what is staged, then closes the file
+        if scope.cancelled_caught:
+            log.error("shutdown grace of %ss exceeded; exiting anyway", self.cfg.daemon.shutdown_grace_s)
+
+
+def run(cfg: Config) -> int:
+    setup_logging(cfg.daemon.log_level)
+    try:
+        return trio.run(Daemon(cfg).run)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except engine.CapsuleLocked as e:
+        log.error("%s", e)
+        return 1

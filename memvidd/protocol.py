@@ -1,0 +1,284 @@
+"""Every message of the agent protocol, in one place (spec: docs/protocol.md).
+
+A frame is a 4-byte big-endian length and a msgpack body; every body is one of the
+tagged structs below (the tag is the ``op`` field). Requests carry an ``id`` that their
+reply echoes, so a client may pipeline. New optional fields may be added to any message;
+unknown fields are ignored, so old clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 16 << 20  # bytes of one frame body; checked before reading it
+FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "tail",
+            "capsules", "flush", "verify", "pipelining", "as_of")
+
+
+def _snake(name: str) -> str:
+    """The wire tag of a message class: ``PutMany`` -> ``put_many``."""
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="op", tag=_snake):
+    pass
+
+
+AsOf = Union[int, float, None]  # a commit sequence (int) or a Unix time (float)
+
+# -- requests --------------------------------------------------------------------------
+
+
+class Hello(Msg):
+    id: int = 0
+    version: int = PROTOCOL_VERSION
+    client: str = ""
+
+
+class PutItem(msgspec.Struct, frozen=True, kw_only=True):
+    text: str | None = None
+    data: bytes | None = None
+    uri: str | None = None
+    title: str | None = None
+    tags: dict[str, str] | None = None
+    kind: str | None = None
+    timestamp: float | None = None
+
+
+class Put(Msg):
+    id: int = 0
+    capsule: str | None = None
+    text: str | None = None
+    data: bytes | None = None
+    uri: str | None = None
+    title: str | None = None
+    tags: dict[str, str] | None = None
+    kind: str | None = None
+    timestamp: float | None = None
+
+
+class PutMany(Msg):
+    id: int = 0
+    capsule: str | None = None
+    items: list[PutItem] = []
+
+
+class Find(Msg):
+    id: int = 0
+    capsule: str | None = None
+    query: str = ""
+    k: int = 10
+    mode: str = "auto"
+    scope: str | None = None
+    tags: dict[str, str] | None = None
+    kind: str | None = None
+    since: float | None = None
+    until: float | None = None
+    as_of: AsOf = None
+    snippet_chars: int = 200
+    all_versions: bool = False
+
+
+class Get(Msg):
+    id: int = 0
+    capsule: str | None = None
+    frame_id: int | None = None
+    uri: str | None = None
+    as_of: AsOf = None
+
+
+class Timeline(Msg):
+    id: int = 0
+    capsule: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    reverse: bool = False
+    as_of: AsOf = None
+
+
+class Remove(Msg):
+    id: int = 0
+    capsule: str | None = None
+    frame_id: int | None = None
+    uri: str | None = None
+
+
+class Stats(Msg):
+    id: int = 0
+    capsule: str | None = None
+
+
+class Tail(Msg):
+    """Subscribe: every frame committed from now on (matching the filters) is sent as a
+    ``tail_event`` until the client closes the connection or is too slow."""
+
+    id: int = 0
+    capsule: str | None = None
+    scope: str | None = None
+    kind: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class Capsules(Msg):
+    id: int = 0
+
+
+class Flush(Msg):
+    id: int = 0
+    capsule: str | None = None
+
+
+class Verify(Msg):
+    id: int = 0
+    capsule: str | None = None
+
+
+Request = Union[Hello, Put, PutMany, Find, Get, Timeline, Remove, Stats, Tail, Capsules, Flush, Verify]
+
+# -- replies ---------------------------------------------------------------------------
+
+
+class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A frame on the wire (``text`` for text frames, ``data`` for bytes)."""
+
+    id: int
+    uri: str | None
+    title: str | None
+    kind: str | None
+    tags: dict[str, str]
+    timestamp: float
+    commit_seq: int
+    commit_time: float
+    valid_until: int | None
+    superseded_by: int | None
+    supersedes: int | None
+    length: int
+    text: str | None = None
+    data: bytes | None = None
+
+
+class HitOut(msgspec.Struct, frozen=True, kw_only=True):
+    frame_id: int
+    uri: str | None
+    title: str | None
+    score: float
+    snippet: str
+    highlights: list[tuple[int, int]]
+    tags: dict[str, str]
+    kind: str | None
+    timestamp: float
+    commit_seq: int
+    valid_until: int | None
+    sources: list[str]
+
+
+class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    path: str
+    default: bool
+    frames: int
+    commit_seq: int
+
+
+class HelloReply(Msg):
+    id: int = 0
+    version: int = PROTOCOL_VERSION
+    server: str = ""
+    features: list[str] = []
+    capsules: list[str] = []
+    default_capsule: str = ""
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+class PutReply(Msg):
+    id: int = 0
+    frame_ids: list[int] = []
+    seq: int = 0  # the commit that made them durable
+
+
+class FindReply(Msg):
+    id: int = 0
+    hits: list[HitOut] = []
+    mode: str = ""
+    seq: int = 0
+    warnings: list[str] = []
+    cached: bool = False
+
+
+class GetReply(Msg):
+    id: int = 0
+    frame: FrameOut | None = None
+
+
+class TimelineReply(Msg):
+    id: int = 0
+    entries: list[FrameOut] = []
+
+
+class RemoveReply(Msg):
+    id: int = 0
+    frame_id: int = 0
+    seq: int = 0
+
+
+class StatsReply(Msg):
+    id: int = 0
+    stats: dict[str, Any] = {}
+
+
+class CapsulesReply(Msg):
+    id: int = 0
+    capsules: list[CapsuleInfo] = []
+
+
+class FlushReply(Msg):
+    id: int = 0
+    seq: int = 0
+
+
+class VerifyReply(Msg):
+    id: int = 0
+    ok: bool = True
+    report: dict[str, Any] = {}
+
+
+class TailEvent(Msg):
+    id: int = 0  # the id of the Tail request
+    frame: FrameOut | None = None
+
+
+class TailEnd(Msg):
+    id: int = 0
+    reason: str = ""
+
+
+class Error(Msg):
+    id: int = 0
+    code: str = "internal"
+    message: str = ""
+    retryable: bool = False
+
+
+Reply = Union[HelloReply, PutReply, FindReply, GetReply, TimelineReply, RemoveReply, StatsReply,
+              CapsulesReply, FlushReply, VerifyReply, TailEvent, TailEnd, Error]
+
+# Error codes (docs/protocol.md lists when each is sent).
+BAD_FRAME = "bad_frame"  # undecodable body, unknown op, wrong field types
+FRAME_TOO_LARGE = "frame_too_large"
+BAD_REQUEST = "bad_request"  # well-formed but invalid arguments
+NOT_FOUND = "not_found"
+NO_SUCH_CAPSULE = "no_such_capsule"
+VERSION = "version_mismatch"
+UNAVAILABLE = "unavailable"  # shutting down, capsule locked: retry later
+STORAGE = "storage"  # disk full, I/O error
+CORRUPT = "corrupt"
+SLOW_CONSUMER = "slow_consumer"
+INTERNAL = "internal"
+
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+encoder = msgspec.msgpack.Encoder()

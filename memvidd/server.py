@@ -1,0 +1,379 @@
+"""The agent socket: accepts connections and answers protocol requests (docs/protocol.md).
+
+Per connection, requests are read in order and their replies sent in the same order, but
+not one at a time: writes are *staged* in order as they are read, then wait for their
+fsync in the background, so a client that pipelines puts gets them group-committed;
+a read waits only for the writes sent before it on the same connection (read your
+writes), and runs in parallel with everything else.
+
+Resource handling: at most ``max_connections`` connections; at most ``PIPELINE`` requests
+in flight per connection (the reader stops reading when the window is full, which is
+the backpressure a fast client feels). Error handling: a request that fails gets an
+``error`` reply and the connection goes on; a frame that cannot be decoded (or is too
+large) gets an ``error`` reply and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import msgspec
+import trio
+
+import engine
+
+from . import protocol as p
+from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack
+from .service import CapsuleService, WriteOp, frame_filter
+
+log = logging.getLogger("memvidd.server")
+PIPELINE = 64
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    try:
+        _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return None
+    return uid
+
+
+def error_reply(req_id: int, e: BaseException) -> p.Error:
+    """The typed reply for an exception: who is at fault, and whether retrying helps."""
+    if isinstance(e, engine.InvalidArgument):
+        return p.Error(id=req_id, code=p.BAD_REQUEST, message=str(e))
+    if isinstance(e, engine.NotFound):
+        return p.Error(id=req_id, code=p.NOT_FOUND, message=str(e))
+    if isinstance(e, engine.StorageError):
+        return p.Error(id=req_id, code=p.STORAGE, message=str(e), retryable=e.retryable)
+    if isinstance(e, engine.CorruptionError):
+        return p.Error(id=req_id, code=p.CORRUPT, message=str(e))
+    if isinstance(e, (engine.CapsuleBroken, engine.CapsuleClosed, engine.CapsuleLocked)):
+        return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=True)
+    if isinstance(e, LookupError):
+        return p.Error(id=req_id, code=p.NO_SUCH_CAPSULE, message=str(e.args[0] if e.args else e))
+    log.exception("internal error", exc_info=e)
+    return p.Error(id=req_id, code=p.INTERNAL, message=f"{type(e).__name__}: {e}")
+
+
+def frame_out(f: engine.Frame | engine.FrameInfo) -> p.FrameOut:
+    payload = getattr(f, "payload", None)
+    return p.FrameOut(
+        id=f.id, uri=f.uri, title=f.title, kind=f.kind, tags=f.tags, timestamp=f.timestamp,
+        commit_seq=f.commit_seq, commit_time=f.commit_time, valid_until=f.valid_until,
+        superseded_by=f.superseded_by, supersedes=f.supersedes, length=f.length,
+        text=payload.decode("utf-8", errors="replace") if payload is not None and f.is_text else None,
+        data=payload if payload is not None and not f.is_text else None,
+    )
+
+
+def hit_out(h: engine.Hit) -> p.HitOut:
+    return p.HitOut(
+        frame_id=h.frame_id, uri=h.uri, title=h.title, score=h.score, snippet=h.snippet,
+        highlights=h.highlights, tags=h.tags, kind=h.kind, timestamp=h.timestamp,
+        commit_seq=h.commit_seq, valid_until=h.valid_until, sources=list(h.sources),
+    )
+
+
+def put_item(item: p.PutItem | p.Put, max_bytes: int) -> dict[str, Any]:
+    """A protocol put as engine ``put`` keywords, size-checked."""
+    if (item.text is None) == (item.data is None):
+        raise engine.InvalidArgument("a put needs exactly one of text or data")
+    size = len(item.data) if item.data is not None else len(item.text.encode("utf-8", errors="surrogatepass"))  # type: ignore[union-attr]
+    if size > max_bytes:
+        raise engine.InvalidArgument(f"payload of {size} bytes exceeds the limit of {max_bytes}")
+    out: dict[str, Any] = {"text": item.text} if item.text is not None else {"data": item.data}
+    for key in ("uri", "title", "tags", "kind", "timestamp"):
+        value = getattr(item, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def ready(reply: Any) -> Callable[[], Awaitable[Any]]:
+    """A reply that needs no work, for ``Connection.read``."""
+
+    async def run() -> Any:
+        return reply
+
+    return run
+
+
+async def final_error(conn: Connection, code: str, message: str) -> None:
+    """Queue the error that ends a connection (after the replies already promised)."""
+    slot = Slot()
+    slot.set(p.Error(code=code, message=message))
+    await conn.slots_send.send(slot)
+
+
+class Slot:
+    """One reply-to-be, kept in request order."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: Any = None
+
+    def set(self, reply: Any) -> None:
+        self.reply = reply
+        self.done.set()
+
+
+class Connection:
+    """The ordered request/reply pipeline of one connection (shared with the event socket)."""
+
+    def __init__(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
+        self.stream = stream
+        self.nursery = nursery
+        self.send_lock = trio.Lock()
+        self.slots_send, self.slots_recv = trio.open_memory_channel[Slot](PIPELINE)
+        self.last_write = trio.Event()  # done when the last write queued here is settled
+        self.last_write.set()
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def send(self, msg: Any) -> None:
+        await self.send_raw(pack(p.encoder.encode(msg)))
+
+    async def serve_replies(self, encode: Callable[[Any], bytes]) -> None:
+        """Send replies in request order, each as soon as it and those before it are ready."""
+        async for slot in self.slots_recv:
+            await slot.done.wait()
+            if slot.reply is not None:
+                await self.send_raw(encode(slot.reply))
+
+    async def write(self, op: WriteOp, svc: CapsuleService, reply: Callable[[WriteOp], Any],
+                    on_error: Callable[[BaseException], Any]) -> None:
+        """Queue a write now (in request order); reply when its commit is done."""
+        slot = Slot()
+        await self.slots_send.send(slot)
+        svc.submit(op)
+        self.last_write = op.done
+
+        async def complete() -> None:
+            await op.done.wait()
+            slot.set(on_error(op.error) if op.error is not None else reply(op))
+
+        self.nursery.start_soon(complete)
+
+    async def read(self, run: Callable[[], Awaitable[Any]], on_error: Callable[[BaseException], Any]) -> None:
+        """Run a read after the writes sent before it are durable; reply in order."""
+        slot = Slot()
+        await self.slots_send.send(slot)
+        after = self.last_write
+
+        async def complete() -> None:
+            await after.wait()
+            try:
+                slot.set(await run())
+            except Exception as e:
+                slot.set(on_error(e))
+
+        self.nursery.start_soon(complete)
+
+
+class QueryServer:
+    def __init__(self, services: dict[str, CapsuleService], default: str, *, max_frame: int,
+                 max_put: int, max_connections: int, tail_buffer: int, version: str) -> None:
+        self.services = services
+        self.default = default
+        self.max_frame = max_frame
+        self.max_put = max_put
+        self.max_connections = max_connections
+        self.tail_buffer = tail_buffer
+        self.version = version
+        self.connections = 0
+        self.refused = 0
+        self.served = 0
+
+    def service(self, name: str | None) -> CapsuleService:
+        svc = self.services.get(name or self.default)
+        if svc is None:
+            raise LookupError(f"no capsule named {name!r}; configured: {sorted(self.services)}")
+        return svc
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        await trio.serve_listeners(self.handle, listeners, task_status=task_status)  # type: ignore[arg-type]
+        raise AssertionError("serve_listeners returned")
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        uid = peer_uid(stream.socket)  # type: ignore[arg-type]
+        try:
+            if uid is not None and uid != os.getuid():
+                log.warning("refused connection peer_uid=%s", uid)
+                self.refused += 1
+                await self._refuse(stream, "connections from other users are refused")
+                return
+            if self.connections >= self.max_connections:
+                self.refused += 1
+                await self._refuse(stream, f"too many connections (limit {self.max_connections})", retryable=True)
+                return
+            self.connections += 1
+            try:
+                await self._serve_connection(stream)
+            finally:
+                self.connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client vanished; nothing it was promised is lost
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.SocketStream, why: str, retryable: bool = False) -> None:
+        with trio.move_on_after(1):
+            await stream.send_all(pack(p.encoder.encode(p.Error(code=p.UNAVAILABLE, message=why, retryable=retryable))))
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        reader = FrameReader(stream, self.max_frame)
+        async with trio.open_nursery() as nursery:
+            conn = Connection(stream, nursery)
+
+            async def replies_then_stop() -> None:
+                await conn.serve_replies(lambda m: pack(p.encoder.encode(m)))
+                nursery.cancel_scope.cancel()  # all replies sent: end tail streams too
+
+            nursery.start_soon(replies_then_stop)
+            try:
+                while True:
+                    try:
+                        body = await reader.read()
+                    except FrameTooLarge as e:
+                        await final_error(conn, p.FRAME_TOO_LARGE, str(e))
+                        break
+                    except TruncatedFrame:
+                        break
+                    if body is None:
+                        break
+                    try:
+                        req = p.request_decoder.decode(body)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                        await final_error(conn, p.BAD_FRAME, f"cannot decode request: {e}")
+                        break
+                    self.served += 1
+                    await self.dispatch(req, conn)
+            finally:
+                conn.slots_send.close()  # replies already promised are still sent
+
+    async def dispatch(self, req: p.Request, conn: Connection) -> None:  # noqa: C901 - one match
+        rid = req.id
+
+        def fail(e: BaseException) -> p.Error:
+            return error_reply(rid, e)
+
+        try:
+            match req:
+                case p.Hello():
+                    reply = p.HelloReply(
+                        id=rid, server=self.version, features=list(p.FEATURES),
+                        capsules=list(self.services), default_capsule=self.default, max_frame=self.max_frame,
+                    )
+                    if req.version != p.PROTOCOL_VERSION:
+                        reply = p.Error(id=rid, code=p.VERSION, message=(
+                            f"client speaks protocol {req.version}, server {p.PROTOCOL_VERSION}"))
+                    await conn.read(ready(reply), fail)
+                case p.Put() | p.PutMany():
+                    svc = self.service(req.capsule)
+                    items = [put_item(req, self.max_put)] if isinstance(req, p.Put) else \
+                        [put_item(i, self.max_put) for i in req.items]
+
+                    def put_reply(op: WriteOp) -> p.PutReply:
+                        svc.acked_puts += len(op.ids)
+                        return p.PutReply(id=rid, frame_ids=op.ids, seq=op.seq)
+
+                    await conn.write(WriteOp(items), svc, put_reply, fail)
+                case p.Remove():
+                    svc = self.service(req.capsule)
+                    if (req.frame_id is None) == (req.uri is None):
+                        raise engine.InvalidArgument("remove needs exactly one of frame_id or uri")
+                    target: int | str = req.frame_id if req.frame_id is not None else req.uri  # type: ignore[assignment]
+                    await conn.write(WriteOp(remove=target), svc,
+                                     lambda op: p.RemoveReply(id=rid, frame_id=op.ids[0], seq=op.seq), fail)
+                case p.Find():
+                    svc = self.service(req.capsule)
+
+                    async def find() -> p.FindReply:
+                        hits = await svc.read(
+                            svc.cap.find, req.query, k=req.k, mode=req.mode, scope=req.scope, tags=req.tags,
+                            kind=req.kind, since=req.since, until=req.until, as_of=req.as_of,
+                            snippet_chars=req.snippet_chars, all_versions=req.all_versions,
+                        )
+                        return p.FindReply(id=rid, hits=[hit_out(h) for h in hits], mode=hits.mode,
+                                           seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
+
+                    await conn.read(find, fail)
+                case p.Get():
+                    svc = self.service(req.capsule)
+
+                    async def get() -> p.GetReply:
+                        f = await svc.read(svc.cap.get, req.frame_id, uri=req.uri, as_of=req.as_of)
+                        return p.GetReply(id=rid, frame=frame_out(f))
+
+                    await conn.read(get, fail)
+                case p.Timeline():
+                    svc = self.service(req.capsule)
+
+                    async def timeline() -> p.TimelineReply:
+                        entries = await svc.read(svc.cap.timeline, since=req.since, until=req.until,
+                                                 limit=req.limit, reverse=req.reverse, as_of=req.as_of)
+                        return p.TimelineReply(id=rid, entries=[frame_out(e) for e in entries])
+
+                    await conn.read(timeline, fail)
+                case p.Stats():
+                    svc = self.service(req.capsule)
+
+                    async def stats() -> p.StatsReply:
+                        s = await svc.read(svc.cap.stats)
+                        s["daemon"] = {"connections": self.connections, "requests": self.served,
+                                       "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts}
+                        return p.StatsReply(id=rid, stats=s)
+
+                    await conn.read(stats, fail)
+                case p.Capsules():
+                    async def capsules() -> p.CapsulesReply:
+                        out = []
+                        for name, svc in self.services.items():
+                            out.append(p.CapsuleInfo(name=name, path=svc.cap.path, default=name == self.default,
+                                                     frames=svc.cap.stats()["frames"], commit_seq=svc.cap.seq))
+                        return p.CapsulesReply(id=rid, capsules=out)
+
+                    await conn.read(capsules, fail)
+                case p.Flush():
+                    svc = self.service(req.capsule)
+
+                    async def flush() -> p.FlushReply:
+                        return p.FlushReply(id=rid, seq=await svc.flush())
+
+                    await conn.read(flush, fail)
+                case p.Verify():
+                    svc = self.service(req.capsule)
+
+                    async def verify() -> p.VerifyReply:
+                        report = await svc.read(engine.verify, svc.cap.path)
+                        return p.VerifyReply(id=rid, ok=report.ok, report=report.to_dict())
+
+                    await conn.read(verify, fail)
+                case p.Tail():
+                    svc = self.service(req.capsule)
+                    conn.nursery.start_soon(self._tail, svc, req, conn)
+        except Exception as e:  # refused before anything was staged: answer in order
+            await conn.read(ready(error_reply(rid, e)), fail)
+
+    async def _tail(self, svc: CapsuleService, req: p.Tail, conn: Connection) -> None:
+        sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags))
+        try:
+            async with events:
+                async for frame in events:
+                    await conn.send(p.TailEvent(id=req.id, frame=frame_out(frame)))
+            if sub.dropped:
+                await conn.send(p.TailEnd(id=req.id, reason=p.SLOW_CONSUMER))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            svc.unsubscribe(sub)

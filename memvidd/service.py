@@ -1,0 +1,200 @@
+"""One capsule, served asynchronously: group commit, reads in threads, tail fan-out.
+
+The engine is synchronous; this module is the only place the daemon calls it, always
+through ``trio.to_thread`` so the event loop never blocks on disk or CPU:
+
+- writes (staging puts, commits) go through a single writer slot, and are never
+  abandoned on cancellation: a put that reached the engine is either committed or
+  reported failed, never silently dropped;
+- a put is acknowledged only when a commit that includes it has returned (fsync done).
+  One committer task commits whatever was staged since the last commit, so puts that
+  arrive together share one fsync (group commit);
+- reads run in parallel with each other and with writes (the engine is thread-safe);
+- after each commit, the new frames are pushed to tail subscribers through bounded
+  channels; a subscriber whose channel is full is dropped, never waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import trio
+
+import engine
+
+log = logging.getLogger("memvidd.service")
+
+
+class Subscriber:
+    def __init__(self, send: trio.MemorySendChannel[Any], accept: Callable[[engine.Frame], bool]) -> None:
+        self.send = send
+        self.accept = accept
+        self.dropped = False
+
+
+class WriteOp:
+    """One request's writes, applied all or nothing, settled by the commit that holds them."""
+
+    def __init__(self, items: list[dict[str, Any]] | None = None, remove: int | str | None = None) -> None:
+        self.items = items
+        self.remove = remove
+        self.ids: list[int] = []
+        self.seq = 0
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class CapsuleService:
+    def __init__(self, name: str, cap: engine.Capsule, *, interval_ms: int = 0, readers: int = 4) -> None:
+        self.name = name
+        self.cap = cap
+        self.interval = interval_ms / 1000
+        self._writer = trio.CapacityLimiter(1)
+        self._readers = trio.CapacityLimiter(readers)
+        self._queue: list[WriteOp] = []  # submitted, not yet handed to the engine
+        self._dirty = trio.Event()
+        self._subscribers: list[Subscriber] = []
+        self._seen_seq = cap.seq  # the last commit pushed to subscribers
+        self.commits = 0
+        self.acked_puts = 0
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._writer, abandon_on_cancel=False)
+
+    def submit(self, op: WriteOp) -> WriteOp:
+        """Queue ``op`` (in arrival order); ``await op.done.wait()`` for its outcome."""
+        self._queue.append(op)
+        self._dirty.set()
+        return op
+
+    async def put_many(self, items: list[dict[str, Any]]) -> tuple[list[int], int]:
+        """Write ``items`` and wait until they are durable; returns (frame ids, commit seq)."""
+        op = self.submit(WriteOp(items))
+        await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        self.acked_puts += len(op.ids)
+        return op.ids, op.seq
+
+    async def flush(self) -> int:
+        """Commit what is queued now; returns the commit sequence it is all in."""
+        op = self.submit(WriteOp([]))
+        await op.done.wait()
+        return op.seq
+
+    async def serve_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Hand everything queued to the engine and commit it, again and again.
+
+        Requests that arrive while a commit's fsync runs wait in the queue and go into the
+        next commit together: one fsync per batch, however many clients sent it (group
+        commit), and the event loop never waits for the disk.
+        """
+        task_status.started()
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            if self.interval:
+                await trio.sleep(self.interval)  # gather more requests into this fsync
+            await self.commit_queued()
+
+    async def commit_queued(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+
+        def apply() -> BaseException | None:
+            staged = False
+            for op in batch:  # each op all or nothing; a refused one fails alone
+                try:
+                    if op.remove is not None:
+                        op.ids = [self.cap.remove(op.remove)]
+                    elif op.items:
+                        op.ids = self.cap.put_many(op.items)
+                    staged = True
+                except engine.EngineError as e:
+                    op.error = e
+            try:
+                seq = self.cap.commit()
+            except engine.EngineError as e:  # the engine discarded the batch; say so
+                return e
+            for op in batch:
+                op.seq = seq
+            return None
+
+        failure = await self._write(apply)
+        for op in batch:
+            if failure is not None and op.error is None:
+                op.error = failure
+            op.done.set()
+        if failure is not None:
+            log.error("commit failed capsule=%s error=%s", self.name, failure)
+            return
+        self.commits += 1
+        await self._publish()
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._readers)
+
+    # -- tail -------------------------------------------------------------------------
+
+    def subscribe(self, buffer: int, accept: Callable[[engine.Frame], bool]) -> tuple[Subscriber, trio.MemoryReceiveChannel[Any]]:
+        send, receive = trio.open_memory_channel[Any](buffer)
+        sub = Subscriber(send, accept)
+        self._subscribers.append(sub)
+        return sub, receive
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+        sub.send.close()
+
+    async def _publish(self) -> None:
+        if not self._subscribers:
+            self._seen_seq = self.cap.seq
+            return
+        since = self._seen_seq
+        frames = await self.read(self.cap.changes, since)
+        self._seen_seq = max((f.commit_seq for f in frames), default=since)
+        self._seen_seq = max(self._seen_seq, since)
+        for sub in list(self._subscribers):
+            for f in frames:
+                if not sub.accept(f):
+                    continue
+                try:
+                    sub.send.send_nowait(f)
+                except trio.WouldBlock:
+                    # Never slow the writer (or other subscribers) for one slow reader.
+                    sub.dropped = True
+                    log.warning("tail subscriber dropped capsule=%s reason=buffer-full", self.name)
+                    self.unsubscribe(sub)
+                    break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.unsubscribe(sub)
+                    break
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit what is staged and close the capsule (callers shield this)."""
+        await self.commit_queued()
+        await self._write(self.cap.close)
+        for sub in list(self._subscribers):
+            self.unsubscribe(sub)
+
+
+def frame_filter(scope: str | None, kind: str | None, tags: dict[str, str] | None) -> Callable[[engine.Frame], bool]:
+    def accept(f: engine.Frame) -> bool:
+        if scope is not None and not (f.uri or "").startswith(scope):
+            return False
+        if kind is not None and f.kind != kind:
+            return False
+        return not tags or all(f.tags.get(k) == v for k, v in tags.items())
+
+    return accept
+
