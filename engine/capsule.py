@@ -14,6 +14,7 @@ amortised.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import math
@@ -22,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -460,28 +461,34 @@ class Capsule:
 
         All or nothing: if one item is refused, none of this call's items stay staged.
         """
+        with self.atomic():
+            ids = []
+            for item in items:
+                item = dict(item)
+                if "text" in item:
+                    data = item.pop("text")
+                elif "data" in item:
+                    data = item.pop("data")
+                else:
+                    raise InvalidArgument("each item needs a 'text' or 'data' key")
+                try:
+                    ids.append(self.put(data, **item))
+                except TypeError as e:  # an unknown key in the item
+                    raise InvalidArgument(f"bad item: {e}") from None
+            return ids
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Stage several puts and removes as one: if the block raises, none stays staged."""
         with self._lock:
             self._check_writable()
             keep, counts = len(self._pending), dict(self._pending_counts)
-            ids = []
             try:
-                for item in items:
-                    item = dict(item)
-                    if "text" in item:
-                        data = item.pop("text")
-                    elif "data" in item:
-                        data = item.pop("data")
-                    else:
-                        raise InvalidArgument("each item needs a 'text' or 'data' key")
-                    try:
-                        ids.append(self.put(data, **item))
-                    except TypeError as e:  # an unknown key in the item
-                        raise InvalidArgument(f"bad item: {e}") from None
+                yield
             except BaseException:
                 self._unstage(keep)
                 self._pending_counts = counts
                 raise
-            return ids
 
     def _unstage(self, keep: int) -> None:
         """Drop the staged frames after the first ``keep`` (and their block bytes)."""
@@ -1040,6 +1047,20 @@ class Capsule:
             v = self._embedder.embed([query[:4096]])[0]
             ix.query_vectors.put(query, v)
         return v
+
+    def vectors(self, frame_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The stored embeddings of these frames, where they have one (to reuse a vector
+        for identical text instead of embedding it again)."""
+        frame_ids = list(frame_ids)
+        with self._lock:
+            self._check_open()
+            ix = self._open_indexes()
+            out = {fid: self._ready_vectors[fid] for fid in frame_ids if fid in self._ready_vectors}
+            rest = [fid for fid in frame_ids if fid not in out and fid < len(self._has_vec) and self._has_vec[fid]]
+            if rest and ix.vec is not None:
+                for fid, v in zip(rest, ix.vec.get(rest)):
+                    out[fid] = v
+            return out
 
     def rebuild_indexes(self) -> dict[str, str]:
         """Rebuild the lexical index from the frames and the vector graph from the stored

@@ -28,6 +28,18 @@ SCHEMA_VERSION = 1
 MAX_QUERY_CHARS = 4096  # a longer query is cut here (and says so): BM25 gains nothing past it
 TEXT_FIELDS = ["title", "text"]
 _BOUNDARY = re.compile(r"[/#:?]")
+# Characters Tantivy's query parser reads as syntax (field:, -exclusion, ranges, boosts,
+# fuzziness, grouping). People and agents type questions, not queries: "what's C++?" must
+# search for its words, not fail or exclude. Phrases in "double quotes" and the operators
+# AND / OR / NOT keep their meaning.
+_SYNTAX = re.compile(r'[+\-!(){}\[\]^~*?:\\/<>=|&`\']')
+
+
+def plain_query(text: str) -> str:
+    """``text`` with query syntax neutralised (see ``_SYNTAX``); unbalanced quotes dropped."""
+    if text.count('"') % 2:
+        text = text.replace('"', " ")
+    return _SYNTAX.sub(" ", text)
 
 
 def _schema() -> tantivy.Schema:
@@ -174,6 +186,7 @@ class LexIndex:
         if len(text) > MAX_QUERY_CHARS:
             text = text[:MAX_QUERY_CHARS]
             warnings.append(f"query cut to its first {MAX_QUERY_CHARS} characters")
+        text = plain_query(text)
         fq = self._filter_query(seq, head, all_versions, filters)
         searcher = self.index.searcher()
         hits: list[tuple[float, int]] = []

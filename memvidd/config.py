@@ -51,6 +51,13 @@ class Embedding(Base):
     batch_size: Positive = 8
 
 
+class Watcher(Base):
+    debounce_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    max_file_bytes: Positive = 2 << 20
+    chunk_size: Annotated[int, msgspec.Meta(ge=200, le=100_000)] = 1500
+    chunk_overlap: NonNegative = 150
+
+
 class Cache(Base):
     result_bytes: NonNegative = 16 << 20
     block_bytes: NonNegative = 32 << 20
@@ -77,6 +84,7 @@ class Config(Base):
     limits: Limits = Limits()
     embedding: Embedding = Embedding()
     cache: Cache = Cache()
+    watcher: Watcher = Watcher()
     capsule: list[CapsuleConfig] = []
     source: str = ""  # where it was read from (set by ``load``, not a TOML key)
 

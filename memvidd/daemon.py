@@ -35,8 +35,10 @@ import engine
 from . import __version__, systemd
 from .config import CapsuleConfig, Config, ConfigError, expand, load
 from .events import EventServer
+from .indexer import Indexer
 from .server import QueryServer
 from .service import CapsuleService
+from .tree import Tree
 
 log = logging.getLogger("memvidd.daemon")
 
@@ -195,15 +197,27 @@ class Daemon:
         svc = CapsuleService(c.name, cap, interval_ms=self.cfg.durability.interval_ms
                              if self.cfg.durability.policy == "interval" else 0)
         self.services[c.name] = svc
+        indexer = None
+        if c.watch:
+            w = self.cfg.watcher
+            trees = [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
+                     for root in c.watch]
+            indexer = Indexer(svc, trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
+            svc.indexer = indexer
         scope = trio.CancelScope()
-        self.committers[c.name] = scope
+        self.committers[c.name] = scope  # removing the capsule stops its committer and watcher
 
-        async def committer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def capsule_tasks(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await svc.serve_committer(task_status=task_status)
+                async with trio.open_nursery() as tasks:
+                    await tasks.start(svc.serve_committer)
+                    if indexer is not None:
+                        await tasks.start(indexer.run)  # watching before READY; the scan goes on
+                    task_status.started()
 
-        await self.nursery.start(committer)
-        log.info("capsule open name=%s path=%s frames=%s", c.name, cap.path, cap.stats()["frames"])
+        await self.nursery.start(capsule_tasks)
+        log.info("capsule open name=%s path=%s frames=%s watching=%s", c.name, cap.path, cap.stats()["frames"],
+                 ",".join(c.watch) or "-")
 
     async def _remove_capsule(self, name: str) -> None:
         svc = self.services.pop(name)

@@ -332,6 +332,8 @@ class QueryServer:
                         s = await svc.read(svc.cap.stats)
                         s["daemon"] = {"connections": self.connections, "requests": self.served,
                                        "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts}
+                        if svc.indexer is not None:
+                            s["indexer"] = svc.indexer.stats()
                         return p.StatsReply(id=rid, stats=s)
 
                     await conn.read(stats, fail)

@@ -35,11 +35,18 @@ class Subscriber:
 
 
 class WriteOp:
-    """One request's writes, applied all or nothing, settled by the commit that holds them."""
+    """One request's writes, applied all or nothing, settled by the commit that holds them.
 
-    def __init__(self, items: list[dict[str, Any]] | None = None, remove: int | str | None = None) -> None:
+    ``items`` are puts, ``remove`` a frame id or URI to remove, ``fn`` any staging done
+    with the capsule in the writer thread (its return value lands in ``result``).
+    """
+
+    def __init__(self, items: list[dict[str, Any]] | None = None, remove: int | str | None = None,
+                 fn: Callable[[engine.Capsule], Any] | None = None) -> None:
         self.items = items
         self.remove = remove
+        self.fn = fn
+        self.result: Any = None
         self.ids: list[int] = []
         self.seq = 0
         self.error: BaseException | None = None
@@ -59,6 +66,7 @@ class CapsuleService:
         self._seen_seq = cap.seq  # the last commit pushed to subscribers
         self.commits = 0
         self.acked_puts = 0
+        self.indexer: Any = None  # the capsule's directory indexer, when it watches roots
 
     # -- writes -----------------------------------------------------------------------
 
@@ -107,14 +115,15 @@ class CapsuleService:
             return
 
         def apply() -> BaseException | None:
-            staged = False
             for op in batch:  # each op all or nothing; a refused one fails alone
                 try:
-                    if op.remove is not None:
-                        op.ids = [self.cap.remove(op.remove)]
-                    elif op.items:
-                        op.ids = self.cap.put_many(op.items)
-                    staged = True
+                    with self.cap.atomic():
+                        if op.remove is not None:
+                            op.ids = [self.cap.remove(op.remove)]
+                        elif op.items:
+                            op.ids = self.cap.put_many(op.items)
+                        if op.fn is not None:
+                            op.result = op.fn(self.cap)
                 except engine.EngineError as e:
                     op.error = e
             try:

@@ -1,0 +1,194 @@
+"""Cutting a file's text into chunks, by the shape of the file: pure functions, no I/O.
+
+- Markdown: by headings (a chunk per section, its heading path as the chunk title);
+  front matter (``---`` YAML-ish ``key: value`` lines) becomes tags.
+- Source code: by top-level definitions (a line at column 0 that starts a def/class/fn/
+  func/function/struct/impl/... or any unindented line after a blank one), falling back
+  to line windows when a definition is too long.
+- Plain text: by paragraphs.
+
+Every chunk stays under ``size`` characters (long blocks are cut into line windows with
+``overlap`` characters repeated), and chunking is stable under local edits: an edit
+changes the chunks it touches, not the ones after it, so unchanged chunks keep their
+content hash and their embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MARKDOWN = {".md", ".markdown", ".mdx", ".rst"}
+CODE = {
+    ".py", ".pyi", ".rs", ".go", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".kt", ".js", ".jsx",
+    ".ts", ".tsx", ".rb", ".php", ".swift", ".scala", ".cs", ".sh", ".bash", ".zsh", ".lua", ".pl",
+    ".sql", ".toml", ".yaml", ".yml", ".json", ".css", ".scss", ".html", ".xml", ".proto", ".el",
+    ".ex", ".exs", ".erl", ".hs", ".ml", ".r", ".jl", ".dart", ".zig", ".nim", ".vue", ".svelte",
+}
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_DEF = re.compile(
+    r"^(?:export\s+|pub(?:\(\w+\))?\s+|public\s+|private\s+|static\s+|async\s+|abstract\s+|final\s+)*"
+    r"(?:def|class|fn|func|function|struct|enum|impl|trait|interface|type|module|object|"
+    r"package|namespace|const|let|var|macro_rules!|template|@\w+)\b"
+)
+
+
+@dataclass
+class Chunk:
+    text: str
+    title: str
+    start_line: int  # 1-based, inclusive
+    end_line: int
+
+
+@dataclass
+class Document:
+    kind: str  # "markdown", "code" or "text"
+    title: str
+    chunks: list[Chunk]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def file_kind(name: str) -> str:
+    dot = name.rfind(".")
+    ext = name[dot:].lower() if dot > 0 else ""
+    if ext in MARKDOWN:
+        return "markdown"
+    if ext in CODE:
+        return "code"
+    return "text"
+
+
+def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150) -> Document:
+    """The chunks of a file called ``name`` (a path or file name) holding ``text``."""
+    kind = file_kind(name)
+    base = name.rsplit("/", 1)[-1]
+    lines = text.splitlines(keepends=True)
+    tags: dict[str, str] = {}
+    if kind == "markdown":
+        body_start, tags = _front_matter(lines)
+        sections = _markdown_sections(lines, body_start)
+        title = next((t for t, _, _ in sections if t), base)
+        chunks = [c for t, a, b in sections for c in _windows(lines, a, b, t or title, size, overlap)]
+    elif kind == "code":
+        blocks = _code_blocks(lines)
+        title = base
+        chunks = [c for a, b in blocks for c in _windows(lines, a, b, _block_title(lines[a], base), size, overlap)]
+    else:
+        title = next((ln.strip() for ln in lines if ln.strip()), base)[:120]
+        chunks = [c for a, b in _paragraphs(lines) for c in _windows(lines, a, b, title, size, overlap)]
+    return Document(kind, title, _merge_small(chunks, size), tags)
+
+
+def _front_matter(lines: list[str]) -> tuple[int, dict[str, str]]:
+    if not lines or lines[0].strip() != "---":
+        return 0, {}
+    tags = {}
+    for i in range(1, min(len(lines), 200)):
+        line = lines[i].strip()
+        if line in ("---", "..."):
+            return i + 1, tags
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and not key.startswith((" ", "#")):
+            tags[key.strip()] = value.strip().strip("\"'")
+    return 0, {}  # no closing fence: not front matter
+
+
+def _markdown_sections(lines: list[str], start: int) -> list[tuple[str, int, int]]:
+    """(heading path, first line index, end index) per section; fenced code is opaque."""
+    out: list[tuple[str, int, int]] = []
+    path: list[str] = []
+    begin, title, fence = start, "", False
+    for i in range(start, len(lines)):
+        s = lines[i]
+        if s.lstrip().startswith(("```", "~~~")):
+            fence = not fence
+        m = None if fence else _HEADING.match(s)
+        if m:
+            if i > begin and any(x.strip() for x in lines[begin:i]):
+                out.append((title, begin, i))
+            level = len(m.group(1))
+            path = path[: level - 1] + [m.group(2)]
+            title, begin = " / ".join(path), i
+    if any(x.strip() for x in lines[begin:]):
+        out.append((title, begin, len(lines)))
+    return out
+
+
+def _code_blocks(lines: list[str]) -> list[tuple[int, int]]:
+    """Top-level definitions: a new block starts at an unindented definition line, or at
+    an unindented line that follows a blank line (comments and decorators stay attached)."""
+    starts = [0]
+    for i in range(1, len(lines)):
+        s = lines[i]
+        if not s.strip() or s[0] in " \t}])":
+            continue
+        prev_blank = not lines[i - 1].strip()
+        if _DEF.match(s) or prev_blank:
+            # Attach the comments/decorators right above it to this block.
+            j = i
+            while j - 1 > starts[-1] and lines[j - 1].strip() and lines[j - 1][0] not in " \t" and \
+                    lines[j - 1].lstrip().startswith(("#", "//", "@", "/*", "*", "--", ";")):
+                j -= 1
+            if j > starts[-1]:
+                starts.append(j)
+    return [(a, b) for a, b in zip(starts, [*starts[1:], len(lines)]) if any(x.strip() for x in lines[a:b])]
+
+
+def _block_title(first: str, base: str) -> str:
+    head = first.strip()
+    return f"{base}: {head[:80]}" if head else base
+
+
+def _paragraphs(lines: list[str]) -> list[tuple[int, int]]:
+    out, begin = [], None
+    for i, s in enumerate(lines):
+        if s.strip():
+            if begin is None:
+                begin = i
+        elif begin is not None:
+            out.append((begin, i))
+            begin = None
+    if begin is not None:
+        out.append((begin, len(lines)))
+    return out
+
+
+def _windows(lines: list[str], a: int, b: int, title: str, size: int, overlap: int) -> list[Chunk]:
+    """Lines a..b as one chunk, or as line windows of at most ``size`` characters."""
+    text = "".join(lines[a:b])
+    if len(text) <= size:
+        return [Chunk(text, title, a + 1, b)]
+    out, i = [], a
+    while i < b:
+        n, j = 0, i
+        while j < b and (n + len(lines[j]) <= size or j == i):
+            n += len(lines[j])
+            j += 1
+        piece = "".join(lines[i:j])
+        if len(piece) > size:  # one enormous line: cut it by characters
+            for k in range(0, len(piece), size - overlap):
+                out.append(Chunk(piece[k : k + size], title, i + 1, i + 1))
+        else:
+            out.append(Chunk(piece, title, i + 1, j))
+        if j >= b:
+            break
+        back, m = 0, j  # step back over up to `overlap` characters of whole lines
+        while m - 1 > i and back + len(lines[m - 1]) <= overlap:
+            m -= 1
+            back += len(lines[m])
+        i = m
+    return out
+
+
+def _merge_small(chunks: list[Chunk], size: int) -> list[Chunk]:
+    """Join runs of tiny neighbouring chunks (imports, one-line constants) up to ``size``/2:
+    a chunk should carry enough text to be worth an embedding."""
+    out: list[Chunk] = []
+    for c in chunks:
+        if out and len(out[-1].text) + len(c.text) <= size // 2 and out[-1].end_line + 1 >= c.start_line:
+            last = out[-1]
+            out[-1] = Chunk(last.text + c.text, last.title, last.start_line, c.end_line)
+        else:
+            out.append(c)
+    return out

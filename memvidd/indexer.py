@@ -1,0 +1,440 @@
+"""Keeping a capsule current with the directories it watches.
+
+Pipeline (bounded trio channels between the stages, so a slow stage pushes back)::
+
+    watcher thread ─┐
+    start-up scan  ─┴─> paths ──> prepare (read, hash, chunk, diff; worker threads)
+                                     └──> writes ──> CapsuleService (group commit)
+                                                       └──> engine embedder thread
+
+A file is a document: a ``file`` frame (binary msgpack manifest: size, mtime, content
+hash, and the digest and frame id of each chunk) at ``file://<path>``, and one
+``chunk`` frame per chunk at ``file://<path>#<n>``. On a change only the chunks whose
+text changed get new versions; a chunk whose text already exists anywhere keeps its
+vector (no second embedding). A deleted file's frames get tombstones; a rename is a
+delete plus an add whose chunks reuse the old vectors.
+
+Start-up: the watcher is started first, then every root is walked and compared with the
+manifests by size and mtime (then content hash), so changes made while the daemon was
+down are found without re-reading unchanged files, and none made during the scan is
+missed. Partial saves: a file is re-stat'ed after it is read and read again if it moved
+under us; a file that becomes empty is given a moment to be written before it counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+import watchfiles
+
+import engine
+
+from .chunker import chunk_document
+from .service import CapsuleService, WriteOp
+from .tree import Tree, is_binary
+
+log = logging.getLogger("memvidd.indexer")
+
+FILE_KIND = "file"
+CHUNK_KIND = "chunk"
+EMPTY_SETTLE_S = 0.3  # how long an emptied file may stay empty before it counts
+MAX_RETRIES = 5
+
+
+class Manifest(msgspec.Struct, array_like=True):
+    """What the capsule knows of one file (the payload of its ``file`` frame)."""
+
+    root: str
+    size: int
+    mtime_ns: int
+    sha: bytes
+    chunks: list[tuple[bytes, int]]  # (blake2b-128 of the chunk text, its frame id)
+
+
+_manifest_dec = msgspec.msgpack.Decoder(Manifest)
+
+
+def file_uri(path: str | Path) -> str:
+    """``file://`` + the percent-encoded path bytes: any file name, even non-UTF-8, fits."""
+    return "file://" + urllib.parse.quote(os.fsencode(str(path)), safe="/")
+
+
+def uri_path(uri: str) -> str:
+    return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):]))
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", errors="surrogateescape"), digest_size=16).digest()
+
+
+class Progress(msgspec.Struct):
+    phase: str = "starting"  # starting, scanning, indexing, watching
+    files_seen: int = 0
+    files_to_index: int = 0
+    files_indexed: int = 0
+    files_unchanged: int = 0
+    files_skipped: int = 0
+    files_deleted: int = 0
+    chunks_written: int = 0
+    chunks_kept: int = 0
+    vectors_reused: int = 0
+    bytes_read: int = 0
+    errors: int = 0
+    started: float = 0.0
+    scan_seconds: float = 0.0
+
+
+class Indexer:
+    def __init__(self, svc: CapsuleService, trees: list[Tree], *, chunk_size: int = 1500, overlap: int = 150,
+                 debounce_ms: int = 20, step_ms: int = 5, workers: int = 2, queue: int = 256) -> None:
+        self.svc = svc
+        self.trees = trees
+        self.chunk_size = chunk_size
+        self.overlap = overlap
+        self.debounce_ms = debounce_ms
+        self.step_ms = step_ms
+        self.workers = workers
+        self.docs: dict[str, Manifest] = {}  # file uri -> manifest (as committed or staged)
+        self.by_digest: dict[bytes, int] = {}  # chunk text digest -> a frame id holding it
+        self.lock = threading.Lock()  # docs/by_digest are touched by worker threads
+        self.pending: set[str] = set()  # paths queued and not yet prepared
+        self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
+        self.progress = Progress(started=time.time())
+        self.stop = threading.Event()
+
+    # -- state ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the manifests of every live file frame (start-up; worker thread)."""
+        cap = self.svc.cap
+        for info in cap.timeline(limit=1 << 40):
+            if info.kind != FILE_KIND or info.uri is None:
+                continue
+            try:
+                m = _manifest_dec.decode(cap.get(info.id).payload)
+            except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
+                log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
+                continue
+            self.docs[info.uri] = m
+            for d, fid in m.chunks:
+                self.by_digest[d] = fid
+
+    def tree_of(self, path: str) -> Tree | None:
+        p = Path(path)
+        return next((t for t in self.trees if t.root == p or t.root in p.parents), None)
+
+    def stats(self) -> dict[str, Any]:
+        s = msgspec.to_builtins(self.progress)
+        elapsed = time.time() - self.progress.started
+        done = self.progress.files_indexed + self.progress.files_unchanged + self.progress.files_skipped
+        s.update(
+            documents=len(self.docs), queued=len(self.pending),
+            mb_read=round(self.progress.bytes_read / 1e6, 3),
+            files_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
+            roots=[str(t.root) for t in self.trees],
+        )
+        left = self.progress.files_to_index - self.progress.files_indexed
+        rate = self.progress.files_indexed / elapsed if elapsed > 0 else 0
+        s["eta_s"] = round(left / rate, 1) if rate > 0 and left > 0 else 0
+        return s
+
+    # -- the pipeline -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, start watching, scan, then follow changes until cancelled."""
+        await trio.to_thread.run_sync(self.load)
+        writes_send, writes_recv = trio.open_memory_channel[tuple[str, WriteOp]](64)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with writes_send:
+                for _ in range(self.workers):
+                    nursery.start_soon(self._prepare_worker, self.paths_recv.clone(), writes_send.clone())
+            nursery.start_soon(self._writer, writes_recv)
+            await nursery.start(self._supervise)
+            task_status.started()
+
+    async def _supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the roots that exist, scan them, and start over when that set changes
+        (a root that disappears and comes back is watched and scanned again)."""
+        first = True
+        while True:
+            present = [t for t in self.trees if t.root.is_dir()]
+            if present:
+                self.stop = threading.Event()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._watch, present)  # watches in place before the scan
+                    if first:
+                        task_status.started()
+                        first = False
+                    await self._scan_all(present)
+                    while [t for t in self.trees if t.root.is_dir()] == present:
+                        await trio.sleep(1.0)  # roots rarely come and go: a cheap poll
+                    self.stop.set()
+                    nursery.cancel_scope.cancel()
+            else:
+                if first:
+                    task_status.started()
+                    first = False
+                while not any(t.root.is_dir() for t in self.trees):
+                    await trio.sleep(1.0)
+
+    async def _scan_all(self, trees: list[Tree]) -> None:
+        self.progress.phase = "scanning"
+        t0 = time.monotonic()
+        await trio.to_thread.run_sync(self._scan, trees)
+        self.progress.scan_seconds = round(time.monotonic() - t0, 3)
+        self.progress.phase = "indexing" if self.pending else "watching"
+        log.info("scan done capsule=%s files=%s to_index=%s seconds=%s", self.svc.name,
+                 self.progress.files_seen, self.progress.files_to_index, self.progress.scan_seconds)
+
+    def _enqueue_from_thread(self, path: str) -> None:
+        if path in self.pending:
+            return
+        self.pending.add(path)
+        trio.from_thread.run(self.paths_send.send, (path, 0))
+
+    def _scan(self, trees: list[Tree]) -> None:
+        """Walk ``trees``; queue what changed since the manifests, and what vanished."""
+        seen: set[str] = set()
+        for tree in trees:
+            for path, st in tree.walk():
+                uri = file_uri(path)
+                seen.add(uri)
+                self.progress.files_seen += 1
+                m = self.docs.get(uri)
+                if m is not None and m.size == st.st_size and m.mtime_ns == st.st_mtime_ns:
+                    self.progress.files_unchanged += 1
+                    continue
+                self.progress.files_to_index += 1
+                self._enqueue_from_thread(str(path))
+        live_roots = {str(t.root) for t in trees}
+        for uri, m in list(self.docs.items()):
+            if uri not in seen and m.root in live_roots:
+                self._enqueue_from_thread(uri_path(uri))  # vanished while we were away
+
+    async def _prepare_worker(self, paths: trio.MemoryReceiveChannel[tuple[str, int]],
+                              writes: trio.MemorySendChannel[tuple[str, WriteOp]]) -> None:
+        async with paths, writes:
+            async for path, attempt in paths:
+                try:
+                    outcome = await trio.to_thread.run_sync(self._prepare, path, attempt)
+                except Exception:
+                    self.progress.errors += 1
+                    log.exception("cannot index path=%s", path)
+                    self.pending.discard(path)
+                    continue
+                if isinstance(outcome, float):  # come back later (a save in progress)
+                    if attempt < MAX_RETRIES:
+                        self._later(path, attempt + 1, outcome)
+                        continue
+                    outcome = await trio.to_thread.run_sync(self._prepare, path, -1)
+                self.pending.discard(path)
+                if outcome is not None:
+                    await writes.send((path, outcome))
+
+    def _later(self, path: str, attempt: int, delay: float) -> None:
+        async def again() -> None:
+            await trio.sleep(delay)
+            await self.paths_send.send((path, attempt))
+
+        self._nursery.start_soon(again)
+
+    async def _writer(self, writes: trio.MemoryReceiveChannel[tuple[str, WriteOp]]) -> None:
+        """Submit prepared writes; keep at most 64 outstanding (backpressure)."""
+        limit = trio.Semaphore(64)
+        async with trio.open_nursery() as nursery:
+            async with writes:
+                async for path, op in writes:
+                    await limit.acquire()
+                    self.svc.submit(op)
+
+                    async def settle(path: str = path, op: WriteOp = op) -> None:
+                        try:
+                            await op.done.wait()
+                            if op.error is not None:
+                                self.progress.errors += 1
+                                log.error("index write failed path=%s: %s", path, op.error)
+                                with self.lock:  # forget what we assumed; re-read it later
+                                    self.docs.pop(file_uri(path), None)
+                                self._later(path, 1, 1.0)
+                        finally:
+                            limit.release()
+
+                    nursery.start_soon(settle)
+                    if not self.pending and self.progress.phase == "indexing":
+                        self.progress.phase = "watching"
+
+    # -- one file -----------------------------------------------------------------------
+
+    def _prepare(self, path: str, attempt: int) -> WriteOp | float | None:
+        """What to write for ``path`` now: an op, nothing (None), or a delay to retry after."""
+        uri = file_uri(path)
+        tree = self.tree_of(path)
+        known = self.docs.get(uri)
+        p = Path(path)
+        try:
+            st = p.stat() if tree is not None and tree.inside(p) else None
+        except OSError:
+            st = None
+        if st is None or tree is None or not tree.accepts(p) or not tree.check_file(p, st):
+            return self._delete(uri) if known is not None else None
+        if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
+            self.progress.files_unchanged += 1
+            return None
+        try:
+            with open(p, "rb") as f:
+                data = f.read(tree.max_bytes + 1)
+            after = p.stat()
+        except FileNotFoundError:
+            return self._delete(uri) if known is not None else None
+        except OSError as e:
+            self.progress.files_skipped += 1
+            log.info("skip path=%s reason=unreadable: %s", path, e.strerror)
+            return None
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or len(data) != after.st_size:
+            return 0.05 if attempt >= 0 else None  # it changed while we read it: read it again
+        if not data and known is not None and known.chunks and attempt >= 0 and attempt < 2:
+            return EMPTY_SETTLE_S  # truncate-then-write: give the writer a moment
+        self.progress.bytes_read += len(data)
+        if is_binary(data):
+            self.progress.files_skipped += 1
+            tree._skip(p, "binary")  # noqa: SLF001 - the tree owns the once-per-file log
+            return self._delete(uri) if known is not None else None
+        sha = hashlib.blake2b(data, digest_size=16).digest()
+        text = data.decode("utf-8", errors="replace")
+        doc = chunk_document(path, text, size=self.chunk_size, overlap=self.overlap)
+        return self._update(uri, tree, st, sha, doc, known)
+
+    def _delete(self, uri: str) -> WriteOp:
+        def apply(cap: engine.Capsule) -> None:
+            with self.lock:
+                m = self.docs.get(uri)
+                if m is None:
+                    return
+                for i in range(len(m.chunks)):
+                    try:
+                        cap.remove(f"{uri}#{i}")
+                    except engine.NotFound:
+                        pass
+                try:
+                    cap.remove(uri)
+                except engine.NotFound:
+                    pass
+                del self.docs[uri]  # digests stay in by_digest: a rename may reuse them
+            self.progress.files_deleted += 1
+
+        return WriteOp(fn=apply)
+
+    def _update(self, uri: str, tree: Tree, st: os.stat_result, sha: bytes, doc: Any,
+                known: Manifest | None) -> WriteOp:
+        title = doc.title
+        tags = {**doc.tags, "root": tree.root.name, "type": doc.kind}
+        chunks = [(digest(c.text), c) for c in doc.chunks]
+
+        def apply(cap: engine.Capsule) -> None:
+            with self.lock:
+                old = self.docs.get(uri)
+                old_chunks = old.chunks if old is not None else []
+                reuse_ids = [self.by_digest[d] for d, _ in chunks if d in self.by_digest]
+            vectors = cap.vectors(reuse_ids) if reuse_ids else {}
+            out: list[tuple[bytes, int]] = []
+            for i, (d, c) in enumerate(chunks):
+                if i < len(old_chunks) and old_chunks[i][0] == d:
+                    out.append(old_chunks[i])  # unchanged: no new version, no embedding
+                    self.progress.chunks_kept += 1
+                    continue
+                source = self.by_digest.get(d)
+                vector = vectors.get(source) if source is not None else None
+                if vector is not None:
+                    self.progress.vectors_reused += 1
+                fid = cap.put(c.text, uri=f"{uri}#{i}", title=c.title, kind=CHUNK_KIND, tags=tags,
+                              parent=uri, chunk=i, vector=vector)
+                out.append((d, fid))
+                self.progress.chunks_written += 1
+            for i in range(len(chunks), len(old_chunks)):
+                cap.remove(f"{uri}#{i}")  # the file got shorter
+            manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out)
+            cap.put(msgspec.msgpack.encode(manifest), uri=uri, title=title, kind=FILE_KIND, tags=tags,
+                    timestamp=st.st_mtime_ns / 1e9)
+            with self.lock:
+                self.docs[uri] = manifest
+                for d, fid in out:
+                    self.by_digest[d] = fid
+            self.progress.files_indexed += 1
+
+        return WriteOp(fn=apply)
+
+    # -- watching -----------------------------------------------------------------------
+
+    async def _watch(self, trees: list[Tree], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch ``trees`` in a thread; report ready once the OS watches are in place."""
+        roots = [str(t.root) for t in trees]
+        stop = self.stop
+        ready = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def watch() -> None:
+            changes = watchfiles.watch(
+                *roots, debounce=self.debounce_ms, step=self.step_ms, rust_timeout=50,
+                yield_on_timeout=True, stop_event=stop, raise_interrupt=False,
+                ignore_permission_denied=True,
+            )
+            first = True
+            for batch in changes:
+                if first:  # the watches exist now: the scan cannot miss anything
+                    first = False
+                    trio.from_thread.run_sync(ready.set, trio_token=token)
+                for change, path in batch:
+                    trio.from_thread.run_sync(self._on_change, change, path, trio_token=token)
+
+        async def run_thread() -> None:
+            try:
+                await trio.to_thread.run_sync(watch, abandon_on_cancel=True)
+            except Exception:
+                log.exception("watcher stopped")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_thread)
+            await ready.wait()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _on_change(self, change: watchfiles.Change, path: str) -> None:
+        p = Path(path)
+        tree = self.tree_of(path)
+        if tree is None:
+            return
+        if p.name == ".gitignore":
+            tree.forget_gitignore(p.parent)
+        if p.is_dir() and not p.is_symlink():
+            trio.lowlevel.spawn_system_task(self._scan_dir, tree, p)  # moved or created with contents
+            return
+        if not p.exists():
+            prefix = file_uri(p) + "/"  # a directory that went away takes its files with it
+            for uri in [u for u in self.docs if u.startswith(prefix)]:
+                self._queue_now(uri_path(uri))
+        self._queue_now(path)
+
+    def _queue_now(self, path: str) -> None:
+        if path in self.pending:
+            return
+        self.pending.add(path)
+        try:
+            self.paths_send.send_nowait((path, 0))
+        except trio.WouldBlock:
+            trio.lowlevel.spawn_system_task(self.paths_send.send, (path, 0))
+
+    async def _scan_dir(self, tree: Tree, directory: Path) -> None:
+        sub = Tree(directory, include=None, exclude=None, max_bytes=tree.max_bytes)
+        paths = await trio.to_thread.run_sync(lambda: [str(p) for p, _ in sub.walk() if tree.accepts(p)])
+        for path in paths:
+            self._queue_now(path)
