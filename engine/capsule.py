@@ -45,6 +45,7 @@ from .errors import (
 from .cache import LRUCache
 from .embed import DEFAULT_MODEL, MODELS, Embedder
 from .fileio import CapsuleFile, OsFile
+from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
 from .log import read_meta, read_record, replay
 from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, rrf
@@ -760,7 +761,8 @@ class Capsule:
             files[p.name] = [pos, len(data)]
             out += raw
             pos += len(raw)
-        extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq), "files": files}
+        extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq),
+                        "files": files, "schema": LEX_SCHEMA}
         return pos
 
     # -- reading ----------------------------------------------------------------------

@@ -172,7 +172,8 @@ class Indexes:
     ) -> None:
         shared = self.home / "lex"
         seq = self._trusted(entry, table) if shared.is_dir() else None
-        stored = lex_files if lex_files and self._trusted(lex_files, table) is not None else None
+        stored = lex_files if lex_files and lex_files.get("schema") == SCHEMA_VERSION \
+            and self._trusted(lex_files, table) is not None else None
         if stored is not None and (seq is None or stored["seq"] > seq):
             seq = None  # the capsule's own copy is newer than the cache: restore it
         self._stored_lex = (stored, read_file)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import aclosing
 import os
 from typing import Any, NoReturn
 
@@ -24,9 +25,9 @@ import trio
 import engine
 
 from . import protocol as p
-from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack
+from .framing import FrameReader, pack
 from .service import WriteOp
-from .server import Connection, QueryServer, error_reply, final_error, peer_uid, put_item, ready
+from .server import Connection, QueryServer, error_reply, peer_uid, put_item, ready, requests
 
 log = logging.getLogger("memvidd.events")
 EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "capsule"}
@@ -182,25 +183,14 @@ class EventServer:
             conn = Connection(stream, nursery)
             nursery.start_soon(conn.serve_replies, lambda m: pack(p.encoder.encode(m)))
             try:
-                while True:
-                    try:
-                        body = await reader.read()
-                    except (FrameTooLarge, TruncatedFrame) as e:
-                        await final_error(conn, p.FRAME_TOO_LARGE if isinstance(e, FrameTooLarge) else p.BAD_FRAME, str(e))
-                        break
-                    if body is None:
-                        break
-                    try:
-                        req = p.request_decoder.decode(body)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                        await final_error(conn, p.BAD_FRAME, f"cannot decode: {e}")
-                        break
-                    if not isinstance(req, (p.Put, p.PutMany, p.Hello)):
-                        await conn.read(ready(p.Error(
-                            id=req.id, code=p.BAD_REQUEST, message="the event socket accepts put and put_many only")),
-                            lambda e: None)
-                        continue
-                    self.events += 1
-                    await self.q.dispatch(req, conn)
+                async with aclosing(requests(reader, conn)) as incoming:
+                    async for req in incoming:
+                        if not isinstance(req, (p.Put, p.PutMany, p.Hello)):
+                            await conn.read(ready(p.Error(
+                                id=req.id, code=p.BAD_REQUEST, message="the event socket accepts put and put_many only")),
+                                lambda e: None)
+                            continue
+                        self.events += 1
+                        await self.q.dispatch(req, conn)
             finally:
                 conn.slots_send.close()

@@ -16,10 +16,11 @@ large) gets an ``error`` reply and closes that connection only.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -103,6 +104,26 @@ def ready(reply: Any) -> Callable[[], Awaitable[Any]]:
         return reply
 
     return run
+
+
+async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Request]:
+    """Decoded requests until the stream ends; a bad or oversized frame gets its error
+    reply (after the replies already promised) and ends the connection."""
+    while True:
+        try:
+            body = await reader.read()
+        except FrameTooLarge as e:
+            await final_error(conn, p.FRAME_TOO_LARGE, str(e))
+            return
+        except TruncatedFrame:
+            return
+        if body is None:
+            return
+        try:
+            yield p.request_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            await final_error(conn, p.BAD_FRAME, f"cannot decode request: {e}")
+            return
 
 
 async def final_error(conn: Connection, code: str, message: str) -> None:
@@ -241,23 +262,10 @@ class QueryServer:
 
             nursery.start_soon(replies_then_stop)
             try:
-                while True:
-                    try:
-                        body = await reader.read()
-                    except FrameTooLarge as e:
-                        await final_error(conn, p.FRAME_TOO_LARGE, str(e))
-                        break
-                    except TruncatedFrame:
-                        break
-                    if body is None:
-                        break
-                    try:
-                        req = p.request_decoder.decode(body)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                        await final_error(conn, p.BAD_FRAME, f"cannot decode request: {e}")
-                        break
-                    self.served += 1
-                    await self.dispatch(req, conn)
+                async with aclosing(requests(reader, conn)) as incoming:
+                    async for req in incoming:
+                        self.served += 1
+                        await self.dispatch(req, conn)
             finally:
                 conn.slots_send.close()  # replies already promised are still sent
 
