@@ -54,6 +54,8 @@ from .vectors import as_vector, pack_vectors, unpack_vectors
 
 MAX_PAYLOAD = 256 << 20
 MUTABLE_LEX_FILES = {"meta.json", ".managed.json"}  # Tantivy rewrites these in place
+LEX_COPY_MIN_FRAMES = 2048  # copy the lexical index into the capsule after this much growth
+SMALL_VECTOR_RECORD = 64  # VECTORS records with fewer vectors are folded at checkpoints
 REWARM_QUERIES = 8
 FANOUT = 4  # segments of one size tier merged together
 
@@ -651,7 +653,7 @@ class Capsule:
             if self._table.seq > self._ckpt.seq:
                 self._checkpoint()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, force_lex: bool = False) -> None:
         t = self._table
         segments = list(self._ckpt.segments)
         # Each segment holds a run of frames and of the commits after its predecessor's.
@@ -680,7 +682,7 @@ class Capsule:
             pos += len(raw)
         extra = dict(self._ckpt.extra)
         pos = self._checkpoint_vectors(extra, out, pos)
-        pos = self._checkpoint_lexical(extra, out, pos)
+        pos = self._checkpoint_lexical(extra, out, pos, force=force_lex)
         counters = dict(self._counters)
         counters["bytes.segment"] = counters.get("bytes.segment", 0) + sum(r.length for r in refs[keep:])
         counters["bytes.dead"] = counters.get("bytes.dead", 0) + dead
@@ -725,44 +727,58 @@ class Capsule:
         return self._table.frames[ref.first_id + ref.count - 1].seq  # read versions 1-2
 
     def _checkpoint_vectors(self, extra: dict[str, Any], out: bytearray, pos: int) -> int:
-        """List every VECTORS record in the checkpoint, folding the tail's into one."""
+        """List every VECTORS record in the checkpoint; the tail's small ones (one event, a
+        few frames) are folded into one, so the list grows with data, not with commits.
+        Big records stay where they are: rewriting them would double their bytes."""
         if self._vec is None:
             return pos
         refs = self._vec_refs[: self._ckpt_vec_refs]
         tail = self._vec_refs[self._ckpt_vec_refs :]
-        if len(tail) > 1:
+        small = [r for r in tail if r[1] < SMALL_VECTOR_RECORD]
+        if len(small) > 1:
             ids: list[int] = []
             rows = []
-            for offset, _ in tail:
+            for offset, _ in small:
                 i, v = self._read_vectors(offset)
                 ids += i
                 rows.append(v)
             raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))))
-            tail = [[pos, len(ids)]]
+            tail = [r for r in tail if r[1] >= SMALL_VECTOR_RECORD] + [[pos, len(ids)]]
             out += raw
             pos += len(raw)
         extra["vec"] = {**self._vec, "records": refs + tail, "bitmap": bytes(self._has_vec)}
         return pos
 
-    def _checkpoint_lexical(self, extra: dict[str, Any], out: bytearray, pos: int) -> int:
-        """Copy the lexical index's new files into the capsule [F-15]."""
+    def _checkpoint_lexical(self, extra: dict[str, Any], out: bytearray, pos: int, *, force: bool = False) -> int:
+        """Copy the lexical index's new files into the capsule [F-15].
+
+        Only when the index grew by a quarter since its last copy (or ``force``): Tantivy
+        merges rewrite segments, and each copy leaves the replaced files dead in the log, so
+        copying at every checkpoint would cost O(N log N) bytes. A restore catches up on
+        the frames after the copy, which lexical indexing does quickly.
+        """
         ix = self._indexes
         if ix is None or ix.lex is None or ix.readonly:
             return pos
-        stored = extra.get("lex", {}).get("files", {})
+        previous = extra.get("lex") if extra.get("lex", {}).get("schema") == LEX_SCHEMA else None
+        covered = previous.get("frames", 0) if previous else 0
+        grown = self._table.next_id - covered
+        if not force and previous and grown < max(LEX_COPY_MIN_FRAMES, covered // 4):
+            return pos
+        stored = previous["files"] if previous else {}
         files: dict[str, list[int]] = {}
         for p in ix.lex_files():
-            data = p.read_bytes()
             old = stored.get(p.name)
-            if old is not None and old[1] == len(data) and p.name not in MUTABLE_LEX_FILES:
+            if old is not None and old[1] == p.stat().st_size and p.name not in MUTABLE_LEX_FILES:
                 files[p.name] = old  # segment files never change once written
                 continue
+            data = p.read_bytes()
             raw = fmt.encode_record(fmt.LEXFILE, data)
             files[p.name] = [pos, len(data)]
             out += raw
             pos += len(raw)
         extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq),
-                        "files": files, "schema": LEX_SCHEMA}
+                        "files": files, "schema": LEX_SCHEMA, "frames": self._table.next_id}
         return pos
 
     # -- reading ----------------------------------------------------------------------
@@ -1076,7 +1092,7 @@ class Capsule:
                 self._indexes = None
             self._ckpt.extra.pop("lex", None)
             ix = self._open_indexes(fresh=True)
-            self._checkpoint()
+            self._checkpoint(force_lex=True)
             return dict(ix.origin)
 
     def _open_indexes(self, *, fresh: bool = False) -> Indexes:
