@@ -57,6 +57,7 @@ MUTABLE_LEX_FILES = {"meta.json", ".managed.json"}  # Tantivy rewrites these in 
 LEX_COPY_MIN_FRAMES = 2048  # copy the lexical index into the capsule after this much growth
 SMALL_VECTOR_RECORD = 64  # VECTORS records with fewer vectors are folded at checkpoints
 REWARM_QUERIES = 8
+REWARM_QUIET_S = 0.05  # re-warm caches once no commit came for this long
 FANOUT = 4  # segments of one size tier merged together
 
 
@@ -235,9 +236,20 @@ def _timestamp(value: Any) -> float:
 
 
 def _opt_str(name: str, value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
+    _utf8(name, value)
+    return value
+
+
+def _utf8(name: str, value: str) -> None:
+    """Metadata is stored as UTF-8: a lone surrogate (e.g. from JSON "\\ud800") cannot be."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{name} is not valid Unicode text (character {e.start})") from None
 
 
 def _tags(value: Any) -> dict[str, str]:
@@ -247,6 +259,9 @@ def _tags(value: Any) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise InvalidArgument("tags must be a mapping of str to str")
+    for k, v in value.items():
+        _utf8("tag key", k)
+        _utf8(f"tag {k!r}", v)
     return dict(value)
 
 
@@ -287,6 +302,7 @@ class Capsule:
         self._embed_stats = {"embedded": 0, "seconds": 0.0, "errors": 0}
         self._embed_error: str | None = None
         self._embedding_inflight = 0
+        self._rewarm_pending = False
         self._load()
         if self._embedder is not None and self._vec is not None:
             if self._embedder.dim != self._vec["dim"]:
@@ -401,7 +417,10 @@ class Capsule:
         without one is embedded in the background when the capsule has an embedder.
         """
         if isinstance(data, str):
-            payload, is_text = data.encode("utf-8", errors="surrogateescape"), True
+            try:  # surrogateescape: the undecodable bytes of os.fsdecode'd text round-trip
+                payload, is_text = data.encode("utf-8", errors="surrogateescape"), True
+            except UnicodeEncodeError as e:
+                raise InvalidArgument(f"text is not valid Unicode (character {e.start})") from None
         elif isinstance(data, (bytes, bytearray, memoryview)):
             payload, is_text = bytes(data), False
         else:
@@ -837,13 +856,14 @@ class Capsule:
                         break
             return out
 
-    def changes(self, since_seq: int, *, limit: int = 10_000) -> list[Frame]:
+    def changes(self, since_seq: int, *, after_id: int = -1, limit: int = 10_000) -> list[Frame]:
         """Frames (puts, with payload) created by the commits after ``since_seq``, oldest
-        first: what a subscriber that saw ``since_seq`` has not seen yet."""
+        first: what a subscriber that saw ``since_seq`` has not seen yet. Page through a
+        large commit with ``after_id`` (the last id of the previous page)."""
         with self._lock:
             self._check_open()
             t = self._table
-            first = t.first_after(max(0, since_seq))
+            first = max(t.first_after(max(0, since_seq)), after_id + 1)
             metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT]
             infos = [self._info(m) for m in metas]
         return [Frame(**msgspec.structs.asdict(i), payload=read_payload(self._file, m, self._blocks))
@@ -1250,16 +1270,31 @@ class Capsule:
                 return  # a closed file or damage: the real read will report it
 
     def _rewarm(self) -> None:
-        """After a commit, re-run the most frequent recent queries for the new generation."""
+        """After commits, once writes pause, re-run the most frequent recent queries so
+        the next identical question is a cache hit. Waiting for the pause matters: a
+        re-run makes the lexical index searchable (a Tantivy commit, ~10 ms and more under
+        load) and doing that after every write would tax a stream of puts."""
         ix = self._indexes
-        if ix is None or not ix.recent:
+        if ix is None or not ix.recent or self._rewarm_pending:
             return
-        top = [key for key, _ in ix.recent.most_common(REWARM_QUERIES)]
+        self._rewarm_pending = True
+        self._background().submit(self._rewarm_run)
+
+    def _rewarm_run(self) -> None:
+        while True:  # wait for a quiet moment: no commit for REWARM_QUIET_S
+            seq = self._table.seq
+            time.sleep(REWARM_QUIET_S)
+            if self._closed:
+                return
+            if self._table.seq == seq:
+                break
+        ix = self._indexes
+        self._rewarm_pending = False
+        if ix is None:
+            return
+        keys = [key for key, _ in ix.recent.most_common(REWARM_QUERIES)]
         if len(ix.recent) > 4 * REWARM_QUERIES:  # forget the long tail
             ix.recent = type(ix.recent)(dict(ix.recent.most_common(REWARM_QUERIES)))
-        self._background().submit(self._rewarm_run, top)
-
-    def _rewarm_run(self, keys: list[tuple[Any, ...]]) -> None:
         for query, k, mode, fkey, as_of, snippet_chars, all_versions in keys:
             if self._closed or as_of is not None:
                 continue  # as-of queries do not change with new commits

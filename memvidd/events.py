@@ -27,7 +27,7 @@ import engine
 from . import protocol as p
 from .framing import FrameReader, pack
 from .service import WriteOp
-from .server import Connection, QueryServer, error_reply, peer_uid, put_item, ready, requests
+from .server import Connection, QueryServer, connection_ended, error_reply, peer_uid, put_item, ready, requests
 
 log = logging.getLogger("memvidd.events")
 EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "capsule"}
@@ -51,6 +51,8 @@ class LineReader:
             if i >= 0:
                 line = bytes(self.buf[:i])
                 del self.buf[: i + 1]
+                if len(line) > self.limit:
+                    raise LineTooLong(f"line longer than {self.limit} bytes")
                 return line
             if len(self.buf) > self.limit:
                 await self._skip_line()
@@ -123,8 +125,8 @@ class EventServer:
                 await self._json_lines(stream, first)
             else:
                 await self._frames(stream, first)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the producer left; what was acknowledged is durable
+        except BaseException as e:  # noqa: BLE001 - the producer left, or a bug: never the server's end
+            connection_ended(e)
         finally:
             await trio.aclose_forcefully(stream)
 

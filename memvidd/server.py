@@ -97,6 +97,32 @@ def put_item(item: p.PutItem | p.Put, max_bytes: int) -> dict[str, Any]:
     return out
 
 
+VANISHED = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+def connection_ended(e: BaseException) -> None:
+    """What ends one connection must never end the server.
+
+    A client that goes away mid-reply shows up as Broken/Closed errors, often wrapped in
+    an ExceptionGroup by the connection's nursery: nothing it was promised is lost, so that
+    is not even worth a warning. Anything else is a bug, logged with its traceback, but
+    still confined to this connection. Cancellation (shutdown) goes on up.
+    """
+    if isinstance(e, BaseExceptionGroup):
+        rest = e.split(VANISHED)[1]
+        if rest is None:
+            return
+        e = rest
+    if isinstance(e, VANISHED):
+        return
+    cancelled, other = (e.split(trio.Cancelled) if isinstance(e, BaseExceptionGroup)
+                        else ((e, None) if isinstance(e, trio.Cancelled) else (None, e)))
+    if other is not None:
+        log.error("connection failed", exc_info=other)
+    if cancelled is not None:
+        raise cancelled
+
+
 def ready(reply: Any) -> Callable[[], Awaitable[Any]]:
     """A reply that needs no work, for ``Connection.read``."""
 
@@ -120,10 +146,11 @@ async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Req
         if body is None:
             return
         try:
-            yield p.request_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            req = p.request_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             await final_error(conn, p.BAD_FRAME, f"cannot decode request: {e}")
             return
+        yield req
 
 
 async def final_error(conn: Connection, code: str, message: str) -> None:
@@ -164,11 +191,20 @@ class Connection:
         await self.send_raw(pack(p.encoder.encode(msg)))
 
     async def serve_replies(self, encode: Callable[[Any], bytes]) -> None:
-        """Send replies in request order, each as soon as it and those before it are ready."""
+        """Send replies in request order, each as soon as it and those before it are ready.
+
+        If the peer is gone, the replies are dropped but the requests it sent are still
+        read and carried out: a producer that writes its events and hangs up without
+        reading the acknowledgements loses none of them.
+        """
+        gone = False
         async for slot in self.slots_recv:
             await slot.done.wait()
-            if slot.reply is not None:
-                await self.send_raw(encode(slot.reply))
+            if slot.reply is not None and not gone:
+                try:
+                    await self.send_raw(encode(slot.reply))
+                except VANISHED:
+                    gone = True
 
     async def write(self, op: WriteOp, svc: CapsuleService, reply: Callable[[WriteOp], Any],
                     on_error: Callable[[BaseException], Any]) -> None:
@@ -242,8 +278,8 @@ class QueryServer:
                 await self._serve_connection(stream)
             finally:
                 self.connections -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client vanished; nothing it was promised is lost
+        except BaseException as e:  # noqa: BLE001 - sorted out by `connection_ended`
+            connection_ended(e)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -379,8 +415,9 @@ class QueryServer:
         sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags))
         try:
             async with events:
-                async for frame in events:
-                    await conn.send(p.TailEvent(id=req.id, frame=frame_out(frame)))
+                async for batch in events:
+                    for frame in batch:
+                        await conn.send(p.TailEvent(id=req.id, frame=frame_out(frame)))
             if sub.dropped:
                 await conn.send(p.TailEnd(id=req.id, reason=p.SLOW_CONSUMER))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

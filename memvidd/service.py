@@ -124,11 +124,11 @@ class CapsuleService:
                             op.ids = self.cap.put_many(op.items)
                         if op.fn is not None:
                             op.result = op.fn(self.cap)
-                except engine.EngineError as e:
+                except Exception as e:  # noqa: BLE001 - a refused or broken op fails alone
                     op.error = e
             try:
                 seq = self.cap.commit()
-            except engine.EngineError as e:  # the engine discarded the batch; say so
+            except Exception as e:  # noqa: BLE001 - the engine discarded the batch; say so
                 return e
             for op in batch:
                 op.seq = seq
@@ -167,25 +167,29 @@ class CapsuleService:
         if not self._subscribers:
             self._seen_seq = self.cap.seq
             return
-        since = self._seen_seq
-        frames = await self.read(self.cap.changes, since)
-        self._seen_seq = max((f.commit_seq for f in frames), default=since)
-        self._seen_seq = max(self._seen_seq, since)
+        head = self.cap.seq
+        frames: list[engine.Frame] = []
+        while True:  # every frame of the commits since the last publish, in pages
+            page = await self.read(self.cap.changes, self._seen_seq, after_id=frames[-1].id if frames else -1)
+            if not page:
+                break
+            frames += page
+        self._seen_seq = head
         for sub in list(self._subscribers):
-            for f in frames:
-                if not sub.accept(f):
-                    continue
-                try:
-                    sub.send.send_nowait(f)
-                except trio.WouldBlock:
-                    # Never slow the writer (or other subscribers) for one slow reader.
-                    sub.dropped = True
-                    log.warning("tail subscriber dropped capsule=%s reason=buffer-full", self.name)
-                    self.unsubscribe(sub)
-                    break
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.unsubscribe(sub)
-                    break
+            batch = [f for f in frames if sub.accept(f)]
+            if not batch:
+                continue
+            try:
+                # One item per commit, however many frames it holds: the buffer bounds
+                # how many commits a reader may lag, not how big a commit may be.
+                sub.send.send_nowait(batch)
+            except trio.WouldBlock:
+                # Never slow the writer (or other subscribers) for one slow reader.
+                sub.dropped = True
+                log.warning("tail subscriber dropped capsule=%s reason=buffer-full", self.name)
+                self.unsubscribe(sub)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.unsubscribe(sub)
 
     # -- life cycle -------------------------------------------------------------------
 
