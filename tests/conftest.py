@@ -44,6 +44,7 @@ def _threads() -> int:
 def private_cache(tmp_path_factory, monkeypatch):
     """Index working copies go to a per-test cache dir, never the user's ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))  # RAM-side copies
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ class DaemonProc:
         self.events = str(tmp / "e.sock")
         self.config = tmp / "memvidd.toml"
         self.write_config(capsules, max_put=max_put, max_frame=max_frame, tail_buffer=tail_buffer)
+        (tmp / "runtime").mkdir(exist_ok=True)
         self.notify_path = str(tmp / "notify.sock")
         if os.path.exists(self.notify_path):
             os.unlink(self.notify_path)  # a previous daemon of the same test
@@ -56,6 +57,7 @@ class DaemonProc:
         self.notify.bind(self.notify_path)
         self.messages: list[str] = []
         self.env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "XDG_CACHE_HOME": str(tmp / "cache"),
+                    "XDG_RUNTIME_DIR": str(tmp / "runtime"),
                     **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "daemon.log"
