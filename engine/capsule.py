@@ -974,12 +974,16 @@ class Capsule:
         as_of: Any = None,
         snippet_chars: int = 200,
         all_versions: bool = False,
+        cached_only: bool = False,
     ) -> Hits:
         """Search the frames visible at ``as_of`` (default: now); see ``engine/search.py``.
 
         ``mode``: "lex" (BM25), "vec" (embeddings), "hybrid" (both, fused) or "auto"
         (hybrid when the capsule has vectors and an embedder, else lex); the result's
         ``.mode`` says which ran. ``all_versions`` also returns superseded versions.
+        ``cached_only``: answer only from the result cache, without waiting for any lock
+        or doing any search; ``None`` when that is not possible (an event loop can ask
+        this first and send the real search to a worker thread only on a miss).
         """
         if not isinstance(query, str):
             raise InvalidArgument("query must be a string")
@@ -997,11 +1001,17 @@ class Capsule:
         if k > MAX_K:
             warnings.append(f"k lowered from {k} to {MAX_K}")
             k = MAX_K
-        with self._lock:
+        if not self._lock.acquire(blocking=not cached_only):
+            return None  # type: ignore[return-value]  # a writer holds the capsule: not cached
+        try:
             self._check_open()
             seq = self._resolve_as_of(as_of)
+            if cached_only and self._indexes is None:
+                return None  # type: ignore[return-value]
             ix = self._open_indexes()
             generation = (self._table.seq, len(ix.vec) if ix.vec else 0)
+        finally:
+            self._lock.release()
         used = self._resolve_mode(mode, ix)
         # Live queries are keyed by "now" (None) so re-warming can find them after a commit.
         key = (query, k, used, filters.key(), None if as_of is None else seq, snippet_chars, all_versions)
@@ -1009,6 +1019,8 @@ class Capsule:
         if hit is not None:
             ix.recent[key] += 1
             return Hits(list(hit), mode=used, seq=seq, warnings=hit.warnings, cached=True)
+        if cached_only:
+            return None  # type: ignore[return-value]
         if not query.strip() or k == 0:
             return Hits([], mode=used, seq=seq, warnings=warnings + (["empty query"] if not query.strip() else []))
         hits = self._search(query, k, used, filters, seq, snippet_chars, all_versions, warnings)

@@ -342,12 +342,16 @@ class QueryServer:
                 case p.Find():
                     svc = self.service(req.capsule)
 
+                    args = dict(k=req.k, mode=req.mode, scope=req.scope, tags=req.tags, kind=req.kind,
+                                since=req.since, until=req.until, as_of=req.as_of,
+                                snippet_chars=req.snippet_chars, all_versions=req.all_versions)
+
                     async def find() -> p.FindReply:
-                        hits = await svc.read(
-                            svc.cap.find, req.query, k=req.k, mode=req.mode, scope=req.scope, tags=req.tags,
-                            kind=req.kind, since=req.since, until=req.until, as_of=req.as_of,
-                            snippet_chars=req.snippet_chars, all_versions=req.all_versions,
-                        )
+                        # A cache hit costs microseconds: answer it here rather than pay a
+                        # thread hop (~0.1 ms) for it.
+                        hits = svc.cap.find(req.query, cached_only=True, **args)
+                        if hits is None:
+                            hits = await svc.read(svc.cap.find, req.query, **args)
                         return p.FindReply(id=rid, hits=[hit_out(h) for h in hits], mode=hits.mode,
                                            seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
 

@@ -302,3 +302,13 @@ def test_doctor_reindex_rebuilds_both_indexes_from_the_capsule(path, embedder, t
         assert uris(cap.find("flour", mode="lex")) == ["note://1"]
         assert cap.find("memory reclaiming", mode="vec", k=1)[0].uri == "doc://python/gc"
         assert cap.stats()["search"]["attach"]["origin"] == {"lex": "working-copy", "vec": "working-copy"}
+
+
+def test_cached_only_answers_hits_and_declines_misses(path):
+    with engine.create(path, model=None) as cap:
+        fill(cap)
+        assert cap.find("bread", mode="lex", cached_only=True) is None  # indexes not open yet
+        first = cap.find("bread", mode="lex")
+        hit = cap.find("bread", mode="lex", cached_only=True)
+        assert hit is not None and hit.cached and [h.frame_id for h in hit] == [h.frame_id for h in first]
+        assert cap.find("flour", mode="lex", cached_only=True) is None  # a miss does no search
