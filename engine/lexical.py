@@ -142,6 +142,9 @@ class LexIndex:
 
     def close(self) -> None:
         self.flush()
+        if self._writer is not None:
+            # Merges still running would go on writing files after close.
+            self._writer.wait_merging_threads()
         self._writer = None  # drops the writer lock
 
     # -- searching --------------------------------------------------------------------

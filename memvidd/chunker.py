@@ -62,6 +62,7 @@ def file_kind(name: str) -> str:
 def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150) -> Document:
     """The chunks of a file called ``name`` (a path or file name) holding ``text``."""
     kind = file_kind(name)
+    overlap = min(overlap, size // 2)  # an overlap as big as a chunk would never advance
     base = name.rsplit("/", 1)[-1]
     lines = text.splitlines(keepends=True)
     tags: dict[str, str] = {}

@@ -48,6 +48,8 @@ FILE_KIND = "file"
 CHUNK_KIND = "chunk"
 EMPTY_SETTLE_S = 0.3  # how long an emptied file may stay empty before it counts
 MAX_RETRIES = 5
+SCAN = -2  # the `attempt` of a path queued by the start-up scan (size+mtime are trusted)
+FINAL = -1  # the last attempt after retries: take the file as it is
 
 
 class Manifest(msgspec.Struct, array_like=True):
@@ -70,6 +72,12 @@ def file_uri(path: str | Path) -> str:
 
 def uri_path(uri: str) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):]))
+
+
+def clean(text: str) -> str:
+    """Metadata as valid Unicode: a non-UTF-8 file name (decoded with surrogateescape)
+    shows its undecodable bytes as U+FFFD in titles."""
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
 def digest(text: str) -> bytes:
@@ -107,6 +115,7 @@ class Indexer:
         self.by_digest: dict[bytes, int] = {}  # chunk text digest -> a frame id holding it
         self.lock = threading.Lock()  # docs/by_digest are touched by worker threads
         self.pending: set[str] = set()  # paths queued and not yet prepared
+        self.again: set[str] = set()  # pending paths that changed again meanwhile
         self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
         self.progress = Progress(started=time.time())
         self.stop = threading.Event()
@@ -196,11 +205,11 @@ class Indexer:
         log.info("scan done capsule=%s files=%s to_index=%s seconds=%s", self.svc.name,
                  self.progress.files_seen, self.progress.files_to_index, self.progress.scan_seconds)
 
-    def _enqueue_from_thread(self, path: str) -> None:
+    def _enqueue_from_thread(self, path: str, attempt: int = 0) -> None:
         if path in self.pending:
             return
         self.pending.add(path)
-        trio.from_thread.run(self.paths_send.send, (path, 0))
+        trio.from_thread.run(self.paths_send.send, (path, attempt))
 
     def _scan(self, trees: list[Tree]) -> None:
         """Walk ``trees``; queue what changed since the manifests, and what vanished."""
@@ -215,7 +224,7 @@ class Indexer:
                     self.progress.files_unchanged += 1
                     continue
                 self.progress.files_to_index += 1
-                self._enqueue_from_thread(str(path))
+                self._enqueue_from_thread(str(path), SCAN)
         live_roots = {str(t.root) for t in trees}
         for uri, m in list(self.docs.items()):
             if uri not in seen and m.root in live_roots:
@@ -234,12 +243,15 @@ class Indexer:
                     continue
                 if isinstance(outcome, float):  # come back later (a save in progress)
                     if attempt < MAX_RETRIES:
-                        self._later(path, attempt + 1, outcome)
+                        self._later(path, max(attempt, 0) + 1, outcome)
                         continue
-                    outcome = await trio.to_thread.run_sync(self._prepare, path, -1)
+                    outcome = await trio.to_thread.run_sync(self._prepare, path, FINAL)
                 self.pending.discard(path)
                 if outcome is not None:
                     await writes.send((path, outcome))
+                if path in self.again:
+                    self.again.discard(path)
+                    self._queue_now(path)
 
     def _later(self, path: str, attempt: int, delay: float) -> None:
         async def again() -> None:
@@ -287,8 +299,8 @@ class Indexer:
             st = None
         if st is None or tree is None or not tree.accepts(p) or not tree.check_file(p, st):
             return self._delete(uri) if known is not None else None
-        if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
-            self.progress.files_unchanged += 1
+        if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns and attempt == SCAN:
+            self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
         try:
             with open(p, "rb") as f:
@@ -301,15 +313,18 @@ class Indexer:
             log.info("skip path=%s reason=unreadable: %s", path, e.strerror)
             return None
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or len(data) != after.st_size:
-            return 0.05 if attempt >= 0 else None  # it changed while we read it: read it again
-        if not data and known is not None and known.chunks and attempt >= 0 and attempt < 2:
-            return EMPTY_SETTLE_S  # truncate-then-write: give the writer a moment
+            return 0.05 if attempt != FINAL else None  # it changed while we read it: read it again
+        if not data and (known is None or known.chunks) and 0 <= attempt < 2:
+            return EMPTY_SETTLE_S  # just created, or truncate-then-write: give the writer a moment
         self.progress.bytes_read += len(data)
         if is_binary(data):
             self.progress.files_skipped += 1
             tree._skip(p, "binary")  # noqa: SLF001 - the tree owns the once-per-file log
             return self._delete(uri) if known is not None else None
         sha = hashlib.blake2b(data, digest_size=16).digest()
+        if known is not None and known.sha == sha and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
+            self.progress.files_unchanged += 1
+            return None
         text = data.decode("utf-8", errors="replace")
         doc = chunk_document(path, text, size=self.chunk_size, overlap=self.overlap)
         return self._update(uri, tree, st, sha, doc, known)
@@ -336,8 +351,8 @@ class Indexer:
 
     def _update(self, uri: str, tree: Tree, st: os.stat_result, sha: bytes, doc: Any,
                 known: Manifest | None) -> WriteOp:
-        title = doc.title
-        tags = {**doc.tags, "root": tree.root.name, "type": doc.kind}
+        title = clean(doc.title)
+        tags = {clean(k): clean(v) for k, v in {**doc.tags, "root": tree.root.name, "type": doc.kind}.items()}
         chunks = [(digest(c.text), c) for c in doc.chunks]
 
         def apply(cap: engine.Capsule) -> None:
@@ -356,7 +371,7 @@ class Indexer:
                 vector = vectors.get(source) if source is not None else None
                 if vector is not None:
                     self.progress.vectors_reused += 1
-                fid = cap.put(c.text, uri=f"{uri}#{i}", title=c.title, kind=CHUNK_KIND, tags=tags,
+                fid = cap.put(c.text, uri=f"{uri}#{i}", title=clean(c.title), kind=CHUNK_KIND, tags=tags,
                               parent=uri, chunk=i, vector=vector)
                 out.append((d, fid))
                 self.progress.chunks_written += 1
@@ -402,11 +417,14 @@ class Indexer:
             except Exception:
                 log.exception("watcher stopped")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_thread)
-            await ready.wait()
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_thread)
+                await ready.wait()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            stop.set()  # the thread sees this within one step and ends (its inotify fd too)
 
     def _on_change(self, change: watchfiles.Change, path: str) -> None:
         p = Path(path)
@@ -415,6 +433,7 @@ class Indexer:
             return
         if p.name == ".gitignore":
             tree.forget_gitignore(p.parent)
+            trio.lowlevel.spawn_system_task(self._rescan, tree)  # newly ignored or un-ignored files
         if p.is_dir() and not p.is_symlink():
             trio.lowlevel.spawn_system_task(self._scan_dir, tree, p)  # moved or created with contents
             return
@@ -426,12 +445,16 @@ class Indexer:
 
     def _queue_now(self, path: str) -> None:
         if path in self.pending:
+            self.again.add(path)  # changed again while queued or being read: look once more
             return
         self.pending.add(path)
         try:
             self.paths_send.send_nowait((path, 0))
         except trio.WouldBlock:
             trio.lowlevel.spawn_system_task(self.paths_send.send, (path, 0))
+
+    async def _rescan(self, tree: Tree) -> None:
+        await trio.to_thread.run_sync(self._scan, [tree])
 
     async def _scan_dir(self, tree: Tree, directory: Path) -> None:
         sub = Tree(directory, include=None, exclude=None, max_bytes=tree.max_bytes)

@@ -119,9 +119,20 @@ class Tree:
 
     def walk(self) -> Iterator[tuple[Path, os.stat_result]]:
         """Every document under the root with its stat, directory by directory."""
-        stack = [self.root]
+        # Symlinked directories inside the root are walked, but never into one of their own
+        # ancestors (a link cycle would otherwise be walked until ELOOP).
+        stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(self.root, frozenset())]
         while stack:
-            directory = stack.pop()
+            directory, ancestors = stack.pop()
+            try:
+                st_dir = os.stat(directory)
+            except OSError:
+                continue
+            here = (st_dir.st_dev, st_dir.st_ino)
+            if here in ancestors:
+                self._skip(directory, "symlink cycle")
+                continue
+            ancestors = ancestors | {here}
             try:
                 entries = list(os.scandir(directory))
             except OSError as e:
@@ -137,7 +148,7 @@ class Tree:
                         rel = path.relative_to(self.root)
                         if entry.name not in JUNK_DIRS and not self._ignored(rel, True) and \
                                 not self.exclude.match_file(rel.as_posix() + "/"):
-                            stack.append(path)
+                            stack.append((path, ancestors))
                         continue
                     if not self.accepts(path):
                         continue

@@ -491,8 +491,6 @@ async def test_ignore_rules_junk_dirs_and_globs_for_live_changes(tmp_path):
         assert_matches_tree(cap, [wombat_tree(root)])
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a .gitignore edit only drops the cached spec; files it newly "
-                   "ignores keep their documents and files it stops ignoring are not indexed (until a restart)")
 @pytest.mark.trio
 async def test_editing_a_gitignore_applies_to_files_already_there(tmp_path):
     root = mkroot(tmp_path)
@@ -800,10 +798,6 @@ async def test_a_non_utf8_file_name_created_while_watching(tmp_path):
         await until(lambda: hits(cap, "marmot") == {uri(root / "plain.txt") + "#0"}, timeout=2, ix=ix)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a code/markdown file with a non-UTF-8 name gets titles with a "
-                   "lone surrogate (from the file name): the engine refuses the write (InvalidArgument), which is "
-                   "retried every second forever; the file is never indexed. (With the engine of HEAD the put is "
-                   "staged and the commit raises UnicodeEncodeError, killing the committer and the daemon.)")
 @pytest.mark.trio
 async def test_non_utf8_file_name_of_a_code_file(tmp_path):
     root = mkroot(tmp_path)
@@ -858,8 +852,6 @@ async def test_a_file_that_grows_while_it_is_read(tmp_path):
         assert_matches_tree(cap, [Tree(root)])
 
 
-@pytest.mark.xfail(strict=False, reason="flaky (about 1 run in 6 here) until the dropped-event bug pinned by "
-                   "test_a_change_during_the_read_of_the_previous_one_is_not_lost is fixed; then make it a plain test")
 @pytest.mark.trio
 async def test_a_file_that_grows_while_it_is_read_ends_with_its_final_content(tmp_path):
     root = mkroot(tmp_path)
@@ -875,8 +867,6 @@ async def test_a_file_that_grows_while_it_is_read_ends_with_its_final_content(tm
 # -- races and the life cycle (known bugs) -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: cancelling Indexer.run() abandons the watcher thread without "
-                   "setting its stop event: the thread (and its inotify fd) lives on, watching")
 @pytest.mark.trio
 async def test_cancelling_the_indexer_stops_its_watcher_thread(tmp_path):
     root = mkroot(tmp_path)
@@ -899,9 +889,6 @@ async def test_cancelling_the_indexer_stops_its_watcher_thread(tmp_path):
         await index_threads_gone()
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a change event for a path whose previous change is being "
-                   "prepared (read) is dropped ('pending' is cleared only after the read), so the later "
-                   "content is never indexed")
 @pytest.mark.trio
 async def test_a_change_during_the_read_of_the_previous_one_is_not_lost(tmp_path):
     root = mkroot(tmp_path)
@@ -937,9 +924,6 @@ async def test_a_change_during_the_read_of_the_previous_one_is_not_lost(tmp_path
                     what="BUG: the third version is not indexed", ix=ix)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a change event is ignored when size and mtime_ns match the "
-                   "manifest, so a same-size rewrite within one timestamp tick (emulated with os.utime) is "
-                   "never indexed (racy-git problem; the content hash is there but not used)")
 @pytest.mark.trio
 async def test_a_same_size_rewrite_within_one_timestamp_tick_is_indexed(tmp_path):
     root = mkroot(tmp_path)
