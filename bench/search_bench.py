@@ -271,6 +271,32 @@ def fuse_weighted(lex: list[int], vec: list[int], w_vec: float, k: int = 60) -> 
     return [fid for fid, _ in sorted(scores.items(), key=lambda x: (-x[1], x[0]))]
 
 
+class OneFieldBM25:
+    """Experiment: Tantivy BM25 with title and text in one en_stem field (the engine indexes
+    them as two fields and sums their BM25 scores), queried with the same parser, OR."""
+
+    def __init__(self, corpus: list[dict[str, Any]]) -> None:
+        import tantivy
+
+        sb = tantivy.SchemaBuilder()
+        sb.add_text_field("did", stored=True, tokenizer_name="raw")
+        sb.add_text_field("body", tokenizer_name="en_stem")
+        self.index = tantivy.Index(sb.build())
+        w = self.index.writer(heap_size=64_000_000, num_threads=1)
+        for c in corpus:
+            w.add_document(tantivy.Document(did=c["_id"], body=f"{c.get('title') or ''}\n{c['text']}"))
+        w.commit()
+        self.index.reload()
+        self.searcher = self.index.searcher()
+
+    def search(self, text: str, k: int) -> list[str]:
+        try:
+            q = self.index.parse_query(text, ["body"], conjunction_by_default=False)
+        except ValueError:
+            q, _ = self.index.parse_query_lenient(text, ["body"], conjunction_by_default=False)
+        return [self.searcher.doc(a)["did"][0] for _, a in self.searcher.search(q, k).hits]
+
+
 def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: str,
                 cache: EmbedCache) -> dict[str, Any]:
     log(f"quality: {name}: loading")
@@ -315,8 +341,12 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
     con.executemany("INSERT INTO d VALUES (?, ?, ?)", [(c["_id"], c.get("title") or "", c["text"]) for c in corpus])
     fts_build = time.perf_counter() - t0
 
+    # experiment: Tantivy BM25 over ONE field (title + text), en_stem, same query parser, OR
+    one = OneFieldBM25(corpus)
+    fid_of = {did: fid for fid, did in id_of.items()}
+
     runs: dict[str, dict[str, list[str]]] = {m: {} for m in ("fts5", "lex", "vec", "hybrid")}
-    lists: dict[str, dict[int, dict[str, list[int]]]] = {"lex": {}, "vec": {}, "lex_s": {}}
+    lists: dict[str, dict[int, dict[str, list[int]]]] = {"lex": {}, "vec": {}, "lex_s": {}, "lex_1f": {}}
     lex_scores: dict[str, dict[int, float]] = {}
     lat: dict[str, list[float]] = {"fts5": [], "lex": [], "vec_incl_query_embed": [], "hybrid": []}
     warned: list[str] = []
@@ -358,6 +388,8 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
                 lex_scores[q] = {h.frame_id: h.score for h in lh}
         sh = cap.find(sanitize(text), k=K, mode="lex", snippet_chars=0) if sanitize(text) else []
         lists["lex_s"].setdefault(K, {})[q] = [h.frame_id for h in sh]
+        for d in (K, ENGINE_DEPTH):
+            lists["lex_1f"].setdefault(d, {})[q] = [fid_of[x] for x in one.search(text, d)]
     cap.close()
     con.close()
 
@@ -409,14 +441,14 @@ def experiments(qids: list[str], qrels: dict[str, dict[str, int]], lists: dict[s
         variants[f"rrf60_d{d}"] = {q: as_docs([f for _, f in rrf([L[d][q], V[d][q]])]) for q in qids}
     for w in (0.3, 0.4, 0.6, 0.7):
         variants[f"wrrf_d50_wvec{w}"] = {q: as_docs(fuse_weighted(L[50][q], V[50][q], w)) for q in qids}
+    def by_cosine(q: str, cand: list[int]) -> list[str]:
+        s = cos(q, cand) if cand else np.zeros(0)
+        return as_docs([cand[i] for i in np.argsort(-s, kind="stable")])
+
     for d in DEPTHS:
-        out = {}
-        for q in qids:
-            cand = list(dict.fromkeys(L[d][q] + V[d][q]))
-            s = cos(q, cand) if cand else np.zeros(0)
-            out[q] = as_docs([cand[i] for i in np.argsort(-s, kind="stable")])
-        variants[f"cosine_rescore_union_d{d}"] = out
-    for a in (0.3, 0.5, 0.7):
+        variants[f"cosine_rerank_lex_d{d}"] = {q: by_cosine(q, L[d][q]) for q in qids}
+    variants["cosine_rescore_union_d100"] = {q: by_cosine(q, list(dict.fromkeys(L[100][q] + V[100][q]))) for q in qids}
+    for a in (0.3, 0.5, 0.7, 0.8):
         out = {}
         for q in qids:
             cand = list(dict.fromkeys(L[100][q] + V[100][q]))
@@ -431,6 +463,9 @@ def experiments(qids: list[str], qrels: dict[str, dict[str, int]], lists: dict[s
     variants["lex_top10_of_k100(OR-ranking)"] = {q: as_docs(L[100][q]) for q in qids}
     variants["lex_sanitized_query"] = {q: as_docs(S[K][q]) for q in qids}
     variants["rrf60_d50_sanitized_lex"] = {q: as_docs([f for _, f in rrf([S[50][q], V[50][q]])]) for q in qids}
+    O = lists["lex_1f"]
+    variants["lex_tantivy_one_field(title+text)"] = {q: as_docs(O[K][q]) for q in qids}
+    variants["rrf60_d40_one_field_lex"] = {q: as_docs([f for _, f in rrf([O[ENGINE_DEPTH][q], V[ENGINE_DEPTH][q]])]) for q in qids}
     # exact dense: brute-force float32 cosine over every document (no HNSW, no f16)
     order = sorted(id_of)
     variants["vec_exact_f32_bruteforce"] = {
