@@ -398,18 +398,30 @@ class Indexer:
         token = trio.lowlevel.current_trio_token()
 
         def watch() -> None:
-            changes = watchfiles.watch(
-                *roots, debounce=self.debounce_ms, step=self.step_ms, rust_timeout=50,
-                yield_on_timeout=True, stop_event=stop, raise_interrupt=False,
-                ignore_permission_denied=True,
-            )
-            first = True
-            for batch in changes:
-                if first:  # the watches exist now: the scan cannot miss anything
-                    first = False
-                    trio.from_thread.run_sync(ready.set, trio_token=token)
-                for change, path in batch:
-                    trio.from_thread.run_sync(self._on_change, change, path, trio_token=token)
+            restarts = 0
+            while not stop.is_set():
+                changes = watchfiles.watch(
+                    *roots, debounce=self.debounce_ms, step=self.step_ms, rust_timeout=50,
+                    yield_on_timeout=True, stop_event=stop, raise_interrupt=False,
+                    ignore_permission_denied=True,
+                )
+                first = True
+                try:
+                    for batch in changes:
+                        if first:  # the watches exist now: a scan cannot miss anything
+                            first = False
+                            trio.from_thread.run_sync(ready.set, trio_token=token)
+                            if restarts:  # what happened while the watcher was down
+                                trio.from_thread.run_sync(self._rescan_all, trees, trio_token=token)
+                        for change, path in batch:
+                            trio.from_thread.run_sync(self._on_change, change, path, trio_token=token)
+                except RuntimeError as e:
+                    # watchfiles gives up on a whole batch when one path in it is not
+                    # UTF-8 ("Unable to decode path"): start it again and rescan, so one
+                    # odd file name never ends the watching of a tree.
+                    restarts += 1
+                    log.warning("watcher restarted (%s) restarts=%s", e, restarts)
+                    stop.wait(min(1.0, 0.05 * restarts))
 
         async def run_thread() -> None:
             try:
@@ -452,6 +464,10 @@ class Indexer:
             self.paths_send.send_nowait((path, 0))
         except trio.WouldBlock:
             trio.lowlevel.spawn_system_task(self.paths_send.send, (path, 0))
+
+    def _rescan_all(self, trees: list[Tree]) -> None:
+        for tree in trees:
+            trio.lowlevel.spawn_system_task(self._rescan, tree)
 
     async def _rescan(self, tree: Tree) -> None:
         await trio.to_thread.run_sync(self._scan, [tree])

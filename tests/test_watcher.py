@@ -764,9 +764,6 @@ async def test_non_utf8_file_names_and_contents(tmp_path):
         # (the watcher is dead by now: test_a_non_utf8_file_name_does_not_stop_the_watcher)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: any event on a non-UTF-8 file name under a watched root, even the "
-                   "access events of the indexer's own read of it during the start-up scan, makes watchfiles raise "
-                   "'Unable to decode path': 'watcher stopped' is logged and no later change is ever seen")
 @pytest.mark.trio
 async def test_a_non_utf8_file_name_does_not_stop_the_watcher(tmp_path):
     root = mkroot(tmp_path)
@@ -781,8 +778,6 @@ async def test_a_non_utf8_file_name_does_not_stop_the_watcher(tmp_path):
                     what="BUG: a later change is not seen (the watcher died)", ix=ix)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a file with a non-UTF-8 name created under a watched root kills "
-                   "the watcher (watchfiles raises 'Unable to decode path') before the file is indexed")
 @pytest.mark.trio
 async def test_a_non_utf8_file_name_created_while_watching(tmp_path):
     root = mkroot(tmp_path)
