@@ -298,7 +298,9 @@ class Indexer:
         except OSError:
             st = None
         if st is None or tree is None or not tree.accepts(p) or not tree.check_file(p, st):
-            return self._delete(uri) if known is not None else None
+            # Decide at apply time, not now: an add of this file may be prepared and not
+            # yet applied (self.docs would not show it), and ops apply in order.
+            return self._delete(uri) if known is not None or (tree is not None and tree.accepts(p)) else None
         if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns and attempt == SCAN:
             self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
@@ -307,7 +309,7 @@ class Indexer:
                 data = f.read(tree.max_bytes + 1)
             after = p.stat()
         except FileNotFoundError:
-            return self._delete(uri) if known is not None else None
+            return self._delete(uri)
         except OSError as e:
             self.progress.files_skipped += 1
             log.info("skip path=%s reason=unreadable: %s", path, e.strerror)

@@ -933,9 +933,6 @@ async def test_a_same_size_rewrite_within_one_timestamp_tick_is_indexed(tmp_path
         await until(lambda: hits(cap, "loris"), timeout=2, what="BUG: the rewrite is not indexed", ix=ix)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a file deleted after its add was prepared but before that "
-                   "write committed is never removed: the delete is prepared against self.docs, which the "
-                   "pending write has not updated yet (ghost document)")
 @pytest.mark.trio
 async def test_a_delete_racing_the_commit_of_the_add_leaves_no_ghost(tmp_path):
     root = mkroot(tmp_path)
