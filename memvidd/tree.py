@@ -69,16 +69,19 @@ class Tree:
         self._gitignores.pop(directory, None)
 
     def _ignored(self, rel: Path, is_dir: bool) -> bool:
-        """Does a .gitignore from the root down to ``rel``'s directory exclude it?"""
+        """Do the .gitignore files from the root down to ``rel``'s directory exclude it?
+        As in git, a deeper file's verdict (an ignore or a ``!`` re-include) wins."""
         parts = rel.parts
+        ignored = False
         for depth in range(len(parts)):
             directory = self.root.joinpath(*parts[:depth])
             spec = self._gitignore(directory)
             if spec is not None:
                 sub = "/".join(parts[depth:]) + ("/" if is_dir else "")
-                if spec.match_file(sub):
-                    return True
-        return False
+                verdict = spec.check_file(sub).include
+                if verdict is not None:
+                    ignored = verdict
+        return ignored
 
     def accepts(self, path: str | Path, *, log_skip: bool = True) -> bool:
         """Is ``path`` (absolute) a document of this root? Cheap checks first, no reads."""

@@ -246,9 +246,6 @@ def test_forget_gitignore_rereads_it(tmp_path):
     assert not tree.accepts(tmp_path / "a.txt") and tree.accepts(tmp_path / "b.txt")
 
 
-@pytest.mark.xfail(strict=True, reason="tree: a negation in a nested .gitignore cannot re-include a file "
-                   "that a parent .gitignore ignores (git: deeper files override); _ignored() stops at the "
-                   "first level whose spec matches")
 def test_nested_gitignore_negation_overrides_the_parent(tmp_path):
     make(tmp_path, {".gitignore": "*.txt\n", "sub/.gitignore": "!keep.txt\n",
                     "sub/keep.txt": "x", "sub/other.txt": "x", "a.txt": "x"})
