@@ -126,14 +126,20 @@ def _code_blocks(lines: list[str]) -> list[tuple[int, int]]:
             continue
         prev_blank = not lines[i - 1].strip()
         if _DEF.match(s) or prev_blank:
+            if all(_is_preamble(lines[x]) for x in range(starts[-1], i)):
+                continue  # the block so far is only comments/decorators: they belong to this def
             # Attach the comments/decorators right above it to this block.
             j = i
-            while j - 1 > starts[-1] and lines[j - 1].strip() and lines[j - 1][0] not in " \t" and \
-                    lines[j - 1].lstrip().startswith(("#", "//", "@", "/*", "*", "--", ";")):
+            while j - 1 > starts[-1] and lines[j - 1].strip() and _is_preamble(lines[j - 1]):
                 j -= 1
             if j > starts[-1]:
                 starts.append(j)
     return [(a, b) for a, b in zip(starts, [*starts[1:], len(lines)]) if any(x.strip() for x in lines[a:b])]
+
+
+def _is_preamble(line: str) -> bool:
+    """An unindented comment or decorator line, or a blank one."""
+    return not line.strip() or (line[0] not in " \t" and line.lstrip().startswith(("#", "//", "@", "/*", "*", "--", ";")))
 
 
 def _block_title(first: str, base: str) -> str:

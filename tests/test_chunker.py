@@ -91,9 +91,6 @@ def test_code_is_cut_by_top_level_definitions():
     assert "".join(c.text for c in doc.chunks) == text
 
 
-@pytest.mark.xfail(strict=True, reason="chunker: a comment or decorator line right above a top-level def "
-                   "becomes a block of its own (the def starts another block), so it is cut off from the "
-                   "definition it belongs to (or merged into the previous one)")
 def test_comments_and_decorators_stay_with_their_definition():
     text = "def a(data):\n" + BODY + "\n\n# explains b\n@decorator\ndef b(data):\n" + BODY
     doc = chunk_document("m.py", text, size=500, overlap=50)
