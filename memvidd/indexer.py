@@ -118,6 +118,7 @@ class Indexer:
         self.again: set[str] = set()  # pending paths that changed again meanwhile
         self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
         self.progress = Progress(started=time.time())
+        self._root_event = trio.Event()
         self.stop = threading.Event()
 
     # -- state ------------------------------------------------------------------------
@@ -185,8 +186,15 @@ class Indexer:
                         task_status.started()
                         first = False
                     await self._scan_all(present)
+                    self._root_event = trio.Event()
                     while [t for t in self.trees if t.root.is_dir()] == present:
-                        await trio.sleep(1.0)  # roots rarely come and go: a cheap poll
+                        # Roots rarely come and go: a cheap poll, cut short when the
+                        # watcher sees a root itself removed (it may be back at once,
+                        # but the old watch died with the old directory).
+                        with trio.move_on_after(1.0):
+                            await self._root_event.wait()
+                        if self._root_event.is_set():
+                            break
                     self.stop.set()
                     nursery.cancel_scope.cancel()
             else:
@@ -442,6 +450,9 @@ class Indexer:
 
     def _on_change(self, change: watchfiles.Change, path: str) -> None:
         p = Path(path)
+        if any(t.root == p for t in self.trees):  # a root itself went or came: re-watch
+            self._root_event.set()
+            return
         tree = self.tree_of(path)
         if tree is None:
             return

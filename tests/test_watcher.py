@@ -695,8 +695,6 @@ async def test_a_root_that_disappears_and_comes_back_is_rescanned(tmp_path):
         assert_matches_tree(cap, [Tree(root)])
 
 
-@pytest.mark.xfail(strict=True, reason="indexer: a root removed and re-created between two of the 1 s "
-                   "existence polls is never watched again (the old inotify watch died with the old directory)")
 @pytest.mark.trio
 async def test_a_root_replaced_at_once_is_watched_again(tmp_path):
     root = mkroot(tmp_path)
