@@ -21,7 +21,6 @@ All files live in one temporary directory that is removed at the end.
 from __future__ import annotations
 
 import argparse
-import bisect
 import gc
 import hashlib
 import json

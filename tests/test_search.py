@@ -3,7 +3,6 @@ the indexes, caches, and bad input. The semantic tests run the real embedding mo
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
