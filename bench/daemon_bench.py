@@ -287,14 +287,19 @@ class Daemon:
             if "READY=1" in data.split("\n"):
                 return time.perf_counter() - t0
 
-    def status(self) -> dict[str, float]:
+    def status(self) -> dict[str, Any]:
+        """VmRSS/VmHWM/RssAnon/RssFile (MiB) of the daemon, and the frames of each capsule."""
+        from memvidd.client import Client
+
         assert self.proc is not None
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
                 key = line.split(":", 1)[0]
                 if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     out[key.lower() + "_mib"] = round(int(line.split()[1]) / 1024, 1)
+        with Client(self.socket) as c:
+            out["frames"] = {ci.name: ci.frames for ci in c.capsules()}
         return out
 
     def stop(self) -> float:
@@ -520,8 +525,8 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
         g["lex_socket_first_p99_under_5ms"] = s["first"]["p99"] < GOALS["lex_socket_p99_ms"]
         g["cached_socket_p50_under_0.3ms"] = s["cached"]["p50"] < GOALS["cached_socket_p50_ms"]
     rl = r.get("lexical", {}).get("rss")
-    if rl:
-        g["rss_lexical_100k_under_250MiB"] = rl["after_puts"]["vmhwm_mib"] < GOALS["rss_lexical_mib"]
+    if rl:  # peak so far with the 100k frames served and queried (the puts add frames after)
+        g["rss_lexical_100k_under_250MiB"] = rl["after_queries"]["vmhwm_mib"] < GOALS["rss_lexical_mib"]
     rm = r.get("vector", {}).get("rss")
     if rm:
         g["rss_with_model_under_700MiB"] = rm["after_queries"]["vmhwm_mib"] < GOALS["rss_model_mib"]
@@ -543,7 +548,8 @@ def summary_line(r: dict[str, Any]) -> str:
             p = lx[key]
             parts.append(f"{label} " + " ".join(f"x{v['threads']} {v['puts_per_s']:.0f}/s ({v['commits_per_s']:.0f} c/s)"
                                                 for v in p.values()))
-        parts.append(f"RSS lex {lx['rss']['after_puts']['vmhwm_mib']} MiB HWM")
+        parts.append(f"RSS lex {lx['rss']['after_queries']['vmhwm_mib']} MiB HWM @{lx['rss']['after_queries']['frames']['lex']} fr "
+                     f"({lx['rss']['after_puts']['vmhwm_mib']} @{lx['rss']['after_puts']['frames']['lex']})")
     vx = r.get("vector")
     if vx:
         s = vx["find"]["socket"]

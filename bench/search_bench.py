@@ -499,9 +499,9 @@ def quality_tables(sets: dict[str, Any]) -> str:
                      f"({c['hybrid_minus_best_single_ndcg']:+.4f}) | "
                      f"{'yes' if c['hybrid_mrr_ge_lex_mrr'] else 'NO'} ({c['hybrid_minus_lex_mrr']:+.4f}) |")
     names = [n for n in next(iter(sets.values()))["experiments"] if not n.startswith("_")] if sets else []
-    lines += ["", "Experiments (computed outside the engine from its lex/vec lists; not engine behaviour; "
-              "tuned on the test queries, so the best row is optimistic). Cell: nDCG@10 / MRR@10, "
-              "`*` = nDCG@10 >= max(lex, vec) and MRR >= lex.", "",
+    lines += ["", ("Experiments (computed outside the engine from its lex/vec lists; not engine behaviour; "
+                   "tuned on the test queries, so the best row is optimistic). Cell: nDCG@10 / MRR@10, "
+                   "`*` = nDCG@10 >= max(lex, vec) and MRR >= lex."), "",
               "| variant | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for n in names:
         cells = []
@@ -553,6 +553,22 @@ def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: st
 # -- 2. speed ----------------------------------------------------------------------------
 
 
+def chunk_lines(data: bytes) -> list[bytes]:
+    """Cut on line boundaries into pieces of at most CHUNK_BYTES (a longer line stands alone)."""
+    out: list[bytes] = []
+    cur: list[bytes] = []
+    size = 0
+    for line in data.splitlines(keepends=True):
+        if cur and size + len(line) > CHUNK_BYTES:
+            out.append(b"".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += len(line)
+    if cur:
+        out.append(b"".join(cur))
+    return out
+
+
 def stdlib_chunks(max_chunks: int | None) -> tuple[str, int, list[str], list[str]]:
     """~1 KB chunks of the stdlib's *.py (cut on line boundaries; a longer line stands alone)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -568,25 +584,11 @@ def stdlib_chunks(max_chunks: int | None) -> tuple[str, int, list[str], list[str
         except OSError:
             continue
         nfiles += 1
-        cur: list[bytes] = []
-        size = 0
-        n = 0
-
-        def emit() -> None:
-            nonlocal n
-            # errors="replace": lone surrogates would break the lexical index (see the README)
-            texts.append(b"".join(cur).decode("utf-8", errors="replace"))
+        for n, piece in enumerate(chunk_lines(data)):
+            # errors="replace": the engine's lexical index refuses text with lone surrogates
+            # (what surrogateescape would give for the few non-UTF-8 test files)
+            texts.append(piece.decode("utf-8", errors="replace"))
             uris.append(f"file://{p}#{n}")
-            n += 1
-
-        for line in data.splitlines(keepends=True):
-            if cur and size + len(line) > CHUNK_BYTES:
-                emit()
-                cur, size = [], 0
-            cur.append(line)
-            size += len(line)
-        if cur:
-            emit()
         if max_chunks is not None and len(texts) >= max_chunks:
             break
     return str(root), nfiles, uris, texts
@@ -725,11 +727,12 @@ def bench_latency(cap: Any, queries: list[str], mid_seq: int) -> dict[str, Any]:
     ix = cap._indexes
     res: dict[str, Any] = {"queries": len(queries), "k": K, "snippet_chars": 200,
                            "note": "find() with defaults (k=10, snippet_chars=200). 'first': first run of each "
-                                   "query (vec/hybrid: embeds the query). 'cold': result cache cleared "
+                                   "query (vec embeds the query; hybrid runs after vec, so its query vector "
+                                   "is already cached). 'cold': result cache cleared "
                                    "(cap._indexes.results.clear()), query vector cached. 'cached': the same "
                                    "queries again, result-cache hits."}
     for mode in ("lex", "vec", "hybrid"):
-        first, c0, n0 = timed_pass(cap, queries, mode)
+        first, c0, _ = timed_pass(cap, queries, mode)
         ix.results.clear()
         cold, c1, n1 = timed_pass(cap, queries, mode)
         hit, c2, _ = timed_pass(cap, queries, mode)
@@ -746,7 +749,7 @@ def bench_latency(cap: Any, queries: list[str], mid_seq: int) -> dict[str, Any]:
     asof: dict[str, Any] = {"as_of_seq": mid_seq, "head_seq": cap.seq}
     for mode in ("lex", "vec", "hybrid"):
         ix.results.clear()
-        latest, _, nl = timed_pass(cap, queries, mode)
+        latest, _, _ = timed_pass(cap, queries, mode)
         ix.results.clear()
         past, cached, npast = timed_pass(cap, queries, mode, as_of=mid_seq)
         dl, dp = dist(latest), dist(past)
@@ -849,7 +852,7 @@ def bench_speed(cfg: dict[str, Any], emb2: Embedder, tok: TokenCounter, tmp: str
     src = frame_vectors(real_idx, real_vecs, probe, np.ones(len(probe), bool), rng)
     noisy = ~exact_set[probe]
     out["vectors"] = {
-        "real_embedded_chunks": int(len(real_idx)), "real_embedding": emb_real,
+        "real_embedded_chunks": len(real_idx), "real_embedding": emb_real,
         "synthetic": f"every other frame: the vector of the nearest (by position) really embedded chunk + "
                      f"N(0, {NOISE_SIGMA}^2) per dimension, renormalised; copies of really embedded chunks "
                      "get noise too. The vector index therefore holds clusters of near-duplicates.",
@@ -934,11 +937,11 @@ def environment(tmp_root: str) -> dict[str, Any]:
             return None
 
     def ver(mod: str) -> str | None:
-        try:
-            from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
             return version(mod)
-        except Exception:
+        except PackageNotFoundError:
             return None
 
     status = git("status", "--porcelain", "--", "engine")

@@ -115,6 +115,9 @@ class LexIndex:
         return self._writer
 
     def add(self, m: FrameMeta, text: str, end: int = FOREVER) -> None:
+        # Text put with undecodable bytes (surrogateescape, e.g. from a non-UTF-8 file)
+        # is indexed with U+FFFD in their place: Tantivy takes valid Unicode only.
+        text = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         doc = Document(
             frame_id=m.id, seq=m.seq, end=end, ts=m.timestamp, text=f"{m.title}\n{text}" if m.title else text,
             uri=m.uri or "", uri_pfx=uri_prefixes(m.uri) if m.uri else [],

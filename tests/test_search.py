@@ -311,3 +311,13 @@ def test_cached_only_answers_hits_and_declines_misses(path):
         hit = cap.find("bread", mode="lex", cached_only=True)
         assert hit is not None and hit.cached and [h.frame_id for h in hit] == [h.frame_id for h in first]
         assert cap.find("flour", mode="lex", cached_only=True) is None  # a miss does no search
+
+
+def test_text_with_undecodable_bytes_is_indexed(path):
+    with engine.create(path, model=None) as cap:
+        fill(cap)
+        cap.find("bread", mode="lex")  # indexes attached: the commit below updates them
+        cap.put("caf\udce9 latte surrogate", uri="doc://odd")  # os.fsdecode-style text
+        seq = cap.commit()
+        assert cap.seq == seq and uris(cap.find("latte", mode="lex")) == ["doc://odd"]
+        assert cap.get(uri="doc://odd").payload == b"caf\xe9 latte surrogate"
