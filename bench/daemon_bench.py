@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 MB = 1e6
 MODEL = "all-MiniLM-L6-v2"
@@ -85,7 +85,7 @@ def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
     xs = sorted(x * scale for x in samples_s)
     if not xs:
         return {"unit": unit, "n": 0}
-    r = lambda v: round(v, 4)  # noqa: E731
+    r = lambda v: round(v, 4)
     return {"unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
             "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]), "mean": r(statistics.fmean(xs))}
 
@@ -219,8 +219,8 @@ def build_vec(path: str, uris: list[str], texts: list[str], total: int, real: in
     el = time.perf_counter() - t1
     st = cap.stats()
     cap.close()
-    return {"frames": st["frames"], "real_embedded": int(len(real_idx)),
-            "real_embedding": {"chunks": int(len(real_idx)), "seconds": round(embed_s, 2),
+    return {"frames": st["frames"], "real_embedded": len(real_idx),
+            "real_embedding": {"chunks": len(real_idx), "seconds": round(embed_s, 2),
                                "chunks_per_s": round(len(real_idx) / embed_s, 2), "batch": EMBED_BATCH,
                                "threads": 2},
             "noise_sigma": NOISE_SIGMA, "mean_cosine_to_source": round(cos, 4),
@@ -433,6 +433,21 @@ def compare(inproc: dict[str, Any], sock: dict[str, Any]) -> dict[str, Any]:
 # -- put throughput -------------------------------------------------------------------------------
 
 
+def producer(c: Any, uri_prefix: str, offset: int, capsule: str, payloads: list[str], barrier: threading.Barrier,
+             stop_at: list[float], lat: list[float], errors: list[str]) -> None:
+    """One producer thread: ``put`` on its own connection until ``stop_at[0]``."""
+    j = 0
+    barrier.wait()
+    try:
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            c.put(payloads[(offset + j) % len(payloads)], capsule=capsule, uri=f"{uri_prefix}{j}", kind="event")
+            lat.append(time.perf_counter() - t0)
+            j += 1
+    except Exception as e:  # noqa: BLE001 - reported, not raised from a thread
+        errors.append(repr(e))
+
+
 def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
     from memvidd.client import Client
 
@@ -447,21 +462,9 @@ def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...
             lat: list[list[float]] = [[] for _ in range(n)]
             errors: list[str] = []
 
-            def producer(i: int) -> None:
-                c = clients[i]
-                j = 0
-                barrier.wait()
-                try:
-                    while time.perf_counter() < stop_at[0]:
-                        t0 = time.perf_counter()
-                        c.put(payloads[(i * 7919 + j) % len(payloads)], capsule=capsule,
-                              uri=f"bench://put/{n}/{i}/{j}", kind="event")
-                        lat[i].append(time.perf_counter() - t0)
-                        j += 1
-                except Exception as e:  # noqa: BLE001 - reported, not raised from a thread
-                    errors.append(repr(e))
-
-            threads = [threading.Thread(target=producer, args=(i,)) for i in range(n)]
+            threads = [threading.Thread(target=producer, args=(
+                clients[i], f"bench://put/{n}/{i}/", i * 7919, capsule, payloads, barrier, stop_at, lat[i], errors))
+                for i in range(n)]
             for t in threads:
                 t.start()
             t0 = time.perf_counter()
@@ -602,7 +605,9 @@ def main() -> None:
         lex_path = str(tmp / "lex.mv2")
         vec_path = str(tmp / "vec.mv2")
 
-        # 1. the lexical capsule, a daemon without the model
+        from memvidd.client import Client
+
+        # 1. the lexical capsule, a daemon without the model: finds and RSS at 100k frames
         log(f"building the {cfg['lex_frames']}-frame lexical capsule")
         lex: dict[str, Any] = {"build": build_lex(lex_path, uris, texts, cfg["lex_frames"])}
         d = Daemon(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
@@ -611,17 +616,7 @@ def main() -> None:
             lex["rss"] = {"ready": d.status()}
             lex["find"] = interleaved_finds(d, lex_path, "lex", queries, ("lex",), cfg)
             lex["rss"]["after_queries"] = d.status()
-            log("put throughput, after the finds")
-            lex["puts"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
-            lex["rss"]["after_puts"] = d.status()
             lex["stop_s"] = round(d.stop(), 3)
-            # The same on a restarted daemon that has served no find (nothing to re-warm
-            # after each commit: see the README's caveats).
-            log("put throughput, fresh daemon (no find served)")
-            d.start()
-            lex["puts_fresh_daemon"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
-            lex["rss"]["fresh_after_puts"] = d.status()
-            d.stop()
         finally:
             d.kill()
         result["lexical"] = lex
@@ -642,13 +637,11 @@ def main() -> None:
                 vec["stop_s"] = round(d.stop(), 3)
             finally:
                 d.kill()
-            vec["rss"]["note"] = "one daemon with the model loaded serving both capsules (vec + the lexical 100k)"
+            vec["rss"]["note"] = "one daemon with the model loaded serving both capsules (vec + the lexical one)"
             result["vector"] = vec
             del emb
 
-            # 3. the model loaded, serving only the lexical capsule: RSS comparable to 1.
-            from memvidd.client import Client
-
+            # 3. the model loaded, serving only the lexical capsule (still 100k frames): RSS comparable to 1.
             d = Daemon(tmp / "d-lex-model", {"lex": lex_path}, model=MODEL, cache=cache)
             try:
                 ml: dict[str, Any] = {"ready_s": round(d.start(), 3)}
@@ -661,6 +654,26 @@ def main() -> None:
             finally:
                 d.kill()
             result["model_lexical_rss"] = ml
+
+        # 4. put throughput, last (it adds frames): on the lexical daemon once it has served the
+        # queries, then restarted (no find served: nothing to re-warm after each commit).
+        d = Daemon(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
+        try:
+            d.start()
+            with Client(d.socket) as c:
+                for q in queries:
+                    c.find(q, mode="lex")
+            log("put throughput, after finds")
+            lex["puts"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
+            lex["rss"]["after_puts"] = d.status()
+            d.stop()
+            log("put throughput, fresh daemon (no find served)")
+            d.start()
+            lex["puts_fresh_daemon"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
+            lex["rss"]["fresh_after_puts"] = d.status()
+            d.stop()
+        finally:
+            d.kill()
 
         result["goals_ms_mib"] = GOALS
         result["goals"] = goals(result)

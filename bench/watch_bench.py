@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from memvidd.client import Client  # noqa: E402
-from memvidd.indexer import file_uri  # noqa: E402
+from memvidd.client import Client
+from memvidd.indexer import file_uri
 
 MB = 1e6
 MIB = 1 << 20
@@ -92,7 +92,7 @@ def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
     xs = sorted(x * scale for x in samples_s)
     if not xs:
         return {"unit": unit, "n": 0}
-    r = lambda v: round(v, 3)  # noqa: E731
+    r = lambda v: round(v, 3)
     return {
         "unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
         "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]), "mean": r(statistics.fmean(xs)),
@@ -522,7 +522,7 @@ def lex_flush_probe(tmp: Path, latency_tree: list[Path] | None, commits: int) ->
                              kind=None, tags={}, timestamp=0.0, parent=None)
 
     tv: dict[str, list[float]] = {"disk": [], "ram": []}
-    for label in tv:
+    for label, samples in tv.items():
         ix = LexIndex(d / "raw" if label == "disk" else None)
         for i in range(50):
             ix.add(meta(i), f"seed text {i} " * 40)
@@ -531,7 +531,7 @@ def lex_flush_probe(tmp: Path, latency_tree: list[Path] | None, commits: int) ->
             ix.add(meta(1000 + i), f"probe{i}q")
             t0 = time.perf_counter()
             ix.writer.commit()
-            tv[label].append(time.perf_counter() - t0)
+            samples.append(time.perf_counter() - t0)
             ix.index.reload()
             ix.dirty = False
         ix.close()

@@ -786,16 +786,23 @@ class Capsule:
             return pos
         stored = previous["files"] if previous else {}
         files: dict[str, list[int]] = {}
-        for p in ix.lex_files():
-            old = stored.get(p.name)
-            if old is not None and old[1] == p.stat().st_size and p.name not in MUTABLE_LEX_FILES:
-                files[p.name] = old  # segment files never change once written
-                continue
-            data = p.read_bytes()
-            raw = fmt.encode_record(fmt.LEXFILE, data)
-            files[p.name] = [pos, len(data)]
-            out += raw
-            pos += len(raw)
+        chunk = bytearray()
+        try:
+            for p in ix.lex_files():
+                old = stored.get(p.name)
+                if old is not None and old[1] == p.stat().st_size and p.name not in MUTABLE_LEX_FILES:
+                    files[p.name] = old  # segment files never change once written
+                    continue
+                data = p.read_bytes()
+                raw = fmt.encode_record(fmt.LEXFILE, data)
+                files[p.name] = [pos + len(chunk), len(data)]
+                chunk += raw
+        except FileNotFoundError:
+            # A Tantivy merge removed a file while we copied: keep the previous copy this
+            # time (still valid; a restore catches up), try again at the next checkpoint.
+            return pos
+        out += chunk
+        pos += len(chunk)
         extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq),
                         "files": files, "schema": LEX_SCHEMA, "frames": self._table.next_id}
         return pos
