@@ -23,14 +23,12 @@ import argparse
 import gc
 import json
 import keyword
-import math
 import os
 import platform
 import random
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -60,6 +58,8 @@ QUICK = dict(lex_frames=10_000, vec_frames=3_000, real_chunks=48, n_queries=40, 
 GOALS = {"cached_socket_p50_ms": 0.3, "lex_socket_p50_ms": 1.0, "lex_socket_p99_ms": 5.0,
          "rss_lexical_mib": 250, "rss_model_mib": 700}
 
+from benchstats import dist, ratio, loadavg  # noqa: E402
+
 VERBOSE = False
 
 
@@ -71,31 +71,12 @@ def log(msg: str) -> None:
 # -- statistics --------------------------------------------------------------------------
 
 
-def percentile(sorted_xs: list[float], p: float) -> float:
-    if not sorted_xs:
-        return math.nan
-    k = (len(sorted_xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
-    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-    xs = sorted(x * scale for x in samples_s)
-    if not xs:
-        return {"unit": unit, "n": 0}
-    r = lambda v: round(v, 4)
-    return {"unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
-            "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]), "mean": r(statistics.fmean(xs))}
 
 
-def ratio(a: float | None, b: float | None, nd: int = 3) -> float | None:
-    return round(a / b, nd) if a is not None and b else None
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- corpus ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -55,6 +54,8 @@ QUICK = dict(
 )
 SLOW_INGEST_S = 45.0  # one ingest run longer than this: do not repeat it
 
+from benchstats import percentile, dist, ratio  # noqa: E402
+
 VERBOSE = False
 
 
@@ -66,30 +67,10 @@ def log(msg: str) -> None:
 # -- statistics ------------------------------------------------------------------------
 
 
-def percentile(sorted_xs: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return math.nan
-    k = (len(sorted_xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
-    """Percentile summary of durations given in seconds, reported in ``unit``."""
-    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-    xs = sorted(x * scale for x in samples_s)
-    r = lambda v: round(v, 4)  # noqa: E731
-    return {
-        "unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
-        "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]),
-        "mean": r(statistics.fmean(xs)),
-    }
 
 
-def ratio(a: float, b: float, nd: int = 3) -> float | None:
-    return round(a / b, nd) if b else None
 
 
 # -- corpus ----------------------------------------------------------------------------

@@ -83,6 +83,8 @@ GOALS = {  # from the project brief; latencies in ms
     "lex_p50_ms": 1.0, "hybrid_cached_qvec_p50_ms": 2.0, "cache_hit_p50_ms": 0.1, "as_of_over_latest": 2.0,
 }
 
+from benchstats import percentile, dist, ratio  # noqa: E402
+
 VERBOSE = False
 T0 = time.perf_counter()
 
@@ -95,31 +97,10 @@ def log(msg: str) -> None:
 # -- statistics ------------------------------------------------------------------------
 
 
-def percentile(sorted_xs: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return math.nan
-    k = (len(sorted_xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
-    """Percentile summary of durations given in seconds, reported in ``unit``."""
-    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-    xs = sorted(x * scale for x in samples_s)
-    if not xs:
-        return {"unit": unit, "n": 0}
-    r = lambda v: round(v, 4)  # noqa: E731
-    return {
-        "unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
-        "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]), "mean": r(statistics.fmean(xs)),
-    }
 
 
-def ratio(a: float | None, b: float | None, nd: int = 3) -> float | None:
-    return round(a / b, nd) if a is not None and b else None
 
 
 def dir_bytes(path: str | Path) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -65,6 +64,8 @@ POLL_S = 0.002  # find polling interval in the latency test
 EDIT_TIMEOUT_S = 15.0
 EDIT_GAP_S = (0.05, 0.15)  # idle time between two edits (uniform)
 
+from benchstats import percentile, dist, loadavg  # noqa: E402
+
 VERBOSE = False
 
 
@@ -76,31 +77,10 @@ def log(msg: str) -> None:
 # -- statistics --------------------------------------------------------------------------
 
 
-def percentile(sorted_xs: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return math.nan
-    k = (len(sorted_xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-def dist(samples_s: list[float], unit: str = "ms") -> dict[str, Any]:
-    """Percentile summary of durations given in seconds, reported in ``unit``."""
-    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-    xs = sorted(x * scale for x in samples_s)
-    if not xs:
-        return {"unit": unit, "n": 0}
-    r = lambda v: round(v, 3)
-    return {
-        "unit": unit, "n": len(xs), "p50": r(percentile(xs, 50)), "p90": r(percentile(xs, 90)),
-        "p99": r(percentile(xs, 99)), "min": r(xs[0]), "max": r(xs[-1]), "mean": r(statistics.fmean(xs)),
-    }
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def ram_dir() -> str | None:
