@@ -32,6 +32,7 @@ import numpy as np
 
 from . import codecs
 from . import format as fmt
+from . import upgrade
 from .errors import (
     CapsuleBroken,
     CapsuleClosed,
@@ -185,25 +186,53 @@ def load_checkpoint(f: CapsuleFile, header: fmt.Header) -> tuple[fmt.CheckpointR
         if seg.first_id != ref.first_id or len(seg.frames) != ref.count:
             raise CorruptionError("segment does not match its checkpoint entry", offset=ref.offset)
         table.load_segment(seg.frames, seg.commits, ref.offset)
+    upgrades = ckpt.extra.get("codec", {})
+    table.dicts = {int(k): v for k, v in upgrades.get("dicts", {}).items()}
+    table.upgraded_upto = upgrades.get("upto", 0)
     if table.seq != ckpt.seq or table.next_id != ckpt.next_id:
         raise CorruptionError("checkpoint segments do not add up", offset=ck_off)
     return ckpt, table
 
 
-def read_block(f: CapsuleFile, offset: int) -> bytes:
+class Dictionaries:
+    """The compression dictionaries of one capsule file [F-16], loaded on first use."""
+
+    def __init__(self, f: CapsuleFile, table: FrameTable) -> None:
+        self._file = f
+        self._table = table
+        self._loaded: dict[int, Any] = {}
+
+    def __call__(self, dict_id: int) -> Any:
+        d = self._loaded.get(dict_id)
+        if d is None:
+            offset = self._table.dicts.get(dict_id)
+            if offset is None:
+                raise CorruptionError(f"a block names dictionary {dict_id}, which the capsule lacks")
+            _, body = read_record(self._file, offset, fmt.DICT)
+            (stored_id,) = fmt.DICT_HEADER.unpack_from(body)
+            if stored_id != dict_id:
+                raise CorruptionError(f"dictionary {dict_id} record holds id {stored_id}", offset=offset)
+            d = self._loaded[dict_id] = codecs.load_dict(body[fmt.DICT_HEADER.size :], offset=offset)
+        return d
+
+
+def read_block(f: CapsuleFile, offset: int, dicts: Dictionaries | None = None) -> bytes:
     """The decoded bytes of the BLOCK record at ``offset``."""
     _, body = read_record(f, offset, fmt.BLOCK)
-    codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
-    return codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=offset)
+    codec, _, _, dict_id, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
+    zdict = dicts(dict_id) if dict_id and dicts is not None else None
+    return codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=offset, zdict=zdict)
 
 
-def read_payload(f: CapsuleFile, m: fmt.FrameMeta, blocks: LRUCache | None = None) -> bytes:
+def read_payload(
+    f: CapsuleFile, m: fmt.FrameMeta, blocks: LRUCache | None = None, dicts: Dictionaries | None = None,
+) -> bytes:
     """A frame's payload bytes, checked against its digest."""
     if m.block < 0:
         return b""
     raw = blocks.get(m.block) if blocks is not None else None
     if raw is None:
-        raw = read_block(f, m.block)
+        raw = read_block(f, m.block, dicts)
         if blocks is not None:
             blocks.put(m.block, raw)
     payload = raw[m.start : m.start + m.length]
@@ -303,6 +332,7 @@ class Capsule:
         self._embed_error: str | None = None
         self._embedding_inflight = 0
         self._rewarm_pending = False
+        self._upgrade_lock = threading.Lock()  # one codec upgrade at a time
         self._load()
         if self._embedder is not None and self._vec is not None:
             if self._embedder.dim != self._vec["dim"]:
@@ -315,6 +345,7 @@ class Capsule:
     def _load(self) -> None:
         ckpt, table = load_checkpoint(self._file, self._header)
         self._table = table
+        self._dicts = Dictionaries(self._file, table)
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
@@ -353,9 +384,13 @@ class Capsule:
             if self._indexes is not None:  # a reader refreshing after opening its indexes
                 self._indexes.on_commit(self._table, rec.frames, {}, self._text_of)
 
+        def relocate(rec: fmt.RelocateRecord, offset: int) -> None:
+            self._table.relocate(rec, offset)
+            self._add_counters(rec.counters)
+
         for attempt in range(3):
             try:
-                r = replay(self._file, self._log_end, size, self._table.seq, self._last_commit, apply)
+                r = replay(self._file, self._log_end, size, self._table.seq, self._last_commit, apply, relocate)
                 break
             except CorruptionError:
                 # A reader can catch a writer mid-append and see later bytes before
@@ -700,6 +735,8 @@ class Capsule:
             out += raw
             pos += len(raw)
         extra = dict(self._ckpt.extra)
+        if t.dicts or t.upgraded_upto:
+            extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto}
         pos = self._checkpoint_vectors(extra, out, pos)
         pos = self._checkpoint_lexical(extra, out, pos, force=force_lex)
         counters = dict(self._counters)
@@ -807,6 +844,119 @@ class Capsule:
                         "files": files, "schema": LEX_SCHEMA, "frames": self._table.next_id}
         return pos
 
+    # -- codec upgrades [F-16] --------------------------------------------------------
+
+    def upgrade_codecs(
+        self, *, max_frames: int | None = None, cold_commits: int = 0, level: int = upgrade.LEVEL,
+        batch_frames: int = 1024,
+    ) -> dict[str, Any]:
+        """Re-encode committed payloads into grouped, better-compressed blocks (see
+        ``engine/upgrade.py``), oldest first, in batches of ``batch_frames`` frames, each
+        one RELOCATE record and one fsync. Frames of the last ``cold_commits`` commits
+        are left alone. The capsule lock is held only to write each batch, so puts and
+        queries go on meanwhile; a batch that finds staged puts stops the run (``busy``)
+        instead of waiting: ingest comes first. Returns what was done."""
+        self._check_writable()
+        done: dict[str, Any] = {"frames": 0, "moved": 0, "blocks": 0, "saved": 0, "busy": False}
+        if not self._upgrade_lock.acquire(blocking=False):
+            return {**done, "busy": True}
+        try:
+            while max_frames is None or done["frames"] < max_frames:
+                with self._lock:
+                    self._check_writable()
+                    t = self._table
+                    start = t.upgraded_upto
+                    end = min(t.first_after(max(0, t.seq - cold_commits)), start + batch_frames)
+                    if max_frames is not None:
+                        end = min(end, start + max_frames - done["frames"])
+                    frames, f, dicts = t.frames[start:end], self._file, self._dicts
+                    zdict = (max(t.dicts), dicts(max(t.dicts))) if t.dicts else None
+                if not frames:
+                    break
+                new_dict, encoded = self._encode_upgrade(f, dicts, frames, zdict, level)
+                with self._lock:
+                    if self._pending or self._write_end != self._log_end or self._table.upgraded_upto != start:
+                        done["busy"] = True
+                        break
+                    self._check_writable()
+                    moved = self._write_upgrade(end, new_dict, encoded)
+                done["frames"] += len(frames)
+                done["moved"] += moved["upgrade.frames"]
+                done["blocks"] += moved["upgrade.blocks"]
+                done["saved"] += moved["upgrade.saved"]
+            with self._lock:
+                done["remaining"] = max(0, self._table.first_after(max(0, self._table.seq - cold_commits))
+                                        - self._table.upgraded_upto)
+            return done
+        finally:
+            self._upgrade_lock.release()
+
+    def _encode_upgrade(
+        self, f: CapsuleFile, dicts: Dictionaries, frames: list[fmt.FrameMeta],
+        zdict: tuple[int, Any] | None, level: int,
+    ) -> tuple[tuple[int, bytes, Any] | None, list[upgrade.Encoded]]:
+        """Read and re-encode one batch (no lock held: committed frames do not change)."""
+        groups, payloads = [], []
+        for members in upgrade.plan(frames):
+            g = upgrade.Group(members, {}, {}, {})
+            data = []
+            for m in members:
+                if m.block not in g.old_blocks:
+                    rh, body = read_record(f, m.block, fmt.BLOCK)
+                    codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
+                    g.old_blocks[m.block] = fmt.RECORD_SIZE + rh.length
+                    g.old_codecs[m.block] = codec
+                    g.old_raw[m.block] = raw_len
+                data.append(read_payload(f, m, None, dicts))
+            groups.append(g)
+            payloads.append(data)
+        new_dict = None
+        if zdict is None:
+            samples = [p for data in payloads for p in data]
+            if upgrade.wants_dictionary(samples) and (trained := upgrade.train(samples)) is not None:
+                new_dict = (1, trained, codecs.load_dict(trained))
+                zdict = (1, new_dict[2])
+        encoded = [e for g, data in zip(groups, payloads) if (e := upgrade.encode(g, data, zdict, level))]
+        if new_dict is not None and not any(e.dict_id for e in encoded):
+            new_dict = None  # it did not pay on this data: do not store it
+        return new_dict, encoded
+
+    def _write_upgrade(self, upto: int, new_dict: tuple[int, bytes, Any] | None, encoded: list[upgrade.Encoded]) -> dict[str, int]:
+        """Append the new blocks and the RELOCATE naming them, fsync, switch (lock held)."""
+        pos = self._log_end
+        out = bytearray()
+        dict_refs, blocks, moves = [], [], []
+        if new_dict is not None:
+            raw = fmt.encode_record(fmt.DICT, fmt.DICT_HEADER.pack(new_dict[0]) + new_dict[1])
+            dict_refs.append(fmt.DictRef(new_dict[0], pos, fmt.decode_record_header(raw).body_crc))  # type: ignore[union-attr]
+            out += raw
+        for e in encoded:
+            raw = fmt.encode_record(fmt.BLOCK, e.body)
+            at = pos + len(out)
+            blocks.append(fmt.BlockRef(at, fmt.decode_record_header(raw).body_crc))  # type: ignore[union-attr]
+            start = 0
+            for m in e.group.frames:
+                moves.append(fmt.Move(m.id, at, start))
+                start += m.length
+            out += raw
+        deltas = upgrade.counters(encoded, len(out) - sum(len(e.body) + fmt.RECORD_SIZE for e in encoded))
+        rec = fmt.RelocateRecord(self._table.seq, upto, moves, blocks, dict_refs, deltas)
+        raw = fmt.meta_record(fmt.RELOCATE, rec)
+        try:
+            self._file.pwrite(pos, bytes(out) + raw)
+            self._file.sync()  # the switch point: before it the old blocks are in use
+        except StorageError:
+            self._rollback()
+            raise
+        self._table.relocate(rec, pos + len(out))
+        if new_dict is not None:
+            self._dicts._loaded[new_dict[0]] = new_dict[2]
+        block_bytes = sum(len(e.body) + fmt.RECORD_SIZE for e in encoded)
+        self._add_counters({**deltas, "bytes.block": block_bytes, "bytes.dict": len(out) - block_bytes,
+                            "bytes.relocate": len(raw)})
+        self._log_end = self._write_end = pos + len(out) + len(raw)
+        return {k: deltas.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
+
     # -- reading ----------------------------------------------------------------------
 
     def get(
@@ -834,7 +984,7 @@ class Capsule:
                 fid = found
             meta = t.frames[fid]
             info = self._info(meta)
-        payload = read_payload(self._file, meta, self._blocks)
+        payload = read_payload(self._file, meta, self._blocks, self._dicts)
         self._prefetch_next(meta)
         return Frame(**msgspec.structs.asdict(info), payload=payload)
 
@@ -873,7 +1023,7 @@ class Capsule:
             first = max(t.first_after(max(0, since_seq)), after_id + 1)
             metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT]
             infos = [self._info(m) for m in metas]
-        return [Frame(**msgspec.structs.asdict(i), payload=read_payload(self._file, m, self._blocks))
+        return [Frame(**msgspec.structs.asdict(i), payload=read_payload(self._file, m, self._blocks, self._dicts))
                 for i, m in zip(infos, metas)]
 
     def stats(self) -> dict[str, Any]:
@@ -904,11 +1054,14 @@ class Capsule:
                 "file_bytes": self._log_end,
                 "bytes_by_kind": {
                     "header": fmt.LOG_START,
-                    **{k: c.get(f"bytes.{k}", 0) for k in ("block", "commit", "segment", "checkpoint")},
+                    **{k: c.get(f"bytes.{k}", 0) for k in fmt.KIND_NAMES.values()},
                     "dead": c.get("bytes.dead", 0),
                 },
                 "payload_raw_bytes": c.get("payload.raw", 0),
                 "codecs": codec_stats,
+                "upgrades": {"frames": c.get("upgrade.frames", 0), "blocks": c.get("upgrade.blocks", 0),
+                             "saved_bytes": c.get("upgrade.saved", 0), "considered": t.upgraded_upto,
+                             "dictionaries": len(t.dicts)},
                 "checkpoints": c.get("checkpoints", 0),
                 "checkpoint_failures": self._checkpoint_failures,
                 "segments": len(self._ckpt.segments),
@@ -1157,7 +1310,7 @@ class Capsule:
         return self._indexes
 
     def _text_of(self, m: fmt.FrameMeta) -> str:
-        return read_payload(self._file, m, self._blocks).decode("utf-8", errors="replace")
+        return read_payload(self._file, m, self._blocks, self._dicts).decode("utf-8", errors="replace")
 
     def _read_lexfile(self, offset: int, length: int) -> bytes:
         _, body = read_record(self._file, offset, fmt.LEXFILE)
@@ -1284,7 +1437,7 @@ class Capsule:
     def _warm_blocks(self, metas: list[fmt.FrameMeta]) -> None:
         for n in metas:
             try:
-                read_payload(self._file, n, self._blocks)
+                read_payload(self._file, n, self._blocks, self._dicts)
             except (EngineError, OSError, ValueError):
                 return  # a closed file or damage: the real read will report it
 

@@ -16,7 +16,8 @@ from .errors import CorruptionError, FormatVersionError
 
 RAW = 0
 ZSTD = 1
-NAMES = {RAW: "raw", ZSTD: "zstd"}
+ZSTD_DICT = 2  # zstd with a dictionary trained on the capsule's own data [F-16]
+NAMES = {RAW: "raw", ZSTD: "zstd", ZSTD_DICT: "zstd+dict"}
 
 DEFAULT_LEVEL = 3  # fast enough for ingest (>200 MB/s here); upgrades come later
 
@@ -33,11 +34,31 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_local, "decompressor", None)
-    if d is None:
-        d = _local.decompressor = zstandard.ZstdDecompressor()
-    return d
+def _decompressor(zdict: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdDecompressor:
+    cache = getattr(_local, "decompressors", None)
+    if cache is None:
+        cache = _local.decompressors = {}
+    key = id(zdict)  # the dictionary object is kept alive by the value
+    entry = cache.get(key)
+    if entry is None or entry[0] is not zdict:
+        if len(cache) > 8:
+            cache.clear()
+        entry = cache[key] = (zdict, zstandard.ZstdDecompressor(dict_data=zdict))
+    return entry[1]
+
+
+def _dict_compressor(level: int, zdict: zstandard.ZstdCompressionDict) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "dict_compressors", None)
+    if cache is None:
+        cache = _local.dict_compressors = {}
+    key = (id(zdict), level)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not zdict:
+        if len(cache) > 8:
+            cache.clear()
+        entry = cache[key] = (zdict, zstandard.ZstdCompressor(
+            level=level, dict_data=zdict, write_content_size=True, write_dict_id=False))
+    return entry[1]
 
 
 def encode(raw: bytes, level: int = DEFAULT_LEVEL) -> tuple[int, bytes]:
@@ -48,12 +69,50 @@ def encode(raw: bytes, level: int = DEFAULT_LEVEL) -> tuple[int, bytes]:
     return ZSTD, packed
 
 
-def decode(codec: int, data: bytes, raw_length: int, *, offset: int | None = None) -> bytes:
+def encode_best(raw: bytes, level: int, zdict: zstandard.ZstdCompressionDict | None) -> tuple[int, bytes]:
+    """The smallest of raw, zstd at ``level`` and (given one) zstd with ``zdict``.
+
+    Used by upgrades, which can afford to try both: a dictionary wins on small records
+    and can lose on large mixed blocks.
+    """
+    codec, best = encode(raw, level)
+    if zdict is not None:
+        packed = _dict_compressor(level, zdict).compress(raw)
+        if len(packed) < len(best):
+            codec, best = ZSTD_DICT, packed
+    return codec, best
+
+
+def train(samples: list[bytes], size: int) -> bytes | None:
+    """A zstd dictionary of at most ``size`` bytes trained on ``samples``; ``None`` when
+    zstd cannot build one (too few samples, or samples too alike)."""
+    try:
+        return zstandard.train_dictionary(size, samples).as_bytes()
+    except zstandard.ZstdError:
+        return None
+
+
+def load_dict(data: bytes, *, offset: int | None = None) -> zstandard.ZstdCompressionDict:
+    try:
+        d = zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_FULLDICT)
+        d.precompute_compress(level=DEFAULT_LEVEL)  # checks the bytes are a dictionary
+    except zstandard.ZstdError as e:
+        raise CorruptionError(f"stored dictionary does not load: {e}", offset=offset) from None
+    return d
+
+
+def decode(
+    codec: int, data: bytes, raw_length: int, *, offset: int | None = None,
+    zdict: zstandard.ZstdCompressionDict | None = None,
+) -> bytes:
     if codec == RAW:
         out = data
-    elif codec == ZSTD:
+    elif codec in (ZSTD, ZSTD_DICT):
+        if codec == ZSTD_DICT and zdict is None:
+            raise CorruptionError("block names a dictionary the capsule does not have", offset=offset)
         try:
-            out = _decompressor().decompress(data, max_output_size=raw_length)
+            out = _decompressor(zdict if codec == ZSTD_DICT else None).decompress(
+                data, max_output_size=raw_length)
         except zstandard.ZstdError as e:
             raise CorruptionError(f"zstd block does not decode: {e}", offset=offset) from None
     else:

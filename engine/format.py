@@ -14,8 +14,10 @@ File diagram (all integers little-endian)::
      newest valid wins)
 
 Record = 16-byte record header + body. Kinds: BLOCK (compressed payload bytes), COMMIT
-(the frames of one transaction), SEGMENT (a checkpointed slice of the frame table) and
-CHECKPOINT (the list of segments a reader loads instead of replaying the log).
+(the frames of one transaction), SEGMENT (a checkpointed slice of the frame table),
+CHECKPOINT (the list of segments a reader loads instead of replaying the log), VECTORS
+and LEXFILE (search indexes), DICT (a trained compression dictionary) and RELOCATE
+(frames whose payloads a codec upgrade moved to new blocks).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .errors import CorruptionError, FormatVersionError, NotACapsule
 
 # -- versions [F-03] -----------------------------------------------------------------
 MAGIC = b"MV2D\x00\r\n\x1a"
-READ_VERSION = 3  # bump when an old reader could misread the file (see docs/format.md)
-WRITE_VERSION = 3  # bump when an old writer could damage the file
+READ_VERSION = 4  # bump when an old reader could misread the file (see docs/format.md)
+WRITE_VERSION = 4  # bump when an old writer could damage the file
 
 # -- header [F-01, F-02] -------------------------------------------------------------
 SLOT_SIZE = 4096
@@ -56,18 +58,24 @@ SEGMENT = 3
 CHECKPOINT = 4
 VECTORS = 5
 LEXFILE = 6
+RELOCATE = 7
+DICT = 8
 KIND_NAMES = {
     BLOCK: "block", COMMIT: "commit", SEGMENT: "segment", CHECKPOINT: "checkpoint",
-    VECTORS: "vectors", LEXFILE: "lexfile",
+    VECTORS: "vectors", LEXFILE: "lexfile", RELOCATE: "relocate", DICT: "dict",
 }
 DERIVED = (SEGMENT, CHECKPOINT, LEXFILE)  # rebuildable from the commits; replay skips them
-PAYLOAD = (BLOCK, VECTORS)  # named by a COMMIT, which is intact only if they are
+PAYLOAD = (BLOCK, VECTORS, DICT)  # named by a COMMIT or RELOCATE, intact only if they are
+APPLIED = (COMMIT, RELOCATE)  # the records replay applies, in log order
 FLAG_ZSTD = 1  # record flag: the (msgpack) body is one zstd frame [F-04]
 COMPRESS_OVER = 512  # metadata bodies above this many bytes are compressed
 
 # -- block body [F-08] ---------------------------------------------------------------
 #   codec id, flags, reserved, dictionary id, raw length
 BLOCK_HEADER = struct.Struct("<BBHII")
+# -- dictionary body [F-16] -------------------------------------------------------------
+#   dictionary id, then the zstd dictionary bytes
+DICT_HEADER = struct.Struct("<I")
 
 # -- frame ops ------------------------------------------------------------------------
 PUT = 0
@@ -209,6 +217,31 @@ class VectorsRecord(msgspec.Struct, array_like=True):
 
     ids: list[int]
     data: bytes
+
+
+class Move(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Frame ``id``'s payload now lives at ``start`` in the BLOCK record at ``block``."""
+
+    id: int
+    block: int
+    start: int
+
+
+class DictRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    id: int
+    offset: int
+    body_crc: int
+
+
+class RelocateRecord(msgspec.Struct, array_like=True):
+    """A codec upgrade [F-16]: frames moved to new blocks, atomically, between commits."""
+
+    seq: int  # the commit it follows; it changes no frame's content or validity
+    upto: int  # frames below this id have been considered for an upgrade
+    moves: list[Move]
+    blocks: list[BlockRef]
+    dicts: list[DictRef]  # dictionaries written for (and before) this record
+    counters: dict[str, int]  # stats deltas (per-codec bytes, bytes saved, dead bytes)
 
 
 class CommitInfo(msgspec.Struct, array_like=True, gc=False):

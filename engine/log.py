@@ -1,7 +1,8 @@
 """Reading the log: records at known offsets, and the replay of the tail.
 
 The tail is everything after the last checkpoint: the embedded write-ahead log. Replay
-applies each COMMIT whose record and blocks are intact, in order, and stops at the first
+applies each COMMIT (and each RELOCATE of a codec upgrade) whose record and blocks are
+intact, in order, and stops at the first
 record that is torn, blank or garbage: that is the end of the log [F-06]. It then looks
 past that point for a *later* intact commit; finding one means the damage is not a torn
 tail but corruption in the middle of the log, which is reported, never skipped [F-07].
@@ -86,6 +87,7 @@ def replay(
     seq: int,
     last_commit: int,
     apply: Callable[[fmt.CommitRecord, int], None],
+    relocate: Callable[[fmt.RelocateRecord, int], None],
 ) -> Replay:
     """Apply every intact commit after ``start``; see the module docstring."""
     cur = LogCursor(file, size)
@@ -100,12 +102,12 @@ def replay(
         name = fmt.KIND_NAMES[rh.kind]
         rec_len = fmt.RECORD_SIZE + rh.length
         pending_bytes[name] = pending_bytes.get(name, 0) + rec_len
-        if rh.kind in fmt.PAYLOAD or rh.kind == fmt.COMMIT:
+        if rh.kind in fmt.PAYLOAD or rh.kind in fmt.APPLIED:
             # Segments and checkpoints are derived data that replay never needs, so
             # their bodies are neither read nor required to be intact here.
             body = cur.read(pos + fmt.RECORD_SIZE, rh.length)
             if not fmt.body_ok(rh, body):
-                if rh.kind == fmt.COMMIT:
+                if rh.kind in fmt.APPLIED:
                     break
                 pos += rec_len  # a damaged block fails the commit that names it
                 continue
@@ -120,6 +122,13 @@ def replay(
             seq = rec.seq
             result.commits += 1
             result.last_commit = pos
+        elif rh.kind == fmt.RELOCATE:
+            mv = fmt.meta_body(rh, body, fmt.RelocateRecord, offset=pos)
+            named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
+            if mv.seq != seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
+                break  # an upgrade cut short by a crash: the old blocks stay in use
+            relocate(mv, pos)
+        if rh.kind in fmt.APPLIED:
             result.end = pos + rec_len
             for k, v in pending_bytes.items():
                 result.record_bytes[k] = result.record_bytes.get(k, 0) + v

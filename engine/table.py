@@ -13,7 +13,9 @@ import bisect
 from collections.abc import Iterator
 
 from .errors import CorruptionError
-from .format import PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta
+import msgspec
+
+from .format import PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta, RelocateRecord
 
 FOREVER = 1 << 62  # "ended" of a frame that is still valid
 
@@ -30,6 +32,8 @@ class FrameTable:
         self.by_time: list[tuple[float, int]] = []  # (timestamp, id) of PUT frames
         self.live_count = 0
         self.children: dict[str, dict[int, int]] = {}  # parent -> chunk -> newest frame id
+        self.dicts: dict[int, int] = {}  # compression dictionary id -> DICT record offset
+        self.upgraded_upto = 0  # frames below this id were considered by codec upgrades
 
     @property
     def seq(self) -> int:
@@ -56,6 +60,20 @@ class FrameTable:
         self.commit_times.append(rec.time)
         for f in rec.frames:
             self._add(f, offset)
+
+    def relocate(self, rec: RelocateRecord, offset: int) -> None:
+        """Point frames at the blocks a codec upgrade wrote [F-16]. Content is unchanged
+        (the digest still guards every read), so validity and ids are untouched."""
+        if rec.seq != self.seq:
+            raise CorruptionError(f"relocation for commit {rec.seq} after commit {self.seq}", offset=offset)
+        for d in rec.dicts:
+            self.dicts[d.id] = d.offset
+        for mv in rec.moves:
+            if not 0 <= mv.id < self.next_id or self.frames[mv.id].op != PUT or mv.block < 0:
+                raise CorruptionError(f"relocation of invalid frame {mv.id}", offset=offset)
+            # A new object, not a mutation: readers may hold the old one mid-read.
+            self.frames[mv.id] = msgspec.structs.replace(self.frames[mv.id], block=mv.block, start=mv.start)
+        self.upgraded_upto = max(self.upgraded_upto, min(rec.upto, self.next_id))
 
     def load_segment(self, frames: list[FrameMeta], commits: list[CommitInfo], offset: int) -> None:
         if frames and frames[0].id != self.next_id:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from . import format as fmt
-from .capsule import genesis, load_checkpoint, open as open_capsule, read_payload
+from .capsule import Dictionaries, genesis, load_checkpoint, open as open_capsule, read_payload
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
 from .log import LogCursor
@@ -53,6 +53,8 @@ class _Scan(msgspec.Struct):
     stuck: list[tuple[int, int]]  # (offset, seq) of intact commits that could not apply
     checkpoints: list[tuple[int, bytes, str | None]]  # (offset, capsule id, model) of intact ones
     derived: list[tuple[int, str]] = []  # damaged segment/checkpoint records (rebuildable)
+    stuck_moves: list[int] = []  # offsets of intact RELOCATE records that could not apply
+    locations: dict[int, set[tuple[int, int]]] = {}  # frame id -> every (block, start) it had
     torn: int = 0
     commits_end: int = fmt.LOG_START  # just past the last applied commit
 
@@ -126,9 +128,36 @@ def _scan(f: OsFile, report: Report) -> _Scan:
                         s.stuck.append((pos, rec.seq))
                 else:
                     s.stuck.append((pos, rec.seq))
+        elif rh.kind == fmt.RELOCATE:
+            _relocate(s, pos, rh, body, blocks, report)
         pos += fmt.RECORD_SIZE + rh.length
     report.facts.update(counts)
     return s
+
+
+def _relocate(s: _Scan, pos: int, rh: fmt.RecordHeader, body: bytes, blocks: dict[int, int], report: Report) -> None:
+    """Apply a codec upgrade's moves [F-16]; one that cannot apply is a torn upgrade
+    when it is the last thing in the log, damage otherwise (decided like commits)."""
+    try:
+        mv = fmt.meta_body(rh, body, fmt.RelocateRecord, offset=pos)
+    except CorruptionError as e:
+        report.error(str(e))
+        return
+    named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
+    if mv.seq != s.table.seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
+        s.stuck_moves.append(pos)
+        return
+    for m in mv.moves:
+        if m.id < s.table.next_id:
+            old = s.table.frames[m.id]
+            s.locations.setdefault(m.id, set()).update({(old.block, old.start), (m.block, m.start)})
+    try:
+        s.table.relocate(mv, pos)
+    except CorruptionError as e:
+        report.error(str(e))
+        return
+    s.end = s.commits_end = pos + fmt.RECORD_SIZE + rh.length
+    blocks.clear()
 
 
 def _classify(s: _Scan, f: OsFile, report: Report) -> None:
@@ -146,6 +175,9 @@ def _classify(s: _Scan, f: OsFile, report: Report) -> None:
     for off, seq in s.stuck:
         if off < s.end or later:
             report.error(f"commit {seq} at offset {off} cannot be applied")
+    for off in s.stuck_moves:
+        if off < s.end or later:
+            report.error(f"codec upgrade at offset {off} cannot be applied")
     for off, kind in s.derived:
         if off < s.end:
             report.warnings.append(f"damaged {kind} record at offset {off} (derived data)")
@@ -159,11 +191,12 @@ def _classify(s: _Scan, f: OsFile, report: Report) -> None:
 
 def _check_payloads(f: OsFile, table: FrameTable, report: Report) -> None:
     checked = 0
+    dicts = Dictionaries(f, table)
     for m in table.frames:
         if m.op != fmt.PUT:
             continue
         try:
-            read_payload(f, m)
+            read_payload(f, m, None, dicts)
             checked += 1
         except EngineError as e:
             report.error(f"frame {m.id}: {e}")
@@ -190,11 +223,20 @@ def _check_header_and_checkpoint(f: OsFile, s: _Scan, report: Report) -> bool:
         report.error(f"checkpoint: {e}")
         return False
     n, q = ck_table.next_id, ck_table.seq
-    if ck_table.frames != s.table.frames[:n] or ck_table.commits != s.table.commits[:q]:
+    # A checkpoint taken before a codec upgrade names the frames' earlier blocks [F-16].
+    frames = [
+        _at(f, s.table.frames[f.id]) if (f.block, f.start) in s.locations.get(f.id, ()) else f
+        for f in ck_table.frames
+    ]
+    if frames != s.table.frames[:n] or ck_table.commits != s.table.commits[:q]:
         report.error("checkpoint segments disagree with the log")
         return False
     report.facts["checkpoint_seq"] = ckpt.seq
     return True
+
+
+def _at(f: fmt.FrameMeta, where: fmt.FrameMeta) -> fmt.FrameMeta:
+    return msgspec.structs.replace(f, block=where.block, start=where.start)
 
 
 def verify(path: str) -> Report:
