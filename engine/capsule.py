@@ -33,9 +33,12 @@ import numpy as np
 from . import codecs
 from . import format as fmt
 from . import upgrade
+from .compact import Rewriter, unnamed
 from .errors import (
     CapsuleBroken,
     CapsuleClosed,
+    CapsuleExists,
+    CapsuleLocked,
     CorruptionError,
     EngineError,
     InvalidArgument,
@@ -45,7 +48,7 @@ from .errors import (
 )
 from .cache import LRUCache
 from .embed import DEFAULT_MODEL, MODELS, Embedder
-from .fileio import CapsuleFile, OsFile
+from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
 from .log import read_meta, read_record, replay
@@ -332,7 +335,9 @@ class Capsule:
         self._embed_error: str | None = None
         self._embedding_inflight = 0
         self._rewarm_pending = False
-        self._upgrade_lock = threading.Lock()  # one codec upgrade at a time
+        self._upgrade_lock = threading.Lock()  # one codec upgrade (or compaction) at a time
+        self._rewind_to: int | None = None  # set while a rewind's commit is written
+        self._retired: list[CapsuleFile] = []  # files replaced by compaction, still being read
         self._load()
         if self._embedder is not None and self._vec is not None:
             if self._embedder.dim != self._vec["dim"]:
@@ -346,6 +351,9 @@ class Capsule:
         ckpt, table = load_checkpoint(self._file, self._header)
         self._table = table
         self._dicts = Dictionaries(self._file, table)
+        # Fresh small puts use the newest dictionary [F-16]
+        self._fresh_dict = (max(table.dicts), self._dicts(max(table.dicts))) if table.dicts else None
+        self._store = (self._file, self._blocks, self._dicts, self._store[3] + 1 if hasattr(self, "_store") else 0)
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
@@ -479,8 +487,10 @@ class Capsule:
                 vec = as_vector(vector, self._vec["dim"])
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
-        codec, packed = codecs.encode(payload, self._opts.level)
-        body = fmt.BLOCK_HEADER.pack(codec, 0, 0, 0, len(payload)) + packed
+        fresh_dict = self._fresh_dict if len(payload) <= upgrade.FRESH_DICT_MAX else None
+        codec, packed = codecs.encode(payload, self._opts.level, fresh_dict[1] if fresh_dict else None)
+        dict_id = fresh_dict[0] if codec == codecs.ZSTD_DICT else 0  # type: ignore[index]
+        body = fmt.BLOCK_HEADER.pack(codec, 0, 0, dict_id, len(payload)) + packed
         record = fmt.encode_record(fmt.BLOCK, body)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         with self._lock:
@@ -552,7 +562,7 @@ class Capsule:
         dropped = self._pending[keep:]
         if not dropped:
             return
-        blocks = [m.block for m in dropped if m.block >= 0]
+        blocks = [m.block for m in dropped if m.block >= self._log_end]  # not committed blocks (rewind)
         if blocks:
             self._write_end = min(blocks)  # blocks are appended in order: cut from the first
             self._pending_blocks = [b for b in self._pending_blocks if b.offset < self._write_end]
@@ -600,6 +610,44 @@ class Capsule:
                 self._pending_live[uri] = None
             return fid
 
+    def rewind(self, to: Any) -> int:
+        """Make the state as of ``to`` (a commit seq or a time) the head again, with one
+        new commit that records the rewind: frames added since are tombstoned, frames
+        changed or removed since get a new version holding their content as of ``to``
+        (same payload bytes, not copied). Nothing is destroyed: as-of views of the
+        commits in between stay as they were. Returns the new commit's sequence."""
+        with self._lock:
+            self._check_writable()
+            if self._pending:
+                raise InvalidArgument("commit or roll back staged frames before a rewind")
+            t = self._table
+            target = self._resolve_as_of(to)
+            then = set(t.timeline(target, None, None, False))
+            now = set(t.timeline(t.seq, None, None, False))
+            by_uri = {t.frames[f].uri: f for f in now if t.frames[f].uri is not None}
+            restore = sorted(then - now)
+            restored_uris = {t.frames[r].uri for r in restore} - {None}
+            for fid in sorted(now - then):
+                if t.frames[fid].uri not in restored_uris:  # else the restored version ends it
+                    self.remove(fid)
+            vectors = self.vectors(restore) if self._vec is not None else {}
+            for fid in restore:
+                old = t.frames[fid]
+                new_id = t.next_id + len(self._pending)
+                live = by_uri.get(old.uri) if old.uri is not None else None
+                self._pending.append(msgspec.structs.replace(old, id=new_id, seq=0, supersedes=live))
+                if old.uri is not None:
+                    self._pending_live[old.uri] = new_id
+                if live is not None:
+                    self._pending_ended.add(live)
+                if fid in vectors:
+                    self._ready_vectors[new_id] = vectors[fid]
+            self._rewind_to = target
+            try:
+                return self._commit()
+            finally:
+                self._rewind_to = None
+
     def commit(self) -> int:
         """Make every staged frame durable with one fsync; returns the commit sequence."""
         with self._lock:
@@ -607,7 +655,7 @@ class Capsule:
             return self._commit()
 
     def _commit(self) -> int:
-        if not self._pending and not self._ready_vectors:
+        if not self._pending and not self._ready_vectors and self._rewind_to is None:
             return self._table.seq
         seq = self._table.seq + 1
         last_time = self._table.commit_times[-1] if self._table.commits else 0.0
@@ -622,7 +670,7 @@ class Capsule:
             vec_raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(vec_ids, pack_vectors(vec_rows))))
         vec_refs = [fmt.BlockRef(offset, fmt.decode_record_header(vec_raw).body_crc)] if vec_raw else []  # type: ignore[union-attr]
         rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending,
-                               self._pending_blocks, vec_refs)
+                               self._pending_blocks, vec_refs, self._rewind_to)
         raw = fmt.meta_record(fmt.COMMIT, rec)
         try:
             self._file.pwrite(offset, vec_raw + raw)
@@ -916,9 +964,9 @@ class Capsule:
             if upgrade.wants_dictionary(samples) and (trained := upgrade.train(samples)) is not None:
                 new_dict = (1, trained, codecs.load_dict(trained))
                 zdict = (1, new_dict[2])
+        if new_dict is not None and not upgrade.worth_keeping(new_dict[2], samples, self._opts.level):
+            new_dict = zdict = None
         encoded = [e for g, data in zip(groups, payloads) if (e := upgrade.encode(g, data, zdict, level))]
-        if new_dict is not None and not any(e.dict_id for e in encoded):
-            new_dict = None  # it did not pay on this data: do not store it
         return new_dict, encoded
 
     def _write_upgrade(self, upto: int, new_dict: tuple[int, bytes, Any] | None, encoded: list[upgrade.Encoded]) -> dict[str, int]:
@@ -951,11 +999,116 @@ class Capsule:
         self._table.relocate(rec, pos + len(out))
         if new_dict is not None:
             self._dicts._loaded[new_dict[0]] = new_dict[2]
+            self._fresh_dict = (new_dict[0], new_dict[2])
         block_bytes = sum(len(e.body) + fmt.RECORD_SIZE for e in encoded)
         self._add_counters({**deltas, "bytes.block": block_bytes, "bytes.dict": len(out) - block_bytes,
                             "bytes.relocate": len(raw)})
         self._log_end = self._write_end = pos + len(out) + len(raw)
         return {k: deltas.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
+
+    # -- compaction and branches [F-17] ------------------------------------------------
+
+    def compact(self, *, level: int = upgrade.LEVEL) -> dict[str, Any]:
+        """Rewrite the capsule without its dead bytes, payloads upgraded, every frame,
+        version and commit kept (see ``engine/compact.py``), and put the new file in
+        place of the old atomically (rename, then directory fsync). Puts and queries go
+        on while the bulk is copied; the capsule is locked only to copy the commits made
+        meanwhile and to switch. Returns bytes before and after."""
+        self._check_writable()
+        if not isinstance(self._file, OsFile):
+            raise InvalidArgument("compaction needs a capsule on a real file")
+        directory = os.path.dirname(os.path.abspath(self.path))
+        with self._upgrade_lock:
+            before = self._log_end
+            out = unnamed(directory)
+            try:
+                with self._lock:
+                    self._check_writable()
+                    w = Rewriter(self, out, capsule_id=self.capsule_id, extra=self._genesis_extra())
+                    w.copy_dicts()
+                    snapshot = self._table.seq
+                w.copy(snapshot, level=level)
+                with self._quiet():
+                    w.copy(self._table.seq, level=level)
+                    w.finish()
+                    link_unnamed(out, self.path + ".compacting", replace=self.path)
+                    fsync_dir(directory)
+                    had_lex = "lex" in self._ckpt.extra
+                    self._switch(out)
+                    self._checkpoint(force_lex=had_lex and self._indexes is not None)
+            except BaseException:
+                if out is not self._file:
+                    out.close()
+                raise
+            return {"bytes_before": before, "bytes_after": self._log_end, **w.stats}
+
+    def branch(self, path: str | os.PathLike[str], *, as_of: Any = None, level: int = upgrade.LEVEL) -> dict[str, Any]:
+        """A new capsule at ``path`` holding this one's history up to ``as_of`` (default:
+        now), frames and vectors, its search indexes built, and its origin recorded in
+        ``stats()["origin"]``. ``CapsuleExists`` if anything is at ``path``."""
+        path = os.fspath(path)
+        if os.path.lexists(path):
+            raise CapsuleExists(f"{path} already exists")
+        with self._upgrade_lock:
+            with self._lock:
+                self._check_open()
+                seq = self._resolve_as_of(as_of)
+                origin = {"capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
+                          "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created}
+                out = unnamed(os.path.dirname(os.path.abspath(path)))
+                w = Rewriter(self, out, capsule_id=uuid.uuid4().bytes, extra={**self._genesis_extra(), "origin": origin})
+                w.limit(seq)
+                w.copy_dicts()
+            try:
+                w.copy(seq, level=level)
+                w.finish()
+                link_unnamed(out, path)
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
+            finally:
+                out.close()
+        with open(path, index_dir=self._opts.index_dir) as b:
+            b.rebuild_indexes()
+        return {"path": path, "seq": seq, **w.stats}
+
+    def _genesis_extra(self) -> dict[str, Any]:
+        """What a rewritten capsule's first checkpoint carries over: the model binding and
+        the origin of a branch; the rest is rebuilt from its records."""
+        extra = {}
+        if self._vec is not None:
+            extra["vec"] = {"model": self._vec["model"], "dim": self._vec["dim"]}
+        if "origin" in self._ckpt.extra:
+            extra["origin"] = self._ckpt.extra["origin"]
+        return extra
+
+    @contextlib.contextmanager
+    def _quiet(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the lock at a moment when nothing is staged (a writer thread may be
+        between its puts and its commit: let it finish rather than switch under it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._check_writable()
+                if not self._pending:
+                    yield
+                    return
+            if time.monotonic() > deadline:
+                raise CapsuleLocked("compaction: staged puts were not committed within 30 s")
+            time.sleep(0.001)
+
+    def _switch(self, f: OsFile) -> None:
+        """Continue on the rewritten file ``f`` (lock held). Readers still using the old
+        file finish on it; it is closed with the capsule."""
+        old, indexes = self._file, self._indexes
+        f.path = self.path
+        self._file = f
+        self._retired.append(old)
+        self._header = read_header(f)
+        self._indexes = None  # the same frames: keep them, but do not feed them the replay
+        self._blocks = LRUCache(self._opts.block_cache_bytes, size=len)
+        self._load()
+        self._indexes = indexes
+        if indexes is not None:
+            indexes.blocks = self._blocks
 
     # -- reading ----------------------------------------------------------------------
 
@@ -984,7 +1137,7 @@ class Capsule:
                 fid = found
             meta = t.frames[fid]
             info = self._info(meta)
-        payload = read_payload(self._file, meta, self._blocks, self._dicts)
+        payload = self._payload(meta)
         self._prefetch_next(meta)
         return Frame(**msgspec.structs.asdict(info), payload=payload)
 
@@ -1023,7 +1176,7 @@ class Capsule:
             first = max(t.first_after(max(0, since_seq)), after_id + 1)
             metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT]
             infos = [self._info(m) for m in metas]
-        return [Frame(**msgspec.structs.asdict(i), payload=read_payload(self._file, m, self._blocks, self._dicts))
+        return [Frame(**msgspec.structs.asdict(i), payload=self._payload(m))
                 for i, m in zip(infos, metas)]
 
     def stats(self) -> dict[str, Any]:
@@ -1059,6 +1212,8 @@ class Capsule:
                 },
                 "payload_raw_bytes": c.get("payload.raw", 0),
                 "codecs": codec_stats,
+                "origin": self._ckpt.extra.get("origin"),
+                "rewinds": [{"seq": s, "to": to} for s, to in sorted(t.rewinds.items())[-10:]],
                 "upgrades": {"frames": c.get("upgrade.frames", 0), "blocks": c.get("upgrade.blocks", 0),
                              "saved_bytes": c.get("upgrade.saved", 0), "considered": t.upgraded_upto,
                              "dictionaries": len(t.dicts)},
@@ -1309,8 +1464,21 @@ class Capsule:
             self._indexes = ix
         return self._indexes
 
+    def _payload(self, m: fmt.FrameMeta) -> bytes:
+        """``m``'s payload. File, block cache and dictionaries are taken together, so a
+        read racing a compaction's switch uses the old file throughout, or fails its
+        digest and is retried with the frame as the new file has it."""
+        f, blocks, dicts, gen = self._store
+        try:
+            return read_payload(f, m, blocks, dicts)
+        except CorruptionError:
+            if self._store[3] == gen:
+                raise
+            f, blocks, dicts, _ = self._store
+            return read_payload(f, self._table.frames[m.id], blocks, dicts)
+
     def _text_of(self, m: fmt.FrameMeta) -> str:
-        return read_payload(self._file, m, self._blocks, self._dicts).decode("utf-8", errors="replace")
+        return self._payload(m).decode("utf-8", errors="replace")
 
     def _read_lexfile(self, offset: int, length: int) -> bytes:
         _, body = read_record(self._file, offset, fmt.LEXFILE)
@@ -1437,7 +1605,7 @@ class Capsule:
     def _warm_blocks(self, metas: list[fmt.FrameMeta]) -> None:
         for n in metas:
             try:
-                read_payload(self._file, n, self._blocks, self._dicts)
+                self._payload(n)
             except (EngineError, OSError, ValueError):
                 return  # a closed file or damage: the real read will report it
 
@@ -1531,6 +1699,8 @@ class Capsule:
                     self._indexes.close(None if self.readonly or self._broken else self._table)
                     self._indexes = None
                 self._file.close()
+                for f in self._retired:
+                    f.close()
 
     def __enter__(self) -> Capsule:
         return self

@@ -61,12 +61,16 @@ def _dict_compressor(level: int, zdict: zstandard.ZstdCompressionDict) -> zstand
     return entry[1]
 
 
-def encode(raw: bytes, level: int = DEFAULT_LEVEL) -> tuple[int, bytes]:
-    """Pick the codec for a fresh block: zstd, or raw when compression does not pay."""
-    packed = _compressor(level).compress(raw)
+def encode(raw: bytes, level: int = DEFAULT_LEVEL, zdict: zstandard.ZstdCompressionDict | None = None) -> tuple[int, bytes]:
+    """Pick the codec for a fresh block: zstd (with ``zdict`` when given), or raw when
+    compression does not pay."""
+    if zdict is not None:
+        packed, codec = _dict_compressor(level, zdict).compress(raw), ZSTD_DICT
+    else:
+        packed, codec = _compressor(level).compress(raw), ZSTD
     if len(packed) >= len(raw):
         return RAW, raw
-    return ZSTD, packed
+    return codec, packed
 
 
 def encode_best(raw: bytes, level: int, zdict: zstandard.ZstdCompressionDict | None) -> tuple[int, bytes]:
@@ -77,9 +81,9 @@ def encode_best(raw: bytes, level: int, zdict: zstandard.ZstdCompressionDict | N
     """
     codec, best = encode(raw, level)
     if zdict is not None:
-        packed = _dict_compressor(level, zdict).compress(raw)
-        if len(packed) < len(best):
-            codec, best = ZSTD_DICT, packed
+        with_dict = encode(raw, level, zdict)
+        if len(with_dict[1]) < len(best):
+            codec, best = with_dict
     return codec, best
 
 

@@ -17,6 +17,7 @@ is ever needed [F-13]:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -154,6 +155,23 @@ class OsFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)  # releases both locks
+
+
+def link_unnamed(f: OsFile, path: str, *, replace: str | None = None) -> None:
+    """Name the unnamed file ``f`` ``path``; with ``replace``, then rename it over that
+    file (atomic: readers see the old file or the new one). The caller fsyncs the
+    directory. A stale ``path`` left by a crash between the two steps is removed first."""
+    if replace is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    _link_anonymous(f.fd, path)
+    if replace is not None:
+        try:
+            os.rename(path, replace)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise StorageError("rename", replace, e) from e
 
 
 def _link_anonymous(fd: int, path: str) -> None:

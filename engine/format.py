@@ -210,6 +210,7 @@ class CommitRecord(msgspec.Struct, array_like=True, gc=False):
     frames: list[FrameMeta]
     blocks: list[BlockRef]
     vectors: list[BlockRef] = []  # VECTORS records of this commit (read version 3)
+    rewind: int | None = None  # this commit restores the state as of that commit (version 4)
 
 
 class VectorsRecord(msgspec.Struct, array_like=True):
@@ -248,6 +249,7 @@ class CommitInfo(msgspec.Struct, array_like=True, gc=False):
     seq: int
     time: float
     offset: int
+    rewind: int | None = None  # see CommitRecord.rewind
 
 
 class SegmentRecord(msgspec.Struct, array_like=True):

@@ -34,6 +34,7 @@ class FrameTable:
         self.children: dict[str, dict[int, int]] = {}  # parent -> chunk -> newest frame id
         self.dicts: dict[int, int] = {}  # compression dictionary id -> DICT record offset
         self.upgraded_upto = 0  # frames below this id were considered by codec upgrades
+        self.rewinds: dict[int, int] = {}  # commit seq -> the commit whose state it restored
 
     @property
     def seq(self) -> int:
@@ -51,12 +52,16 @@ class FrameTable:
             raise CorruptionError(f"commit seq {rec.seq} follows {self.seq}", offset=offset)
         if self.commits and rec.time < self.commits[-1].time:
             raise CorruptionError("commit time went backwards", offset=offset)
-        if not rec.frames and not rec.vectors:
+        if not rec.frames and not rec.vectors and rec.rewind is None:
             raise CorruptionError("empty commit", offset=offset)
         for i, f in enumerate(rec.frames):
             if f.id != self.next_id + i or f.seq != rec.seq:
                 raise CorruptionError(f"frame {f.id} out of order in commit {rec.seq}", offset=offset)
-        self.commits.append(CommitInfo(rec.seq, rec.time, offset))
+        if rec.rewind is not None:
+            if not 0 <= rec.rewind < rec.seq:
+                raise CorruptionError(f"commit {rec.seq} rewinds to commit {rec.rewind}", offset=offset)
+            self.rewinds[rec.seq] = rec.rewind
+        self.commits.append(CommitInfo(rec.seq, rec.time, offset, rec.rewind))
         self.commit_times.append(rec.time)
         for f in rec.frames:
             self._add(f, offset)
@@ -82,6 +87,7 @@ class FrameTable:
             raise CorruptionError(f"segment starts at commit {commits[0].seq}", offset=offset)
         self.commits.extend(commits)
         self.commit_times.extend(c.time for c in commits)
+        self.rewinds.update((c.seq, c.rewind) for c in commits if c.rewind is not None)
         for f in frames:
             if f.seq > self.seq:
                 raise CorruptionError(f"frame {f.id} names future commit {f.seq}", offset=offset)

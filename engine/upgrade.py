@@ -32,6 +32,8 @@ DICT_BYTES = 64 << 10
 DICT_MIN_SAMPLES = 200  # zstd's trainer needs enough samples to find shared content
 DICT_SAMPLES = 4000
 DICT_MAX_MEAN = 4096  # dictionaries pay on small records; large ones carry their own context
+FRESH_DICT_MAX = 4096  # fresh puts up to this size are compressed with the dictionary
+DICT_MIN_GAIN = 0.15  # keep a dictionary that shrinks fresh small frames by at least this
 MIN_SAVING = 0.03  # a group that would shrink by less than this stays where it is
 
 
@@ -50,6 +52,7 @@ class Encoded(msgspec.Struct):
     dict_id: int
     body: bytes  # BLOCK body: block header + stored bytes
     raw_length: int
+    dict_gain: int = 0  # bytes the dictionary saved on this block
 
 
 def plan(frames: Sequence[fmt.FrameMeta]) -> list[list[fmt.FrameMeta]]:
@@ -83,10 +86,27 @@ def train(samples: Sequence[bytes]) -> bytes | None:
     return codecs.train(picked, size)
 
 
+def worth_keeping(zdict: object, samples: Sequence[bytes], level: int) -> bool:
+    """Does the dictionary shrink small frames compressed alone (as fresh puts are) by
+    ``DICT_MIN_GAIN``? Grouped blocks rarely need it; fresh small frames do."""
+    small = [p for p in samples if len(p) <= FRESH_DICT_MAX][:2000]
+    if not small:
+        return False
+    plain = sum(len(codecs.encode(p, level)[1]) for p in small)
+    with_dict = sum(len(codecs.encode(p, level, zdict)[1]) for p in small)  # type: ignore[arg-type]
+    return with_dict <= (1 - DICT_MIN_GAIN) * plain
+
+
 def encode(group: Group, payloads: list[bytes], zdict: tuple[int, object] | None, level: int = LEVEL) -> Encoded | None:
     """The group's new block, verified; ``None`` when it would not save ``MIN_SAVING``."""
     raw = b"".join(payloads)
-    codec, stored = codecs.encode_best(raw, level, zdict[1] if zdict else None)  # type: ignore[arg-type]
+    codec, stored = codecs.encode_best(raw, level, None)
+    gain = 0
+    if zdict is not None:
+        with_dict = codecs.encode_best(raw, level, zdict[1])  # type: ignore[arg-type]
+        gain = len(stored) - len(with_dict[1])
+        if gain > 0:
+            codec, stored = with_dict
     dict_id = zdict[0] if zdict and codec == codecs.ZSTD_DICT else 0
     body = fmt.BLOCK_HEADER.pack(codec, 0, 0, dict_id, len(raw)) + stored
     if len(body) + fmt.RECORD_SIZE > (1 - MIN_SAVING) * sum(group.old_blocks.values()):
@@ -100,7 +120,11 @@ def encode(group: Group, payloads: list[bytes], zdict: tuple[int, object] | None
         if hashlib.blake2b(back[pos : pos + m.length], digest_size=16).digest() != m.digest:
             raise AssertionError(f"codec upgrade: frame {m.id} fails its digest after re-encoding")
         pos += m.length
-    return Encoded(group, codec, dict_id, body, len(raw))
+    return Encoded(group, codec, dict_id, body, len(raw), max(gain, 0))
+
+
+def dict_gain(done: list[Encoded]) -> int:
+    return sum(e.dict_gain for e in done)
 
 
 def counters(done: list[Encoded], dict_bytes: int) -> dict[str, int]:

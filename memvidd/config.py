@@ -67,6 +67,9 @@ class EngineOptions(Base):
     level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 3
     checkpoint_bytes: Positive = 8 << 20
     checkpoint_frames: Positive = 4096
+    upgrade_codecs: bool = True
+    upgrade_idle_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 5000
+    upgrade_cold_commits: NonNegative = 100
 
 
 class CapsuleConfig(Base):

@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,9 @@ class Daemon:
             with scope:
                 async with trio.open_nursery() as tasks:
                     await tasks.start(svc.serve_committer)
+                    if c.engine.upgrade_codecs:
+                        await tasks.start(partial(svc.serve_upgrades, idle_s=c.engine.upgrade_idle_ms / 1000,
+                                                  cold_commits=c.engine.upgrade_cold_commits))
                     if indexer is not None:
                         await tasks.start(indexer.run)  # watching before READY; the scan goes on
                     task_status.started()

@@ -377,9 +377,10 @@ class QueryServer:
                     svc = self.service(req.capsule)
 
                     async def stats() -> p.StatsReply:
-                        s = await svc.read(svc.cap.stats)
+                        s = await svc.read_quietly(svc.cap.stats)
                         s["daemon"] = {"connections": self.connections, "requests": self.served,
-                                       "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts}
+                                       "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts,
+                                       "upgrades": dict(svc.upgrades)}
                         if svc.indexer is not None:
                             s["indexer"] = svc.indexer.stats()
                         return p.StatsReply(id=rid, stats=s)

@@ -11,7 +11,9 @@ through ``trio.to_thread`` so the event loop never blocks on disk or CPU:
   arrive together share one fsync (group commit);
 - reads run in parallel with each other and with writes (the engine is thread-safe);
 - after each commit, the new frames are pushed to tail subscribers through bounded
-  channels; a subscriber whose channel is full is dropped, never waited for.
+  channels; a subscriber whose channel is full is dropped, never waited for;
+- codec upgrades run only when the capsule has been idle for a while, in small batches
+  that give way to any staged put (the engine's ``upgrade_codecs``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class CapsuleService:
         self.commits = 0
         self.acked_puts = 0
         self.indexer: Any = None  # the capsule's directory indexer, when it watches roots
+        self.last_request = trio.current_time()  # reads and writes: what upgrades yield to
+        self.upgrades = {"runs": 0, "moved": 0, "saved": 0, "busy": 0}
+        self._maintenance = trio.CapacityLimiter(1)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -75,6 +80,7 @@ class CapsuleService:
 
     def submit(self, op: WriteOp) -> WriteOp:
         """Queue ``op`` (in arrival order); ``await op.done.wait()`` for its outcome."""
+        self.last_request = trio.current_time()
         self._queue.append(op)
         self._dirty.set()
         return op
@@ -145,9 +151,45 @@ class CapsuleService:
         self.commits += 1
         await self._publish()
 
+    # -- background codec upgrades -------------------------------------------------------
+
+    async def serve_upgrades(
+        self, *, idle_s: float, cold_commits: int, batch: int = 256,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Upgrade cold blocks whenever no request came for ``idle_s``, one batch at a
+        time (a batch of 256 frames is ~0.1-0.3 s of CPU), re-checking idleness between
+        batches; when nothing is left, wait for new commits."""
+        task_status.started()
+        done_at_seq = -1
+        while True:
+            quiet = trio.current_time() - self.last_request
+            if quiet < idle_s or self.cap.seq == done_at_seq:
+                await trio.sleep(max(idle_s - quiet, idle_s / 4))
+                continue
+            result = await trio.to_thread.run_sync(
+                lambda: self.cap.upgrade_codecs(max_frames=batch, batch_frames=batch, cold_commits=cold_commits),
+                limiter=self._maintenance, abandon_on_cancel=False)
+            self.upgrades["runs"] += 1
+            self.upgrades["moved"] += result["moved"]
+            self.upgrades["saved"] += result["saved"]
+            self.upgrades["busy"] += int(result["busy"])
+            if result["moved"]:
+                log.info("codec upgrade capsule=%s frames=%s saved=%s remaining=%s", self.name,
+                         result["moved"], result["saved"], result.get("remaining"))
+            if not result["busy"] and not result.get("remaining"):
+                done_at_seq = self.cap.seq
+            await trio.sleep(0)  # let requests that arrived meanwhile run first
+
     # -- reads ------------------------------------------------------------------------
 
     async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.last_request = trio.current_time()
+        return await self.read_quietly(fn, *args, **kwargs)
+
+    async def read_quietly(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read that does not count as activity (stats polling must not keep the
+        capsule from ever being idle)."""
         return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._readers)
 
     # -- tail -------------------------------------------------------------------------

@@ -51,3 +51,23 @@ class Workload:
 def snapshot(cap: engine.Capsule, as_of: int | None = None) -> dict[str, bytes]:
     """Every visible frame's payload by URI, read through the public API."""
     return {e.uri: cap.get(e.id).payload for e in cap.timeline(as_of=as_of, limit=1 << 30)}
+
+
+def kill_after(script: str, delay: float, timeout: float = 30) -> str:
+    """Run ``script`` in a fresh Python; once it prints ``ready``, wait ``delay`` seconds
+    and SIGKILL it. Returns what it printed (``done`` if it finished first)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(delay)  # a random moment inside the work
+        child.send_signal(signal.SIGKILL)
+        return child.communicate(timeout=timeout)[0]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=timeout)

@@ -1,0 +1,195 @@
+"""Rewriting a capsule's history into a new file: compaction and branches.
+
+``Rewriter`` replays a capsule's commits, in order, into a fresh file that no one else
+sees yet (``O_TMPFILE``): the same frames (ids, versions, validity, event and commit
+times) and the same stored vectors, but payloads regrouped into upgraded blocks (frames
+that a codec upgrade already moved keep their block, copied as it is) and none of the
+dead bytes: superseded segments and checkpoints, old copies of the lexical index,
+blocks an upgrade replaced. The new file holds only COMMIT, BLOCK, VECTORS, DICT and
+RELOCATE records, so it is valid by the same rules as any capsule [F-17]; commits name
+no blocks there, because the file is complete and synced before it gets a name.
+
+``Capsule.compact`` and ``Capsule.branch`` (``engine/capsule.py``) drive it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import codecs
+from . import format as fmt
+from .errors import StorageError
+from .fileio import OsFile
+from .log import read_meta, read_record
+
+if TYPE_CHECKING:
+    from .capsule import Capsule
+
+FLUSH_BYTES = 4 << 20
+WINDOW_FRAMES = 1024  # frames re-encoded per step (bounds memory, not the result)
+
+
+class Rewriter:
+    """Writes commits ``1..n`` of ``src`` into ``out``; call ``copy`` for consecutive
+    ranges, then ``finish``. ``out`` is an unnamed, locked file (``OsFile.unnamed``)."""
+
+    def __init__(self, src: Capsule, out: OsFile, *, capsule_id: bytes, extra: dict[str, Any]) -> None:
+        self.src = src
+        self.out = out
+        self.capsule_id = capsule_id
+        genesis = fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra))
+        slot = fmt.encode_header(fmt.Header(1, capsule_id, time.time(), fmt.LOG_START, len(genesis)))
+        self.pos = fmt.LOG_START
+        self.buf = bytearray(slot + slot)
+        self._append(genesis)
+        self.seq = 0
+        self.next_id = 0
+        self.last_commit = 0
+        self.blocks: dict[int, int] = {}  # source block offset -> offset here
+        self.dicts: dict[int, Any] = {}  # dictionary id -> loaded dictionary
+        self.stats = {"frames": 0, "commits": 0, "blocks_copied": 0, "blocks_encoded": 0}
+        c = src._counters
+        self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
+        self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
+
+    def _append(self, raw: bytes) -> int:
+        at = self.pos
+        self.buf += raw
+        self.pos += len(raw)
+        if len(self.buf) >= FLUSH_BYTES:
+            self.flush()
+        return at
+
+    def flush(self) -> None:
+        if self.buf:
+            self.out.pwrite(self.pos - len(self.buf), bytes(self.buf))
+            self.buf = bytearray()
+
+    def copy_dicts(self) -> None:
+        """Carry the source's dictionaries over, named by a RELOCATE at commit 0."""
+        t = self.src._table
+        refs = []
+        for dict_id, offset in sorted(t.dicts.items()):
+            _, body = read_record(self.src._file, offset, fmt.DICT)
+            refs.append(self._dict_record(dict_id, body))
+            self.dicts[dict_id] = self.src._dicts(dict_id)
+        if refs:
+            self._relocate([], refs, upto=0)
+
+    def _dict_record(self, dict_id: int, body: bytes) -> fmt.DictRef:
+        raw = fmt.encode_record(fmt.DICT, body)
+        return fmt.DictRef(dict_id, self._append(raw), fmt.decode_record_header(raw).body_crc)  # type: ignore[union-attr]
+
+    def _relocate(self, moves: list[fmt.Move], dicts: list[fmt.DictRef], *, upto: int,
+                  counters: dict[str, int] | None = None) -> None:
+        rec = fmt.RelocateRecord(self.seq, upto, moves, [], dicts, counters or {})
+        self._append(fmt.meta_record(fmt.RELOCATE, rec))
+
+    def limit(self, last_seq: int) -> None:
+        """This copy stops at commit ``last_seq`` (a branch): an upgraded block that also
+        holds later frames is re-encoded, so no later content reaches the copy."""
+        self.last_user = {}
+        for m in self.src._table.frames:
+            if m.block >= 0:
+                self.last_user[m.block] = m.id
+        self.end_id = self.src._table.first_after(last_seq)
+
+    def _count(self, codec: int, raw: int, stored: int) -> None:
+        name = codecs.NAMES[codec]
+        for k, v in (("blocks", 1), ("raw", raw), ("stored", stored)):
+            self.counters[f"codec.{name}.{k}"] = self.counters.get(f"codec.{name}.{k}", 0) + v
+
+    def copy(self, last_seq: int, *, level: int) -> None:
+        """Copy the source's commits after ``self.seq`` up to ``last_seq``."""
+        t = self.src._table
+        while self.seq < last_seq:
+            # A window of whole commits, about WINDOW_FRAMES frames.
+            hi = self.seq + 1
+            while hi < last_seq and t.first_after(hi) - self.next_id < WINDOW_FRAMES:
+                hi += 1
+            end_id = t.first_after(hi)
+            frames = t.frames[self.next_id : end_id]
+            where = self._payloads(frames, level)
+            for s in range(self.seq + 1, hi + 1):
+                self._commit(s, where)
+
+    def _payloads(self, frames: list[fmt.FrameMeta], level: int) -> dict[int, tuple[int, int]]:
+        """Write the blocks of ``frames``; returns frame id -> (block offset, start) here."""
+        src = self.src
+        upto = src._table.upgraded_upto
+        lu = self.last_user
+        fresh = [m for m in frames if m.id >= upto or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
+        zdict = (max(self.dicts), self.dicts[max(self.dicts)]) if self.dicts else None
+        new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level)
+        if new_dict is not None:
+            dict_id = max(self.dicts, default=0) + 1
+            assert dict_id == new_dict[0]
+            ref = self._dict_record(dict_id, fmt.DICT_HEADER.pack(dict_id) + new_dict[1])
+            self.dicts[dict_id] = new_dict[2]
+            self._relocate([], [ref], upto=self.next_id)
+        where: dict[int, tuple[int, int]] = {}
+        for e in encoded:
+            at = self._append(fmt.encode_record(fmt.BLOCK, e.body))
+            self._count(e.codec, e.raw_length, len(e.body) - fmt.BLOCK_HEADER.size)
+            self.counters["upgrade.frames"] += len(e.group.frames)
+            self.counters["upgrade.blocks"] += 1
+            self.counters["upgrade.saved"] += sum(e.group.old_blocks.values()) - len(e.body) - fmt.RECORD_SIZE
+            start = 0
+            for m in e.group.frames:
+                where[m.id] = (at, start)
+                start += m.length
+            self.stats["blocks_encoded"] += 1
+        for m in frames:
+            if m.block < 0 or m.id in where:
+                continue
+            at = self.blocks.get(m.block)
+            if at is None:  # a block already upgraded, or one not worth re-encoding
+                _, body = read_record(src._file, m.block, fmt.BLOCK)
+                at = self.blocks[m.block] = self._append(fmt.encode_record(fmt.BLOCK, body))
+                codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
+                self._count(codec, raw_len, len(body) - fmt.BLOCK_HEADER.size)
+                self.stats["blocks_copied"] += 1
+            where[m.id] = (at, m.start)
+        return where
+
+    def _commit(self, seq: int, where: dict[int, tuple[int, int]]) -> None:
+        src = self.src
+        info = src._table.commits[seq - 1]
+        rec = read_meta(src._file, info.offset, fmt.COMMIT, fmt.CommitRecord)
+        frames = []
+        for m in src._table.frames[self.next_id : src._table.first_after(seq)]:
+            block, start = where.get(m.id, (-1, 0))
+            frames.append(msgspec.structs.replace(m, block=block, start=start))
+        vectors = []
+        for ref in rec.vectors:
+            _, body = read_record(src._file, ref.offset, fmt.VECTORS)
+            raw = fmt.encode_record(fmt.VECTORS, body)
+            vectors.append(fmt.BlockRef(self._append(raw), ref.body_crc))
+        out = fmt.CommitRecord(seq, info.time, self.last_commit, frames, [], vectors, rec.rewind)
+        self.last_commit = self._append(fmt.meta_record(fmt.COMMIT, out))
+        self.seq = seq
+        self.next_id += len(frames)
+        self.stats["frames"] += len(frames)
+        self.stats["commits"] += 1
+
+    def finish(self) -> int:
+        """Mark every frame as considered by upgrades, flush and fsync; returns the size."""
+        self._relocate([], [], upto=self.next_id, counters=self.counters)  # stats travel with the data
+        self.flush()
+        self.out.sync()
+        return self.pos
+
+
+def unnamed(directory: str) -> OsFile:
+    """A new, locked file in ``directory`` with no name yet (see ``OsFile.create``)."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StorageError("create", directory, e) from e
+    f = OsFile(os.path.join(directory, "(unnamed)"), fd)
+    f.lock()
+    return f

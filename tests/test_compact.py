@@ -1,0 +1,303 @@
+"""Compaction, branches and rewind [F-17, F-18]: history survives every rewrite.
+
+Each test records every as-of view before the operation and compares after it, byte for
+byte; crash tests kill -9 a real process in the middle of a compaction.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine import codecs
+from engine import format as fmt
+from workload import Workload, kill_after, snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def every_view(cap: engine.Capsule) -> list[dict[str, bytes]]:
+    return [snapshot(cap, s) for s in range(cap.seq + 1)]
+
+
+def frames_of(cap: engine.Capsule) -> list[tuple]:
+    """Everything about every frame but where its bytes are stored."""
+    out = []
+    for fid in range(cap.stats()["frames"]):
+        try:
+            f = cap.get(fid)
+        except engine.NotFound:  # tombstones
+            out.append((fid, None))
+            continue
+        out.append((fid, f.uri, f.title, f.tags, f.timestamp, f.commit_seq, f.commit_time, f.valid_until, f.payload))
+    return out
+
+
+def build(path: str, seed: int = 1, commits: int = 60, **options) -> Workload:
+    """A capsule with versions, tombstones, URI-less frames, checkpoints and an upgrade."""
+    w = Workload(seed)
+    with engine.create(path, model=None, checkpoint_frames=40, index_dir=tempfile.mkdtemp(), **options) as cap:
+        for i in range(commits):
+            ops = w.batch()
+            w.stage(cap, ops)
+            cap.commit()
+            w.committed(ops)
+            if i == commits // 2:
+                cap.upgrade_codecs()  # some frames moved: their old blocks are dead
+    return w
+
+
+@pytest.mark.req("F-17")
+def test_compaction_keeps_history_and_reclaims_dead_bytes(tmp_path):
+    path = str(tmp_path / "c.mv2")
+    build(path)
+    with engine.open(path) as cap:
+        views, frames = every_view(cap), frames_of(cap)
+        dead = cap.stats()["bytes_by_kind"]["dead"]
+        assert dead > 0
+        report = cap.compact()
+        assert report["bytes_after"] < report["bytes_before"] - dead // 2, report
+        assert every_view(cap) == views
+        assert frames_of(cap) == frames
+        assert cap.stats()["bytes_by_kind"]["dead"] == 0
+        assert os.path.getsize(path) == cap.stats()["file_bytes"]
+        cap.put("after compaction", uri="new://1")
+        cap.commit()
+    assert not list(tmp_path.glob("*.compacting"))
+    assert engine.verify(path).ok
+    with engine.open(path) as cap:
+        assert every_view(cap)[: len(views)] == views
+        assert cap.get(uri="new://1").text == "after compaction"
+
+
+def test_compaction_keeps_vectors_and_search(tmp_path):
+    path = str(tmp_path / "v.mv2")
+    rng = np.random.default_rng(0)
+    texts = [f"note {i} about {'apples' if i % 2 else 'pears'} and more words" for i in range(300)]
+    vecs = rng.normal(size=(300, 384)).astype(np.float32)
+    with engine.create(path, index_dir=str(tmp_path / "ix")) as cap:
+        for i, (t, v) in enumerate(zip(texts, vecs)):
+            cap.put(t, uri=f"n://{i}", vector=v)
+            if i % 10 == 9:
+                cap.commit()
+        before = cap.vectors(range(300))
+        hits = [h.frame_id for h in cap.find("apples", mode="lex", k=20)]
+        cap.compact()
+        after = cap.vectors(range(300))
+        assert sorted(after) == sorted(before)
+        assert all(np.array_equal(after[i], before[i]) for i in before)
+        assert [h.frame_id for h in cap.find("apples", mode="lex", k=20)] == hits
+    with engine.open(path, index_dir=str(tmp_path / "ix2")) as cap:  # no working copies
+        assert [h.frame_id for h in cap.find("apples", mode="lex", k=20)] == hits
+        assert cap.stats()["vectors"]["frames_with_vectors"] == 300
+
+
+def test_compaction_while_another_thread_commits(tmp_path):
+    path = str(tmp_path / "t.mv2")
+    build(path, commits=40)
+    with engine.open(path) as cap:
+        views = every_view(cap)
+        acked: list[tuple[int, str]] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                i = 0
+                while not stop.is_set():
+                    cap.put(f"concurrent {i}", uri=f"w://{i % 7}")
+                    cap.commit()
+                    acked.append((i % 7, f"concurrent {i}"))
+                    i += 1
+            except BaseException as e:  # surfaces below
+                errors.append(e)
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        while len(acked) < 5:
+            time.sleep(0.001)
+        cap.compact()
+        stop.set()
+        t.join(timeout=30)
+        assert not errors, errors
+        assert every_view(cap)[: len(views)] == views
+        latest = dict(acked)
+        assert {k: cap.get(uri=f"w://{k}").text for k in latest} == latest
+    assert engine.verify(path).ok
+
+
+def test_failed_compaction_leaves_the_capsule_as_it_was(tmp_path, monkeypatch):
+    path = str(tmp_path / "f.mv2")
+    build(path, commits=30)
+    original = Path(path).read_bytes()
+    written = {"n": 0}
+    real = engine.fileio.OsFile.pwrite
+
+    def failing(self, offset, data):  # the disk fills up while the copy is written
+        if self.path.endswith("(unnamed)"):
+            written["n"] += 1
+            if written["n"] >= 1:
+                raise engine.StorageError("write", self.path, OSError(28, "No space left on device"))
+        return real(self, offset, data)
+
+    monkeypatch.setattr(engine.fileio.OsFile, "pwrite", failing)
+    with engine.open(path) as cap:
+        views = every_view(cap)
+        with pytest.raises(engine.StorageError):
+            cap.compact()
+        assert every_view(cap) == views
+        monkeypatch.setattr(engine.fileio.OsFile, "pwrite", real)
+        cap.put("still writable", uri="x://1")
+        cap.commit()
+    assert Path(path).read_bytes()[: len(original)] == original
+    assert not list(tmp_path.glob("*.compacting"))
+    assert engine.verify(path).ok
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+import engine
+cap = engine.open({path!r})
+print("ready", flush=True)
+cap.compact()
+print("done", flush=True)
+cap.close()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_during_compaction(tmp_path):
+    path = str(tmp_path / "k.mv2")
+    build(path, seed=3, commits=150)
+    with engine.open(path, readonly=True) as cap:
+        views, frames = every_view(cap), frames_of(cap)
+    rng = random.Random(int(os.environ.get("CRASH_SEED", "11")))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(root=str(ROOT), path=path))
+    outcomes = set()
+    for attempt in range(8):
+        out = kill_after(str(script), rng.uniform(0, 0.6))
+        outcomes.add("done" in out)
+        with engine.open(path) as cap:  # the old file or the new one, never a mix
+            assert every_view(cap) == views, f"attempt {attempt}"
+            assert frames_of(cap) == frames
+        assert engine.verify(path).ok
+    with engine.open(path) as cap:  # a leftover .compacting file does not stop the next one
+        cap.compact()
+        assert every_view(cap) == views
+    assert not list(tmp_path.glob("*.compacting"))
+
+
+@pytest.mark.req("F-17")
+def test_branch_holds_the_past_and_nothing_after_it(tmp_path):
+    path = str(tmp_path / "src.mv2")
+    with engine.create(path, model=None, index_dir=str(tmp_path / "ix")) as cap:
+        for i in range(200):
+            cap.put(f"early note {i} alpha", uri=f"n://{i % 50}")
+            if i % 20 == 19:
+                cap.commit()
+        mid = cap.seq
+        view = snapshot(cap, mid)
+        for i in range(200):
+            cap.put(f"SECRET-LATER-{i} beta", uri=f"n://{i % 60}")
+            if i % 20 == 19:
+                cap.commit()
+        cap.upgrade_codecs()  # groups by id: a block now holds frames from before and after `mid`
+        assert len({cap._table.frames[i].block for i in (195, 205)}) == 1
+        report = cap.branch(tmp_path / "b.mv2", as_of=mid)
+        assert report["seq"] == mid
+        with pytest.raises(engine.CapsuleExists):
+            cap.branch(tmp_path / "b.mv2")
+    with engine.open(path, readonly=True) as src:
+        past = [snapshot(src, s) for s in range(mid + 1)]
+        src_id = src.stats()["capsule_id"]
+    with engine.open(tmp_path / "b.mv2", index_dir=str(tmp_path / "ix2")) as b:
+        assert b.seq == mid and snapshot(b) == view
+        assert every_view(b) == past
+        origin = b.stats()["origin"]
+        assert origin["seq"] == mid and origin["path"] == os.path.abspath(path)
+        assert b.stats()["capsule_id"] != src_id
+        assert len(b.find("alpha", mode="lex", k=5)) == 5 and len(b.find("beta", mode="lex")) == 0
+        b.put("the branch goes its own way", uri="n://1")
+        b.commit()
+    assert engine.verify(str(tmp_path / "b.mv2")).ok
+    assert b"SECRET-LATER" not in decoded_blocks(tmp_path / "b.mv2")
+    with engine.open(path, readonly=True) as cap:  # the source is untouched
+        assert cap.get(uri="n://1").text.startswith("SECRET-LATER")
+
+
+def decoded_blocks(path: Path) -> bytes:
+    """Every BLOCK record of a file, decoded: what the file really holds."""
+    data = path.read_bytes()
+    with engine.open(str(path), readonly=True) as cap:
+        dicts = cap._dicts
+    out = []
+    pos = fmt.LOG_START
+    while pos < len(data):
+        rh = fmt.decode_record_header(data, pos)
+        body = data[pos + fmt.RECORD_SIZE : pos + fmt.RECORD_SIZE + rh.length]
+        if rh.kind == fmt.BLOCK:
+            codec, _, _, dict_id, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
+            out.append(codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len,
+                                     zdict=dicts(dict_id) if dict_id else None))
+        pos += fmt.RECORD_SIZE + rh.length
+    return b"".join(out)
+
+
+@pytest.mark.req("F-18")
+def test_rewind_restores_the_past_and_keeps_what_came_after(tmp_path):
+    path = str(tmp_path / "r.mv2")
+    with engine.create(path, model=None) as cap:
+        cap.put("a1", uri="a")
+        cap.put("b1", uri="b")
+        cap.put("loose 1")
+        mid = cap.commit()
+        view = snapshot(cap, mid)
+        loose_then = {f.id for f in cap.timeline() if f.uri is None}
+        cap.put("a2", uri="a")  # changed
+        cap.remove("b")  # removed
+        cap.put("c1", uri="c")  # added
+        cap.remove(next(iter(loose_then)))  # a uri-less frame removed
+        cap.put("loose 2")  # a uri-less frame added
+        cap.commit()
+        after = every_view(cap)
+        seq = cap.rewind(mid)
+        assert snapshot(cap) == view
+        assert every_view(cap)[: len(after)] == after  # nothing rewound over is lost
+        assert sorted(f.text for f in (cap.get(f.id) for f in cap.timeline())) == ["a1", "b1", "loose 1"]
+        assert cap.stats()["rewinds"] == [{"seq": seq, "to": mid}]
+        assert cap.get(uri="a", as_of=seq - 1).text == "a2"
+        cap.checkpoint()
+    with engine.open(path) as cap:  # the marker survives checkpoints and reopening
+        assert snapshot(cap) == view and cap.stats()["rewinds"] == [{"seq": seq, "to": mid}]
+        assert cap.rewind(seq - 1) == seq + 1  # rewinding a rewind: back to "after"
+        assert snapshot(cap) == after[-1]
+    assert engine.verify(path).ok
+
+
+def test_rewind_to_a_time_and_to_the_empty_capsule(tmp_path):
+    path = str(tmp_path / "t.mv2")
+    with engine.create(path, model=None) as cap:
+        cap.put("one", uri="u")
+        first = cap.commit()
+        t = cap.get(uri="u").commit_time
+        cap.put("two", uri="u")
+        cap.commit()
+        cap.rewind(t)
+        assert cap.get(uri="u").text == "one" and cap.stats()["rewinds"][-1]["to"] == first
+        cap.rewind(0)
+        assert snapshot(cap) == {}
+        with pytest.raises(engine.InvalidArgument):
+            cap.rewind(cap.seq + 5)
+        cap.put("staged")
+        with pytest.raises(engine.InvalidArgument):
+            cap.rewind(1)
