@@ -6,6 +6,7 @@ this module exports; everything else is internal. The file format is specified i
 """
 
 from .capsule import Capsule, Frame, FrameInfo, create, open
+from .crypto import KdfParams, read_passphrase
 from .embed import DEFAULT_MODEL, MODELS, Embedder, ModelError
 from .errors import (
     CapsuleBroken,
@@ -20,6 +21,7 @@ from .errors import (
     NotFound,
     ReadOnlyError,
     StorageError,
+    WrongPassphrase,
 )
 from .format import READ_VERSION, WRITE_VERSION
 from .search import Hit, Hits
@@ -30,5 +32,6 @@ __all__ = [
     "READ_VERSION", "WRITE_VERSION", "Capsule", "CapsuleBroken", "CapsuleClosed",
     "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
     "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",
-    "Report", "StorageError", "create", "doctor", "open", "verify",
+    "Report", "StorageError", "create", "doctor", "open", "verify", "KdfParams", "WrongPassphrase",
+    "read_passphrase",
 ]

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from . import codecs
+from . import codecs, crypto
 from . import format as fmt
 from . import upgrade
 from .compact import Rewriter, unnamed
@@ -118,6 +118,8 @@ def create(
     *,
     model: str | None = DEFAULT_MODEL,
     embedder: Embedder | None = None,
+    passphrase: str | bytes | None = None,
+    kdf: crypto.KdfParams | None = None,
     file_factory: Any = None,
     **options: Any,
 ) -> Capsule:
@@ -125,20 +127,46 @@ def create(
 
     ``model`` binds the capsule to an embedding model (``None``: lexical search only);
     ``embedder`` is a loaded ``Embedder`` for that model, used to embed new text in the
-    background and queries at search time.
+    background and queries at search time. ``passphrase`` makes an encrypted capsule
+    (``.mv2e`` by convention [F-19]); ``kdf`` overrides its Argon2id costs.
     """
     path = os.fspath(path)
     opts = _options(options)
     if model is not None and model not in MODELS:
         raise InvalidArgument(f"unknown model {model!r}; known: {sorted(MODELS)}")
-    capsule_id = uuid.uuid4().bytes
-    created = time.time()
-    ckpt_raw = genesis(capsule_id, model)
-    header = fmt.Header(1, capsule_id, created, fmt.LOG_START, len(ckpt_raw))
+    header, sealer, ckpt_raw = new_header(uuid.uuid4().bytes, {"vec": _vec_binding(model)} if model else {},
+                                          passphrase, kdf)
     slot = fmt.encode_header(header)
     initial = slot + slot + ckpt_raw  # both slots valid from the start [F-02]
     f = (file_factory or OsFile.create)(path, initial)
+    f.sealer = sealer
     return Capsule(f, header, readonly=False, opts=opts, embedder=embedder)
+
+
+def new_header(
+    capsule_id: bytes, extra: dict[str, Any], passphrase: str | bytes | None, kdf: crypto.KdfParams | None,
+) -> tuple[fmt.Header, crypto.Sealer | None, bytes]:
+    """A new capsule's header, its sealer (encrypted capsules), and its genesis record."""
+    keyslot, sealer = b"", None
+    if passphrase is not None:
+        slot, data_key = crypto.new_keyslot(passphrase, capsule_id, kdf)
+        keyslot, sealer = crypto.encode_keyslot(slot), crypto.Sealer(data_key, capsule_id)
+    first = genesis(capsule_id, extra, sealer)
+    header = fmt.Header(1, capsule_id, time.time(), fmt.LOG_START, len(first),
+                        flags=fmt.HEADER_ENCRYPTED if sealer else 0, keyslot=keyslot)
+    return header, sealer, first
+
+
+def unlock(f: CapsuleFile, header: fmt.Header, passphrase: str | bytes | None) -> None:
+    """Give ``f`` the sealer of an encrypted capsule [F-19] (``WrongPassphrase`` if the
+    passphrase does not open its key slot)."""
+    if header.flags & fmt.HEADER_ENCRYPTED:
+        if passphrase is None:
+            raise InvalidArgument(f"{f.path} is encrypted: open it with its passphrase")  # type: ignore[attr-defined]
+        data_key = crypto.unlock(crypto.decode_keyslot(header.keyslot), passphrase, header.capsule_id)
+        f.sealer = crypto.Sealer(data_key, header.capsule_id)  # type: ignore[attr-defined]
+    elif passphrase is not None:
+        raise InvalidArgument(f"{f.path} is not encrypted: open it without a passphrase")  # type: ignore[attr-defined]
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -146,10 +174,12 @@ def open(  # noqa: A001 - the public name the API promises
     readonly: bool = False,
     *,
     embedder: Embedder | None = None,
+    passphrase: str | bytes | None = None,
     file_factory: Any = None,
     **options: Any,
 ) -> Capsule:
-    """Open an existing capsule. Writers lock it; readonly opens share it with a writer."""
+    """Open an existing capsule. Writers lock it; readonly opens share it with a writer.
+    Encrypted capsules need their ``passphrase``."""
     path = os.fspath(path)
     opts = _options(options)
     if not os.path.exists(path):
@@ -160,6 +190,7 @@ def open(  # noqa: A001 - the public name the API promises
             f.lock()  # type: ignore[attr-defined]
         header = read_header(f)
         fmt.check_versions(header, readonly=readonly)
+        unlock(f, header, passphrase)
         return Capsule(f, header, readonly=readonly, opts=opts, embedder=embedder)
     except BaseException:
         f.close()
@@ -244,15 +275,18 @@ def read_payload(
     return payload
 
 
-def genesis(capsule_id: bytes, model: str | None) -> bytes:
+def _vec_binding(model: str) -> dict[str, Any]:
+    return {"model": model, "dim": MODELS[model].dim}
+
+
+def genesis(capsule_id: bytes, extra: dict[str, Any], sealer: fmt.Sealing | None = None) -> bytes:
     """The first record of every capsule: the empty checkpoint at LOG_START [F-02].
 
-    It binds the embedding model for good; every later checkpoint carries it forward.
+    It binds the embedding model (``extra["vec"]``) for good, and a branch's origin;
+    every later checkpoint carries them forward.
     """
-    extra: dict[str, Any] = {}
-    if model is not None:
-        extra["vec"] = {"model": model, "dim": MODELS[model].dim}
-    return fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra))
+    return fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra),
+                           sealer=sealer, offset=fmt.LOG_START)
 
 
 def _timestamp(value: Any) -> float:
@@ -313,6 +347,7 @@ class Capsule:
         self._closed = False
         self._broken: str | None = None
         self.capsule_id = header.capsule_id
+        self.encrypted = bool(header.flags & fmt.HEADER_ENCRYPTED)
         self._pending: list[fmt.FrameMeta] = []
         self._pending_blocks: list[fmt.BlockRef] = []
         self._pending_live: dict[str, int | None] = {}  # uri -> pending live id (None: removed)
@@ -377,8 +412,7 @@ class Capsule:
         h = self._header
         if not self.readonly and (h.read_version, h.write_version) < (fmt.READ_VERSION, fmt.WRITE_VERSION):
             # This writer adds records an older reader would misread: say so first [F-03].
-            self._write_header(fmt.Header(h.generation + 1, h.capsule_id, h.created,
-                                          h.checkpoint_offset, h.checkpoint_length))
+            self._write_header(h.next(read_version=fmt.READ_VERSION, write_version=fmt.WRITE_VERSION))
 
     def _catch_up(self) -> int:
         """Apply commits that follow ``_log_end``; returns how many there were."""
@@ -491,11 +525,11 @@ class Capsule:
         codec, packed = codecs.encode(payload, self._opts.level, fresh_dict[1] if fresh_dict else None)
         dict_id = fresh_dict[0] if codec == codecs.ZSTD_DICT else 0  # type: ignore[index]
         body = fmt.BLOCK_HEADER.pack(codec, 0, 0, dict_id, len(payload)) + packed
-        record = fmt.encode_record(fmt.BLOCK, body)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         with self._lock:
             self._check_writable()
             offset = self._write_end
+            record = self._record(fmt.BLOCK, body, offset)
             # No fsync: an uncommitted block is garbage until a COMMIT names it.
             self._file.pwrite(offset, record)
             self._write_end += len(record)
@@ -667,11 +701,11 @@ class Capsule:
             # Vectors ride in the commit: written before it, named by it [F-14].
             vec_ids = list(self._ready_vectors)
             vec_rows = np.stack([self._ready_vectors[i] for i in vec_ids])
-            vec_raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(vec_ids, pack_vectors(vec_rows))))
+            vec_raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(vec_ids, pack_vectors(vec_rows))), offset)
         vec_refs = [fmt.BlockRef(offset, fmt.decode_record_header(vec_raw).body_crc)] if vec_raw else []  # type: ignore[union-attr]
         rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending,
                                self._pending_blocks, vec_refs, self._rewind_to)
-        raw = fmt.meta_record(fmt.COMMIT, rec)
+        raw = self._meta_record(fmt.COMMIT, rec, offset + len(vec_raw))
         try:
             self._file.pwrite(offset, vec_raw + raw)
             # The acknowledgement point: once this returns the commit survives a crash.
@@ -778,7 +812,7 @@ class Capsule:
         for first, count, last_seq in runs[keep:]:
             first_seq = (self._last_seq(refs[-1]) if refs else 0) + 1
             seg = fmt.SegmentRecord(first, t.frames[first : first + count], t.commits[first_seq - 1 : last_seq])
-            raw = fmt.meta_record(fmt.SEGMENT, seg)
+            raw = self._meta_record(fmt.SEGMENT, seg, pos)
             refs.append(fmt.SegmentRef(pos, len(raw), first, count, last_seq))
             out += raw
             pos += len(raw)
@@ -794,16 +828,15 @@ class Capsule:
         ckpt = fmt.CheckpointRecord(self.capsule_id, t.seq, t.next_id, self._last_commit, refs, counters, extra)
         # The checkpoint counts its own bytes: encode once to learn the size (the count
         # itself may change the size by a byte or two, which stats can live with).
-        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(fmt.meta_record(fmt.CHECKPOINT, ckpt))
-        ck_raw = fmt.meta_record(fmt.CHECKPOINT, ckpt)
+        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(self._meta_record(fmt.CHECKPOINT, ckpt, pos))
+        ck_raw = self._meta_record(fmt.CHECKPOINT, ckpt, pos)
         ck_off = pos
         out += ck_raw
         try:
             self._file.pwrite(self._log_end, bytes(out))
             # Order matters: the header may only point at bytes already on disk.
             self._file.sync()
-            h = self._header
-            self._write_header(fmt.Header(h.generation + 1, h.capsule_id, h.created, ck_off, len(ck_raw)))
+            self._write_header(self._header.next(ck_off, len(ck_raw)))
         except StorageError:
             # The old header still points at the old checkpoint; the new records are
             # harmless garbage past the end, cut here or at the next open.
@@ -818,6 +851,13 @@ class Capsule:
         self._ckpt_vec_refs = len(self._vec_refs)
         if self._indexes is not None:
             self._indexes.save(t)
+
+    def _record(self, kind: int, body: bytes, offset: int) -> bytes:
+        """A record to be written at ``offset`` (sealed there, for encrypted capsules)."""
+        return fmt.encode_record(kind, body, sealer=self._file.sealer, offset=offset)
+
+    def _meta_record(self, kind: int, obj: Any, offset: int) -> bytes:
+        return fmt.meta_record(kind, obj, sealer=self._file.sealer, offset=offset)
 
     def _write_header(self, header: fmt.Header) -> None:
         slot = fmt.SLOT_OFFSETS[header.generation % 2]  # never overwrite the live slot [F-02]
@@ -846,7 +886,7 @@ class Capsule:
                 i, v = self._read_vectors(offset)
                 ids += i
                 rows.append(v)
-            raw = fmt.encode_record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))))
+            raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))), pos)
             tail = [r for r in tail if r[1] >= SMALL_VECTOR_RECORD] + [[pos, len(ids)]]
             out += raw
             pos += len(raw)
@@ -879,7 +919,7 @@ class Capsule:
                     files[p.name] = old  # segment files never change once written
                     continue
                 data = p.read_bytes()
-                raw = fmt.encode_record(fmt.LEXFILE, data)
+                raw = self._record(fmt.LEXFILE, data, pos + len(chunk))
                 files[p.name] = [pos + len(chunk), len(data)]
                 chunk += raw
         except FileNotFoundError:
@@ -975,21 +1015,22 @@ class Capsule:
         out = bytearray()
         dict_refs, blocks, moves = [], [], []
         if new_dict is not None:
-            raw = fmt.encode_record(fmt.DICT, fmt.DICT_HEADER.pack(new_dict[0]) + new_dict[1])
+            raw = self._record(fmt.DICT, fmt.DICT_HEADER.pack(new_dict[0]) + new_dict[1], pos)
             dict_refs.append(fmt.DictRef(new_dict[0], pos, fmt.decode_record_header(raw).body_crc))  # type: ignore[union-attr]
             out += raw
         for e in encoded:
-            raw = fmt.encode_record(fmt.BLOCK, e.body)
             at = pos + len(out)
+            raw = self._record(fmt.BLOCK, e.body, at)
             blocks.append(fmt.BlockRef(at, fmt.decode_record_header(raw).body_crc))  # type: ignore[union-attr]
             start = 0
             for m in e.group.frames:
                 moves.append(fmt.Move(m.id, at, start))
                 start += m.length
             out += raw
-        deltas = upgrade.counters(encoded, len(out) - sum(len(e.body) + fmt.RECORD_SIZE for e in encoded))
+        dict_bytes = blocks[0].offset - pos if blocks else len(out)
+        deltas = upgrade.counters(encoded, dict_bytes)
         rec = fmt.RelocateRecord(self._table.seq, upto, moves, blocks, dict_refs, deltas)
-        raw = fmt.meta_record(fmt.RELOCATE, rec)
+        raw = self._meta_record(fmt.RELOCATE, rec, pos + len(out))
         try:
             self._file.pwrite(pos, bytes(out) + raw)
             self._file.sync()  # the switch point: before it the old blocks are in use
@@ -1000,11 +1041,23 @@ class Capsule:
         if new_dict is not None:
             self._dicts._loaded[new_dict[0]] = new_dict[2]
             self._fresh_dict = (new_dict[0], new_dict[2])
-        block_bytes = sum(len(e.body) + fmt.RECORD_SIZE for e in encoded)
-        self._add_counters({**deltas, "bytes.block": block_bytes, "bytes.dict": len(out) - block_bytes,
+        self._add_counters({**deltas, "bytes.block": len(out) - dict_bytes, "bytes.dict": dict_bytes,
                             "bytes.relocate": len(raw)})
         self._log_end = self._write_end = pos + len(out) + len(raw)
         return {k: deltas.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
+
+    def rekey(self, old: str | bytes, new: str | bytes, *, kdf: crypto.KdfParams | None = None) -> None:
+        """Change an encrypted capsule's passphrase: a new key slot wrapping the same data
+        key, written to both header slots; no record is re-encrypted [F-19]."""
+        self._check_writable()
+        if not self.encrypted:
+            raise InvalidArgument(f"{self.path} is not encrypted (see memvidd encrypt)")
+        slot = crypto.rekey(crypto.decode_keyslot(self._header.keyslot), old, new, self.capsule_id, params=kdf)
+        with self._lock:
+            self._check_writable()
+            keyslot = crypto.encode_keyslot(slot)
+            self._write_header(self._header.next(keyslot=keyslot))
+            self._write_header(self._header.next())  # the other slot too: the old passphrase is gone
 
     # -- compaction and branches [F-17] ------------------------------------------------
 
@@ -1024,7 +1077,13 @@ class Capsule:
             try:
                 with self._lock:
                     self._check_writable()
-                    w = Rewriter(self, out, capsule_id=self.capsule_id, extra=self._genesis_extra())
+                    # The same capsule (id, key slot, data key): only the bytes change.
+                    out.sealer = self._file.sealer
+                    h = self._header
+                    first = genesis(self.capsule_id, self._genesis_extra(), out.sealer)
+                    start = fmt.Header(1, h.capsule_id, h.created, fmt.LOG_START, len(first),
+                                       flags=h.flags, keyslot=h.keyslot)
+                    w = Rewriter(self, out, start, first)
                     w.copy_dicts()
                     snapshot = self._table.seq
                 w.copy(snapshot, level=level)
@@ -1042,10 +1101,17 @@ class Capsule:
                 raise
             return {"bytes_before": before, "bytes_after": self._log_end, **w.stats}
 
-    def branch(self, path: str | os.PathLike[str], *, as_of: Any = None, level: int = upgrade.LEVEL) -> dict[str, Any]:
+    def branch(
+        self, path: str | os.PathLike[str], *, as_of: Any = None, passphrase: str | bytes | None = None,
+        kdf: crypto.KdfParams | None = None, level: int = upgrade.LEVEL, origin: bool = True,
+    ) -> dict[str, Any]:
         """A new capsule at ``path`` holding this one's history up to ``as_of`` (default:
         now), frames and vectors, its search indexes built, and its origin recorded in
-        ``stats()["origin"]``. ``CapsuleExists`` if anything is at ``path``."""
+        ``stats()["origin"]``. ``CapsuleExists`` if anything is at ``path``.
+
+        The branch is encrypted when ``passphrase`` is given, plain otherwise, whatever
+        this capsule is: ``memvidd encrypt`` / ``decrypt`` are branches of the head with
+        ``origin=False``."""
         path = os.fspath(path)
         if os.path.lexists(path):
             raise CapsuleExists(f"{path} already exists")
@@ -1053,10 +1119,15 @@ class Capsule:
             with self._lock:
                 self._check_open()
                 seq = self._resolve_as_of(as_of)
-                origin = {"capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
-                          "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created}
+                extra = self._genesis_extra()
+                if origin:
+                    extra["origin"] = {"capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
+                                       "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created}
+            header, sealer, first = new_header(uuid.uuid4().bytes, extra, passphrase, kdf)  # Argon2id: unlocked
+            with self._lock:
                 out = unnamed(os.path.dirname(os.path.abspath(path)))
-                w = Rewriter(self, out, capsule_id=uuid.uuid4().bytes, extra={**self._genesis_extra(), "origin": origin})
+                out.sealer = sealer
+                w = Rewriter(self, out, header, first)
                 w.limit(seq)
                 w.copy_dicts()
             try:
@@ -1066,7 +1137,7 @@ class Capsule:
                 fsync_dir(os.path.dirname(os.path.abspath(path)))
             finally:
                 out.close()
-        with open(path, index_dir=self._opts.index_dir) as b:
+        with open(path, passphrase=passphrase, index_dir=self._opts.index_dir) as b:
             b.rebuild_indexes()
         return {"path": path, "seq": seq, **w.stats}
 
@@ -1449,7 +1520,7 @@ class Capsule:
             ix = Indexes(
                 capsule_id=self.capsule_id, path=self.path, readonly=self.readonly, dim=dim,
                 cache_dir=self._opts.index_dir, result_cache_bytes=self._opts.result_cache_bytes,
-                block_cache_bytes=self._opts.block_cache_bytes,
+                block_cache_bytes=self._opts.block_cache_bytes, ephemeral=self.encrypted,
             )
             ix.blocks = self._blocks
             if fresh:

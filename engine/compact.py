@@ -15,7 +15,6 @@ no blocks there, because the file is complete and synced before it gets a name.
 from __future__ import annotations
 
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -37,12 +36,13 @@ class Rewriter:
     """Writes commits ``1..n`` of ``src`` into ``out``; call ``copy`` for consecutive
     ranges, then ``finish``. ``out`` is an unnamed, locked file (``OsFile.unnamed``)."""
 
-    def __init__(self, src: Capsule, out: OsFile, *, capsule_id: bytes, extra: dict[str, Any]) -> None:
+    def __init__(self, src: Capsule, out: OsFile, header: fmt.Header, genesis: bytes) -> None:
+        """``header`` and ``genesis`` start the new file (``capsule.new_header``), and
+        ``out.sealer`` seals its records when it is to be encrypted."""
         self.src = src
         self.out = out
-        self.capsule_id = capsule_id
-        genesis = fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra))
-        slot = fmt.encode_header(fmt.Header(1, capsule_id, time.time(), fmt.LOG_START, len(genesis)))
+        self.sealer = out.sealer
+        slot = fmt.encode_header(header)
         self.pos = fmt.LOG_START
         self.buf = bytearray(slot + slot)
         self._append(genesis)
@@ -55,6 +55,16 @@ class Rewriter:
         c = src._counters
         self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
         self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
+
+    def _put(self, kind: int, body: bytes) -> int:
+        """Append a record (sealed at its offset when encrypted); returns the offset and
+        leaves its body CRC in ``last_crc``."""
+        raw = fmt.encode_record(kind, body, sealer=self.sealer, offset=self.pos)
+        self.last_crc = fmt.decode_record_header(raw).body_crc  # type: ignore[union-attr]
+        return self._append(raw)
+
+    def _put_meta(self, kind: int, obj: Any) -> int:
+        return self._append(fmt.meta_record(kind, obj, sealer=self.sealer, offset=self.pos))
 
     def _append(self, raw: bytes) -> int:
         at = self.pos
@@ -81,13 +91,13 @@ class Rewriter:
             self._relocate([], refs, upto=0)
 
     def _dict_record(self, dict_id: int, body: bytes) -> fmt.DictRef:
-        raw = fmt.encode_record(fmt.DICT, body)
-        return fmt.DictRef(dict_id, self._append(raw), fmt.decode_record_header(raw).body_crc)  # type: ignore[union-attr]
+        at = self._put(fmt.DICT, body)
+        return fmt.DictRef(dict_id, at, self.last_crc)
 
     def _relocate(self, moves: list[fmt.Move], dicts: list[fmt.DictRef], *, upto: int,
                   counters: dict[str, int] | None = None) -> None:
         rec = fmt.RelocateRecord(self.seq, upto, moves, [], dicts, counters or {})
-        self._append(fmt.meta_record(fmt.RELOCATE, rec))
+        self._put_meta(fmt.RELOCATE, rec)
 
     def limit(self, last_seq: int) -> None:
         """This copy stops at commit ``last_seq`` (a branch): an upgraded block that also
@@ -133,7 +143,7 @@ class Rewriter:
             self._relocate([], [ref], upto=self.next_id)
         where: dict[int, tuple[int, int]] = {}
         for e in encoded:
-            at = self._append(fmt.encode_record(fmt.BLOCK, e.body))
+            at = self._put(fmt.BLOCK, e.body)
             self._count(e.codec, e.raw_length, len(e.body) - fmt.BLOCK_HEADER.size)
             self.counters["upgrade.frames"] += len(e.group.frames)
             self.counters["upgrade.blocks"] += 1
@@ -149,7 +159,7 @@ class Rewriter:
             at = self.blocks.get(m.block)
             if at is None:  # a block already upgraded, or one not worth re-encoding
                 _, body = read_record(src._file, m.block, fmt.BLOCK)
-                at = self.blocks[m.block] = self._append(fmt.encode_record(fmt.BLOCK, body))
+                at = self.blocks[m.block] = self._put(fmt.BLOCK, body)
                 codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
                 self._count(codec, raw_len, len(body) - fmt.BLOCK_HEADER.size)
                 self.stats["blocks_copied"] += 1
@@ -167,10 +177,10 @@ class Rewriter:
         vectors = []
         for ref in rec.vectors:
             _, body = read_record(src._file, ref.offset, fmt.VECTORS)
-            raw = fmt.encode_record(fmt.VECTORS, body)
-            vectors.append(fmt.BlockRef(self._append(raw), ref.body_crc))
+            at = self._put(fmt.VECTORS, body)
+            vectors.append(fmt.BlockRef(at, self.last_crc))
         out = fmt.CommitRecord(seq, info.time, self.last_commit, frames, [], vectors, rec.rewind)
-        self.last_commit = self._append(fmt.meta_record(fmt.COMMIT, out))
+        self.last_commit = self._put_meta(fmt.COMMIT, out)
         self.seq = seq
         self.next_id += len(frames)
         self.stats["frames"] += len(frames)

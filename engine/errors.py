@@ -31,6 +31,15 @@ class InvalidArgument(EngineError, ValueError):
     """The caller passed a value the engine cannot accept."""
 
 
+class WrongPassphrase(InvalidArgument):
+    """The passphrase does not open this capsule's key slot (the wrapped key's tag failed).
+
+    Not corruption: the key slot passed its CRC, so the bytes are as written.
+    """
+
+    hint = "check the passphrase source (env, file or credential)"
+
+
 class NotFound(EngineError, KeyError):
     """No frame matches the given id, URI or point in time."""
 

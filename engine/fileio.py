@@ -23,7 +23,7 @@ import errno
 import fcntl
 import os
 import struct
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import CapsuleExists, CapsuleLocked, StorageError
 
@@ -48,6 +48,9 @@ class OsFile:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
+        # How record bodies of this file are sealed (encrypted capsules set a
+        # crypto.Sealer after unlocking); None: plain records.
+        self.sealer: Any = None
 
     @classmethod
     def open(cls, path: str, *, readonly: bool) -> OsFile:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -82,6 +82,10 @@ PUT = 0
 TOMBSTONE = 1
 
 
+HEADER_ENCRYPTED = 1  # header flag: record bodies are sealed; a key slot follows [F-19]
+KEYSLOT_SIZE = 92  # engine/crypto.py documents its bytes
+
+
 class Header(msgspec.Struct, frozen=True):
     """One decoded header slot."""
 
@@ -93,6 +97,14 @@ class Header(msgspec.Struct, frozen=True):
     read_version: int = READ_VERSION
     write_version: int = WRITE_VERSION
     flags: int = 0
+    keyslot: bytes = b""  # encrypted capsules: the wrapped data key [F-19]
+
+    def next(self, checkpoint_offset: int | None = None, checkpoint_length: int | None = None, **kw: Any) -> Header:
+        """The header for the other slot: generation + 1, everything else kept unless given."""
+        return msgspec.structs.replace(
+            self, generation=self.generation + 1,
+            checkpoint_offset=self.checkpoint_offset if checkpoint_offset is None else checkpoint_offset,
+            checkpoint_length=self.checkpoint_length if checkpoint_length is None else checkpoint_length, **kw)
 
 
 def encode_header(h: Header) -> bytes:
@@ -100,7 +112,9 @@ def encode_header(h: Header) -> bytes:
         MAGIC, h.read_version, h.write_version, h.generation, h.capsule_id, h.created,
         h.checkpoint_offset, h.checkpoint_length, h.flags,
     )
-    raw = fixed + HEADER_CRC.pack(zlib.crc32(fixed))
+    if bool(h.flags & HEADER_ENCRYPTED) != bool(h.keyslot) or len(h.keyslot) not in (0, KEYSLOT_SIZE):
+        raise ValueError("an encrypted header carries exactly one key slot")
+    raw = fixed + HEADER_CRC.pack(zlib.crc32(fixed)) + h.keyslot
     return raw + bytes(SLOT_SIZE - len(raw))  # [F-02] reserved bytes are zero
 
 
@@ -113,10 +127,12 @@ def decode_header(raw: bytes) -> Header | None:
     if fields[0] != MAGIC:
         return None
     (crc,) = HEADER_CRC.unpack_from(raw, n)
-    if crc != zlib.crc32(raw[:n]) or any(raw[n + HEADER_CRC.size : SLOT_SIZE]):
-        return None  # torn, or reserved bytes not zero [F-02]
     _, rv, wv, gen, cid, created, ck_off, ck_len, flags = fields
-    return Header(gen, cid, created, ck_off, ck_len, rv, wv, flags)
+    tail = n + HEADER_CRC.size
+    keyslot = bytes(raw[tail : tail + KEYSLOT_SIZE]) if flags & HEADER_ENCRYPTED else b""
+    if crc != zlib.crc32(raw[:n]) or any(raw[tail + len(keyslot) : SLOT_SIZE]):
+        return None  # torn, or reserved bytes not zero [F-02]
+    return Header(gen, cid, created, ck_off, ck_len, rv, wv, flags, keyslot)
 
 
 def decode_slots(raw: bytes) -> list[Header]:
@@ -142,7 +158,21 @@ def check_versions(h: Header, *, readonly: bool) -> None:
         )
 
 
-def encode_record(kind: int, body: bytes, flags: int = 0) -> bytes:
+class Sealing(Protocol):
+    """Seals record bodies of an encrypted capsule (``engine/crypto.py``); ``None`` or a
+    sealer whose ``encrypted`` is false leaves bodies as they are."""
+
+    encrypted: bool
+
+    def seal(self, offset: int, kind: int, flags: int, body: bytes) -> bytes: ...
+
+    def open(self, offset: int, kind: int, flags: int, sealed: bytes) -> bytes: ...
+
+
+def encode_record(kind: int, body: bytes, flags: int = 0, *, sealer: Sealing | None = None, offset: int = 0) -> bytes:
+    """A record for file offset ``offset`` (which sealing binds it to [F-19])."""
+    if sealer is not None and sealer.encrypted:
+        body = sealer.seal(offset, kind, flags, body)
     if len(body) > MAX_BODY:
         raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_BODY}")
     head = struct.pack("<2sBBII", RECORD_SYNC, kind, flags, len(body), zlib.crc32(body))
@@ -284,12 +314,12 @@ def pack(obj: Any) -> bytes:
     return _enc.encode(obj)
 
 
-def meta_record(kind: int, obj: Any) -> bytes:
+def meta_record(kind: int, obj: Any, *, sealer: Sealing | None = None, offset: int = 0) -> bytes:
     """A record holding a msgpack body, compressed when that pays [F-04]."""
     body = _enc.encode(obj)
     if len(body) > COMPRESS_OVER or kind == SEGMENT:
-        return encode_record(kind, codecs.compress_meta(body), FLAG_ZSTD)
-    return encode_record(kind, body)
+        return encode_record(kind, codecs.compress_meta(body), FLAG_ZSTD, sealer=sealer, offset=offset)
+    return encode_record(kind, body, sealer=sealer, offset=offset)
 
 
 def meta_body(rh: RecordHeader, body: bytes, typ: type, *, offset: int) -> Any:

@@ -51,8 +51,15 @@ class LogCursor:
         return (rh, body) if fmt.body_ok(rh, body) else None
 
 
+def opened(file: CapsuleFile, offset: int, rh: fmt.RecordHeader, body: bytes) -> bytes:
+    """The plain body of an intact record: sealed bodies of encrypted capsules are
+    authenticated and decrypted here [F-19]; plain capsules' pass through."""
+    sealer = getattr(file, "sealer", None)
+    return sealer.open(offset, rh.kind, rh.flags, body) if sealer is not None and sealer.encrypted else body
+
+
 def read_record(file: CapsuleFile, offset: int, kind: int) -> tuple[fmt.RecordHeader, bytes]:
-    """A record the committed state points at; damage here is corruption."""
+    """A record the committed state points at, opened; damage here is corruption."""
     head = file.pread(offset, fmt.RECORD_SIZE)
     rh = fmt.decode_record_header(head)
     if rh is None or rh.kind != kind:
@@ -60,7 +67,7 @@ def read_record(file: CapsuleFile, offset: int, kind: int) -> tuple[fmt.RecordHe
     body = file.pread(offset + fmt.RECORD_SIZE, rh.length)
     if not fmt.body_ok(rh, body):
         raise CorruptionError(f"{fmt.KIND_NAMES[kind]} record checksum mismatch", offset=offset)
-    return rh, body
+    return rh, opened(file, offset, rh, body)
 
 
 def read_meta(file: CapsuleFile, offset: int, kind: int, typ: type) -> Any:
@@ -114,7 +121,7 @@ def replay(
         if rh.kind in fmt.PAYLOAD:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.COMMIT:
-            rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=pos)
+            rec = fmt.meta_body(rh, opened(file, pos, rh, body), fmt.CommitRecord, offset=pos)
             if not _commit_intact(rec, blocks, seq, result.last_commit):
                 break  # its blocks did not all land: a torn, unacknowledged commit
             apply(rec, pos)
@@ -123,7 +130,7 @@ def replay(
             result.commits += 1
             result.last_commit = pos
         elif rh.kind == fmt.RELOCATE:
-            mv = fmt.meta_body(rh, body, fmt.RelocateRecord, offset=pos)
+            mv = fmt.meta_body(rh, opened(file, pos, rh, body), fmt.RelocateRecord, offset=pos)
             named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
             if mv.seq != seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
                 break  # an upgrade cut short by a crash: the old blocks stay in use
@@ -163,7 +170,7 @@ def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
             found = cur.record(pos + i)
             if found is not None and found[0].kind == fmt.COMMIT:
                 try:
-                    rec = fmt.meta_body(found[0], found[1], fmt.CommitRecord, offset=pos + i)
+                    rec = fmt.meta_body(found[0], opened(cur.file, pos + i, *found), fmt.CommitRecord, offset=pos + i)
                 except CorruptionError:
                     rec = None
                 if rec is not None and rec.seq > seq and all(

@@ -17,6 +17,7 @@ graph, and hybrid = reciprocal-rank fusion (k=60) of the two lists.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import numpy as np
 
 from .cache import LRUCache
 from .embed import cache_root
+from .errors import InvalidArgument
 from .format import PUT, FrameMeta
 from .lexical import SCHEMA_VERSION, Filters, LexIndex
 from .table import FOREVER, FrameTable
@@ -81,6 +83,25 @@ def ram_root() -> Path:
     return cache_root()
 
 
+_serial = itertools.count()
+
+
+def _reap(base: Path) -> None:
+    """Remove the ephemeral copies (``<key>-<pid>-<n>``) of processes that are gone."""
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        try:
+            pid = int(d.name.rsplit("-", 2)[1])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
+
+
 def fingerprint(table: FrameTable, seq: int) -> list[Any]:
     """Identifies commit ``seq`` of this very history (not just its number)."""
     if seq == 0:
@@ -100,11 +121,26 @@ class Indexes:
         cache_dir: str | None,
         result_cache_bytes: int,
         block_cache_bytes: int,
+        ephemeral: bool = False,
     ) -> None:
         self.readonly = readonly
         self.dim = dim
+        self.ephemeral = ephemeral
         key = f"{capsule_id.hex()}-{sha1(os.path.realpath(path).encode()).hexdigest()[:10]}"
         self.root = Path(cache_dir) if cache_dir else cache_root() / "index"
+        if ephemeral:
+            # Encrypted capsules [F-19]: their decrypted index files live in RAM-backed
+            # storage only, only while open (this process's own copy, removed on close;
+            # copies left by a killed process are removed by the next open).
+            base = ram_root()
+            if base == cache_root():
+                raise InvalidArgument("an encrypted capsule needs RAM-backed storage for its search "
+                                      "indexes ($XDG_RUNTIME_DIR or /dev/shm); found neither")
+            cache_dir = str(base / "sealed")
+            _reap(Path(cache_dir))
+            self.root = Path(cache_dir)
+            key = f"{key}-{os.getpid()}-{next(_serial)}"
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.home = self.root / key  # the shared working copies of this capsule
         # The lexical copy goes to RAM-backed storage by default: Tantivy fsyncs every
         # file at each commit, which made a fresh save wait ~130 ms (p50, busy disk) to be
@@ -112,6 +148,7 @@ class Indexes:
         # capsule's own copy, not a rebuild. The vector graph stays on disk: rebuilding
         # it is the expensive one.
         self.ram_root = Path(cache_dir) if cache_dir else ram_root() / "index"
+        self.ram_root.mkdir(mode=0o700, parents=True, exist_ok=True)  # index files show content
         self.lex_home = self.ram_root / key
         self._private: Path | None = None  # a reader's own copy, when the shared one lags
         self._stored_lex: tuple[dict[str, Any] | None, Callable[[int, int], bytes]] = (None, lambda o, n: b"")
@@ -331,6 +368,8 @@ class Indexes:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None
+        if self.ephemeral:
+            self.discard_working_copies()
 
     # -- querying ---------------------------------------------------------------------
 

@@ -27,6 +27,14 @@ class _Wrapper:
         self.inner = inner
         self.path = inner.path
 
+    @property
+    def sealer(self) -> object:
+        return self.inner.sealer
+
+    @sealer.setter
+    def sealer(self, value: object) -> None:
+        self.inner.sealer = value
+
     def pread(self, offset: int, n: int) -> bytes:
         return self.inner.pread(offset, n)
 

@@ -13,13 +13,15 @@ frames or payloads is reported, never papered over.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from . import format as fmt
-from .capsule import Dictionaries, genesis, load_checkpoint, open as open_capsule, read_payload
+from .capsule import Dictionaries, genesis, load_checkpoint, open as open_capsule, read_payload, unlock
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
-from .log import LogCursor
+from .log import LogCursor, opened
 from .table import FrameTable
 
 MAX_LISTED = 50  # errors listed in a report; the count is always exact
@@ -51,7 +53,7 @@ class _Scan(msgspec.Struct):
     size: int
     damage: list[tuple[int, int]]  # [start, stop) byte ranges that hold no intact record
     stuck: list[tuple[int, int]]  # (offset, seq) of intact commits that could not apply
-    checkpoints: list[tuple[int, bytes, str | None]]  # (offset, capsule id, model) of intact ones
+    checkpoints: list[tuple[int, bytes, dict[str, Any]]]  # (offset, capsule id, genesis extra) of intact ones
     derived: list[tuple[int, str]] = []  # damaged segment/checkpoint records (rebuildable)
     stuck_moves: list[int] = []  # offsets of intact RELOCATE records that could not apply
     locations: dict[int, set[tuple[int, int]]] = {}  # frame id -> every (block, start) it had
@@ -101,13 +103,13 @@ def _scan(f: OsFile, report: Report) -> _Scan:
             blocks[pos] = rh.body_crc
         elif rh.kind == fmt.CHECKPOINT:
             try:
-                ck = fmt.meta_body(rh, body, fmt.CheckpointRecord, offset=pos)
-                s.checkpoints.append((pos, ck.capsule_id, ck.extra.get("vec", {}).get("model")))
+                ck = fmt.meta_body(rh, opened(f, pos, rh, body), fmt.CheckpointRecord, offset=pos)
+                s.checkpoints.append((pos, ck.capsule_id, _genesis_extra(ck.extra)))
             except CorruptionError as e:
                 report.error(str(e))
         elif rh.kind == fmt.COMMIT:
             try:
-                rec = fmt.meta_body(rh, body, fmt.CommitRecord, offset=pos)
+                rec = fmt.meta_body(rh, opened(f, pos, rh, body), fmt.CommitRecord, offset=pos)
             except CorruptionError as e:
                 report.error(str(e))
                 rec = None
@@ -129,17 +131,18 @@ def _scan(f: OsFile, report: Report) -> _Scan:
                 else:
                     s.stuck.append((pos, rec.seq))
         elif rh.kind == fmt.RELOCATE:
-            _relocate(s, pos, rh, body, blocks, report)
+            _relocate(s, f, pos, rh, body, blocks, report)
         pos += fmt.RECORD_SIZE + rh.length
     report.facts.update(counts)
     return s
 
 
-def _relocate(s: _Scan, pos: int, rh: fmt.RecordHeader, body: bytes, blocks: dict[int, int], report: Report) -> None:
+def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, blocks: dict[int, int],
+              report: Report) -> None:
     """Apply a codec upgrade's moves [F-16]; one that cannot apply is a torn upgrade
     when it is the last thing in the log, damage otherwise (decided like commits)."""
     try:
-        mv = fmt.meta_body(rh, body, fmt.RelocateRecord, offset=pos)
+        mv = fmt.meta_body(rh, opened(f, pos, rh, body), fmt.RelocateRecord, offset=pos)
     except CorruptionError as e:
         report.error(str(e))
         return
@@ -187,6 +190,33 @@ def _classify(s: _Scan, f: OsFile, report: Report) -> None:
             f"torn tail: {s.torn} bytes after commit {s.table.seq} (a crash leaves these; "
             "the next writer open or `doctor` cuts them)"
         )
+
+
+def _genesis_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """What a genesis checkpoint holds of a checkpoint's ``extra``: the model binding and
+    a branch's origin (see ``Capsule._genesis_extra``)."""
+    out: dict[str, Any] = {}
+    if "vec" in extra:
+        out["vec"] = {"model": extra["vec"]["model"], "dim": extra["vec"]["dim"]}
+    if "origin" in extra:
+        out["origin"] = extra["origin"]
+    return out
+
+
+def _unlocked(f: OsFile, passphrase: str | bytes | None, report: Report) -> bool:
+    """Give an encrypted capsule's file its sealer; False (reported) when that fails."""
+    header = _newest_header(f)
+    if header is None or not header.flags & fmt.HEADER_ENCRYPTED:
+        return True
+    if passphrase is None:
+        report.error("the capsule is encrypted: checking it needs its passphrase")
+        return False
+    try:
+        unlock(f, header, passphrase)
+    except EngineError as e:
+        report.error(str(e))
+        return False
+    return True
 
 
 def _check_payloads(f: OsFile, table: FrameTable, report: Report) -> None:
@@ -239,8 +269,9 @@ def _at(f: fmt.FrameMeta, where: fmt.FrameMeta) -> fmt.FrameMeta:
     return msgspec.structs.replace(f, block=where.block, start=where.start)
 
 
-def verify(path: str) -> Report:
-    """Check every checksum and invariant of the capsule at ``path``; never writes."""
+def verify(path: str, *, passphrase: str | bytes | None = None) -> Report:
+    """Check every checksum and invariant of the capsule at ``path``; never writes.
+    An encrypted capsule needs its ``passphrase`` (every record is authenticated too)."""
     report = Report(path=str(path))
     try:
         f = OsFile.open(str(path), readonly=True)
@@ -252,6 +283,8 @@ def verify(path: str) -> Report:
             report.error("file is shorter than its header")
             return report
         fmt.decode_slots(f.pread(0, fmt.LOG_START))  # raises NotACapsule on foreign files
+        if not _unlocked(f, passphrase, report):
+            return report
         s = _scan(f, report)
         _classify(s, f, report)
         _check_header_and_checkpoint(f, s, report)
@@ -266,32 +299,35 @@ def verify(path: str) -> Report:
     return report
 
 
-def doctor(path: str, *, dry_run: bool = False, reindex: bool = False) -> Report:
+def doctor(path: str, *, dry_run: bool = False, reindex: bool = False,
+           passphrase: str | bytes | None = None) -> Report:
     """Repair what can be repaired (see the module docstring); report what was done.
 
     ``reindex`` also rebuilds both search indexes from the frames and stored vectors.
     """
     path = str(path)
-    report = _repair(path, dry_run)
+    report = _repair(path, dry_run, passphrase)
     if reindex and report.ok:
         if dry_run:
             report.repairs.append("would rebuild the search indexes")
         else:
-            with open_capsule(path) as cap:
+            with open_capsule(path, passphrase=passphrase) as cap:
                 origin = cap.rebuild_indexes()
                 frames = cap.stats()["frames"]
             report.repairs.append(f"rebuilt the search indexes from {frames} frames ({origin})")
-            report.facts["verified_after"] = int(verify(path).ok)
+            report.facts["verified_after"] = int(verify(path, passphrase=passphrase).ok)
     return report
 
 
-def _repair(path: str, dry_run: bool) -> Report:
+def _repair(path: str, dry_run: bool, passphrase: str | bytes | None) -> Report:
     report = Report(path=path)
     f = OsFile.open(path, readonly=dry_run)
     try:
         if not dry_run:
             f.lock()
         fmt.decode_slots(f.pread(0, fmt.LOG_START))
+        if not _unlocked(f, passphrase, report):
+            return report
         s = _scan(f, report)
         _classify(s, f, report)
         if not report.ok:
@@ -323,9 +359,9 @@ def _repair(path: str, dry_run: bool) -> Report:
     finally:
         f.close()
     if not header_ok:
-        with open_capsule(path) as cap:  # replays the whole log from genesis
+        with open_capsule(path, passphrase=passphrase) as cap:  # replays the whole log from genesis
             cap.checkpoint()
-    report.facts["verified_after"] = int(verify(path).ok)
+    report.facts["verified_after"] = int(verify(path, passphrase=passphrase).ok)
     return report
 
 
@@ -337,20 +373,23 @@ def _newest_header(f: OsFile) -> fmt.Header | None:
 def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
     """Point both header slots at the genesis checkpoint, rewriting it if it is damaged."""
     h = _newest_header(f)
+    header_flags, keyslot = 0, b""
     if h is not None:
         capsule_id, created, gen = h.capsule_id, h.created, h.generation
+        header_flags, keyslot = h.flags, h.keyslot  # an encrypted capsule's key slot lives on
     elif s.checkpoints:
         capsule_id, created, gen = s.checkpoints[0][1], 0.0, 0
     else:
         raise CorruptionError("no header and no checkpoint left to learn the capsule id from")
-    model = s.checkpoints[0][2] if s.checkpoints else None
-    first = genesis(capsule_id, model)
+    extra = s.checkpoints[0][2] if s.checkpoints else {}
+    first = genesis(capsule_id, extra, f.sealer)
     if not s.checkpoints or s.checkpoints[0][0] != fmt.LOG_START:
         # The genesis record is damaged; its bytes are determined by the capsule id and
         # model, so it can be written again in place, at the same length.
         f.pwrite(fmt.LOG_START, first)
     f.sync()
     for i in (1, 2):  # one slot at a time, synced, so one is always intact
-        h = fmt.Header(gen + i, capsule_id, created, fmt.LOG_START, len(first))
+        h = fmt.Header(gen + i, capsule_id, created, fmt.LOG_START, len(first),
+                       flags=header_flags, keyslot=keyslot)
         f.pwrite(fmt.SLOT_OFFSETS[h.generation % 2], fmt.encode_header(h))
         f.sync()

@@ -16,9 +16,7 @@ import pytest
 
 import engine
 from engine import format as fmt
-from engine.fileio import OsFile
-from engine.testing import CrashFile, SimulatedCrash
-from workload import Workload, snapshot
+from workload import Workload, power_cut_at, snapshot
 
 
 def build(path: str, seed: int, commits: int, **options) -> tuple[Workload, list[int]]:
@@ -187,31 +185,22 @@ def test_power_cut_at_every_fsync(path, tmp_path, seed):
         with open(path, "wb") as f:
             f.write(base)
         w = Workload(seed)
-        files: list[CrashFile] = []
-
-        def factory(p, readonly, k=k):
-            files.append(CrashFile(OsFile.open(p, readonly=readonly), seed=seed * 1000 + k, crash_at_sync=k))
-            return files[-1]
-
         acked = 0
-        crashed = False
-        cap = engine.open(path, file_factory=factory, checkpoint_frames=6)
-        try:
+
+        def work(cap):
+            nonlocal acked
             for _ in range(10):
                 ops = w.batch()
                 w.stage(cap, ops)
                 cap.commit()
                 w.committed(ops)
                 acked += 1
-            cap.close()
-        except SimulatedCrash:
-            crashed = True
-        finally:
-            files[-1].inner.close()
-        if not crashed:
+
+        image = power_cut_at(path, k, seed, work, checkpoint_frames=6)
+        if image is None:
             break
         with open(path, "wb") as f:
-            f.write(files[-1].image)
+            f.write(image)
         with engine.open(path) as cap:
             assert acked <= cap.seq <= acked + 1, f"seed {seed} sync {k}"
             assert snapshot(cap) == w.states[cap.seq] if cap.seq < len(w.states) else True

@@ -15,9 +15,7 @@ import pytest
 
 import engine
 from engine import codecs
-from engine.fileio import OsFile
-from engine.testing import CrashFile, SimulatedCrash
-from workload import kill_after, snapshot
+from workload import kill_after, power_cut_at, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = Path(os.__file__).parent
@@ -205,25 +203,15 @@ def test_power_cut_at_every_fsync_of_an_upgrade(tmp_path, seed):
     k = 1
     while True:
         Path(path).write_bytes(original)
-        files: list[CrashFile] = []
 
-        def factory(p, readonly, k=k):
-            files.append(CrashFile(OsFile.open(p, readonly=readonly), seed=seed * 100 + k, crash_at_sync=k))
-            return files[-1]
-
-        cap = engine.open(path, file_factory=factory)
-        crashed = False
-        try:
+        def work(cap):
             cap.upgrade_codecs(batch_frames=128)
             cap.checkpoint()
-            cap.close()
-        except SimulatedCrash:
-            crashed = True
-        finally:
-            files[-1].inner.close()
-        if not crashed:
+
+        image = power_cut_at(path, k, seed, work)
+        if image is None:
             break
-        Path(path).write_bytes(files[-1].image)
+        Path(path).write_bytes(image)
         with engine.open(path) as cap:
             assert {i: cap.get(i).payload for i in payloads} == payloads, f"sync {k}"
             assert every_view(cap) == views, f"sync {k}"

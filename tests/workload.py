@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import engine
 
@@ -71,3 +72,27 @@ def kill_after(script: str, delay: float, timeout: float = 30) -> str:
         if child.poll() is None:
             child.kill()
             child.wait(timeout=timeout)
+
+
+def power_cut_at(path: str, k: int, seed: int, work: Any, **open_kw: Any) -> bytes | None:
+    """Open ``path`` through a ``CrashFile`` that cuts the power at its ``k``-th fsync,
+    run ``work(cap)`` and close. Returns what the disk would hold after the cut, or
+    ``None`` when the work finished with fewer than ``k`` fsyncs."""
+    from engine.fileio import OsFile
+    from engine.testing import CrashFile, SimulatedCrash
+
+    files: list[CrashFile] = []
+
+    def factory(p: str, readonly: bool) -> CrashFile:
+        files.append(CrashFile(OsFile.open(p, readonly=readonly), seed=seed * 1000 + k, crash_at_sync=k))
+        return files[-1]
+
+    cap = engine.open(path, file_factory=factory, **open_kw)
+    try:
+        work(cap)
+        cap.close()
+        return None
+    except SimulatedCrash:
+        return files[-1].image
+    finally:
+        files[-1].inner.close()
