@@ -32,7 +32,7 @@ import numpy as np
 
 from . import codecs, crypto
 from . import format as fmt
-from . import upgrade
+from . import retention, upgrade
 from .compact import Rewriter, unnamed
 from .errors import (
     CapsuleBroken,
@@ -93,6 +93,13 @@ class Frame(FrameInfo, frozen=True, kw_only=True):
     @property
     def text(self) -> str:
         return self.payload.decode("utf-8", errors="replace")
+
+
+class Timeline(list):  # type: ignore[type-arg]
+    """A timeline page (a list of ``FrameInfo``) that also says how many frames in its
+    range retention rules hid [F-24]."""
+
+    expired = 0
 
 
 class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -372,6 +379,9 @@ class Capsule:
         self._rewarm_pending = False
         self._upgrade_lock = threading.Lock()  # one codec upgrade (or compaction) at a time
         self._rewind_to: int | None = None  # set while a rewind's commit is written
+        self._new_rules: dict[str, Any] | None = None  # set while a rule change is written
+        self._expiry = retention.Expiry()
+        self.clock = time.time  # what "now" is for expiry (tests move it)
         self._retired: list[CapsuleFile] = []  # files replaced by compaction, still being read
         self._load()
         if self._embedder is not None and self._vec is not None:
@@ -401,6 +411,8 @@ class Capsule:
         self._last_commit = ckpt.last_commit
         self._tail_frames = 0
         self._torn_bytes = 0
+        self._expiry.reset(table, self._current_rules(), self.clock())
+        self._expiry_rules_seq = table.rule_changes[-1][0] if table.rule_changes else 0
         self._catch_up()
         if not self.readonly and self._torn_bytes:
             # A torn tail is what a crash leaves; cut it so new records never sit before
@@ -454,7 +466,66 @@ class Capsule:
         self._log_end = r.end
         self._last_commit = r.last_commit
         self._torn_bytes = r.torn_bytes
+        if r.commits:
+            self._track_expiry(self._table.frames[self._expiry._seen :])
         return r.commits
+
+    # -- retention [F-24] ---------------------------------------------------------------
+
+    def _current_rules(self) -> retention.Rules:
+        t = self._table
+        return retention.parse(t.rule_changes[-1][1]) if t.rule_changes else retention.Rules()
+
+    def _track_expiry(self, frames: list[fmt.FrameMeta]) -> None:
+        """Keep the expired set current after commits (a rule change starts it over)."""
+        t = self._table
+        last_change = t.rule_changes[-1][0] if t.rule_changes else 0
+        if last_change != self._expiry_rules_seq:
+            self._expiry_rules_seq = last_change
+            fresh = self._expiry.reset(t, self._current_rules(), self.clock())
+        else:
+            fresh = self._expiry.add(t, frames, self.clock())
+        self._forget(fresh)
+
+    def _expire_due(self) -> None:
+        """Expire what has come due by now (lock held): a heap peek when nothing is."""
+        self._forget(self._expiry.due(self._table, self.clock()))
+
+    def _forget(self, ids: list[int]) -> None:
+        if ids and self._indexes is not None:
+            self._indexes.forget(ids)
+
+    def _expired(self, fid: int) -> bool:
+        return fid in self._expiry.expired
+
+    def set_rules(self, rules: Mapping[str, Any] | retention.Rules, *, force: bool = False) -> int:
+        """Replace the capsule's retention rules (see ``engine/retention.py``), recorded as a
+        commit; returns its seq. Rules that would expire every live frame need ``force``."""
+        parsed = retention.parse(rules)
+        with self._lock:
+            self._check_writable()
+            if self._pending:
+                raise InvalidArgument("commit or roll back staged frames before changing rules")
+            t = self._table
+            trial = retention.Expiry()
+            trial.reset(t, parsed, self.clock())
+            live = set(t.timeline(t.seq, None, None, False))
+            if live and live <= trial.expired and not force:
+                raise InvalidArgument(f"these rules would expire all {len(live)} live frames; pass force=True "
+                                      "if that is what you want")
+            self._new_rules = retention.to_builtins(parsed)
+            try:
+                return self._commit()
+            finally:
+                self._new_rules = None
+
+    def rules(self, *, as_of: Any = None) -> dict[str, Any]:
+        """The retention rules in force at ``as_of`` (default: now)."""
+        with self._lock:
+            self._check_open()
+            seq = self._resolve_as_of(as_of)
+            current = [r for s, r in self._table.rule_changes if s <= seq]
+            return retention.to_builtins(retention.parse(current[-1])) if current else {}
 
     def _count_commit(self, rec: fmt.CommitRecord) -> None:
         c = self._counters
@@ -486,12 +557,15 @@ class Capsule:
         parent: str | None = None,
         chunk: int | None = None,
         vector: Any = None,
+        expires: float | _dt.datetime | _dt.timedelta | None = None,
     ) -> int:
         """Stage a frame; returns its id. Durable and visible after the next ``commit``.
 
         A ``uri`` that already has a live frame gets a new version that supersedes it.
         ``vector`` is the frame's embedding when the caller computed it already; text
         without one is embedded in the background when the capsule has an embedder.
+        ``expires`` (a time, or a ``timedelta`` from now) is when the frame leaves every
+        query for good [F-24].
         """
         if isinstance(data, str):
             try:  # surrogateescape: the undecodable bytes of os.fsdecode'd text round-trip
@@ -512,6 +586,8 @@ class Capsule:
         meta_args = dict(
             uri=uri, title=_opt_str("title", title), kind=_opt_str("kind", kind),
             tags=_tags(tags), timestamp=_timestamp(timestamp), parent=_opt_str("parent", parent),
+            expires=None if expires is None else (
+                time.time() + expires.total_seconds() if isinstance(expires, _dt.timedelta) else _timestamp(expires)),
         )
         vec = None
         if vector is not None:
@@ -659,7 +735,7 @@ class Capsule:
             then = set(t.timeline(target, None, None, False))
             now = set(t.timeline(t.seq, None, None, False))
             by_uri = {t.frames[f].uri: f for f in now if t.frames[f].uri is not None}
-            restore = sorted(then - now)
+            restore = sorted(f for f in then - now if not self._expired(f))  # expired stays gone
             restored_uris = {t.frames[r].uri for r in restore} - {None}
             for fid in sorted(now - then):
                 if t.frames[fid].uri not in restored_uris:  # else the restored version ends it
@@ -689,7 +765,7 @@ class Capsule:
             return self._commit()
 
     def _commit(self) -> int:
-        if not self._pending and not self._ready_vectors and self._rewind_to is None:
+        if not self._pending and not self._ready_vectors and self._rewind_to is None and self._new_rules is None:
             return self._table.seq
         seq = self._table.seq + 1
         last_time = self._table.commit_times[-1] if self._table.commits else 0.0
@@ -704,7 +780,7 @@ class Capsule:
             vec_raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(vec_ids, pack_vectors(vec_rows))), offset)
         vec_refs = [fmt.BlockRef(offset, fmt.decode_record_header(vec_raw).body_crc)] if vec_raw else []  # type: ignore[union-attr]
         rec = fmt.CommitRecord(seq, max(time.time(), last_time), self._last_commit, self._pending,
-                               self._pending_blocks, vec_refs, self._rewind_to)
+                               self._pending_blocks, vec_refs, self._rewind_to, self._new_rules)
         raw = self._meta_record(fmt.COMMIT, rec, offset + len(vec_raw))
         try:
             self._file.pwrite(offset, vec_raw + raw)
@@ -724,6 +800,7 @@ class Capsule:
         })
         self._pending_counts = {}
         self._tail_frames += len(self._pending)
+        self._track_expiry(self._pending)
         self._last_commit = commit_offset
         self._log_end = self._write_end = commit_offset + len(raw)
         self._has_vec.extend(bytes(self._table.next_id - len(self._has_vec)))
@@ -1189,6 +1266,7 @@ class Capsule:
         """A frame by id, or the version of ``uri`` visible at ``as_of`` (default: now)."""
         with self._lock:
             self._check_open()
+            self._expire_due()
             seq = self._resolve_as_of(as_of)
             t = self._table
             if (frame_id is None) == (uri is None):
@@ -1206,6 +1284,9 @@ class Capsule:
                 if found is None:
                     raise NotFound(f"nothing at {uri!r}" + (f" as of commit {seq}" if as_of is not None else ""))
                 fid = found
+            if self._expired(fid):
+                # Even as of a time before it expired: the rules say it is gone [F-24].
+                raise NotFound(f"frame {fid} has expired under the capsule's retention rules")
             meta = t.frames[fid]
             info = self._info(meta)
         payload = self._payload(meta)
@@ -1220,18 +1301,23 @@ class Capsule:
         limit: int = 100,
         reverse: bool = False,
         as_of: Any = None,
-    ) -> list[FrameInfo]:
-        """Frames visible at ``as_of`` ordered by event time, oldest first (or newest)."""
+    ) -> Timeline:
+        """Frames visible at ``as_of`` ordered by event time, oldest first (or newest).
+        Expired frames are left out and counted in the result's ``expired``."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise InvalidArgument("limit must be a non-negative int")
         lo = None if since is None else _timestamp(since)
         hi = None if until is None else _timestamp(until)
         with self._lock:
             self._check_open()
+            self._expire_due()
             seq = self._resolve_as_of(as_of)
-            out = []
+            out = Timeline()
             if limit:
                 for fid in self._table.timeline(seq, lo, hi, reverse):
+                    if self._expired(fid):
+                        out.expired += 1
+                        continue
                     out.append(self._info(self._table.frames[fid]))
                     if len(out) >= limit:
                         break
@@ -1245,7 +1331,8 @@ class Capsule:
             self._check_open()
             t = self._table
             first = max(t.first_after(max(0, since_seq)), after_id + 1)
-            metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT]
+            self._expire_due()
+            metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT and not self._expired(m.id)]
             infos = [self._info(m) for m in metas]
         return [Frame(**msgspec.structs.asdict(i), payload=self._payload(m))
                 for i, m in zip(infos, metas)]
@@ -1284,6 +1371,10 @@ class Capsule:
                 "payload_raw_bytes": c.get("payload.raw", 0),
                 "codecs": codec_stats,
                 "origin": self._ckpt.extra.get("origin"),
+                "retention": {"rules": retention.to_builtins(self._expiry.rules),
+                              "expired_frames": len(self._expiry.expired),
+                              "expired_bytes": self._expiry.expired_bytes,
+                              "next_expiry": self._expiry.next_deadline()},
                 "rewinds": [{"seq": s, "to": to} for s, to in sorted(t.rewinds.items())[-10:]],
                 "upgrades": {"frames": c.get("upgrade.frames", 0), "blocks": c.get("upgrade.blocks", 0),
                              "saved_bytes": c.get("upgrade.saved", 0), "considered": t.upgraded_upto,
@@ -1391,11 +1482,13 @@ class Capsule:
             return None  # type: ignore[return-value]  # a writer holds the capsule: not cached
         try:
             self._check_open()
+            if not cached_only:
+                self._expire_due()
             seq = self._resolve_as_of(as_of)
             if cached_only and self._indexes is None:
                 return None  # type: ignore[return-value]
             ix = self._open_indexes()
-            generation = (self._table.seq, len(ix.vec) if ix.vec else 0)
+            generation = (self._table.seq, len(ix.vec) if ix.vec else 0, len(self._expiry.expired))
         finally:
             self._lock.release()
         used = self._resolve_mode(mode, ix)
@@ -1436,8 +1529,18 @@ class Capsule:
         depth = k if mode != "hybrid" else max(2 * k, 40)  # fusion needs more than k from each list
         lex_hits: list[tuple[float, int]] = []
         parsed = None
+        expired = self._expiry.expired
+        hidden: set[int] = set()
         if mode in ("lex", "hybrid"):
-            lex_hits, parsed, notes = ix.lexical(query, depth, seq=seq, head=head, all_versions=all_versions, filters=filters)
+            want = depth
+            while True:  # expired frames are dropped here: ask for more until enough remain
+                found, parsed, notes = ix.lexical(query, want, seq=seq, head=head, all_versions=all_versions,
+                                                  filters=filters)
+                lex_hits = [(score, f) for score, f in found if f not in expired]
+                hidden.update(f for _, f in found if f in expired)
+                if len(lex_hits) >= depth or len(found) < want or want >= MAX_K * 8:
+                    break
+                want *= 4
             warnings = warnings + notes
         vec_hits: list[tuple[float, int]] = []
         if mode in ("vec", "hybrid"):
@@ -1446,9 +1549,14 @@ class Capsule:
                     return False
                 m = t.frames[fid]
                 ok = m.seq <= seq if all_versions else t.visible(fid, seq)
+                if ok and fid in expired:
+                    hidden.add(fid)
+                    return False
                 return ok and filters.match(m)
 
             vec_hits = ix.semantic(self._query_vector(query), depth, accept)
+        if hidden:
+            warnings = warnings + [f"{len(hidden)} matching frames are hidden: expired under the retention rules"]
         if mode == "lex":
             ranked = lex_hits
         elif mode == "vec":

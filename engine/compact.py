@@ -24,6 +24,7 @@ from . import format as fmt
 from .errors import StorageError
 from .fileio import OsFile
 from .log import read_meta, read_record
+from .retention import PURGED
 
 if TYPE_CHECKING:
     from .capsule import Capsule
@@ -51,7 +52,7 @@ class Rewriter:
         self.last_commit = 0
         self.blocks: dict[int, int] = {}  # source block offset -> offset here
         self.dicts: dict[int, Any] = {}  # dictionary id -> loaded dictionary
-        self.stats = {"frames": 0, "commits": 0, "blocks_copied": 0, "blocks_encoded": 0}
+        self.stats = {"frames": 0, "commits": 0, "blocks_copied": 0, "blocks_encoded": 0, "purged": 0}
         c = src._counters
         self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
         self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
@@ -132,6 +133,8 @@ class Rewriter:
         src = self.src
         upto = src._table.upgraded_upto
         lu = self.last_user
+        expired = src._expiry.expired
+        frames = [m for m in frames if m.id not in expired]  # their payloads are dropped [F-24]
         fresh = [m for m in frames if m.id >= upto or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
         zdict = (max(self.dicts), self.dicts[max(self.dicts)]) if self.dicts else None
         new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level)
@@ -170,21 +173,44 @@ class Rewriter:
         src = self.src
         info = src._table.commits[seq - 1]
         rec = read_meta(src._file, info.offset, fmt.COMMIT, fmt.CommitRecord)
+        expired = src._expiry.expired
         frames = []
         for m in src._table.frames[self.next_id : src._table.first_after(seq)]:
+            if m.id in expired and m.op == fmt.PUT:
+                # Purged: the frame keeps its id and place in history, not its content.
+                frames.append(msgspec.structs.replace(m, block=PURGED, start=0, length=0, digest=b"",
+                                                      title=None, tags={}))
+                self.stats["purged"] += 1
+                continue
             block, start = where.get(m.id, (-1, 0))
             frames.append(msgspec.structs.replace(m, block=block, start=start))
         vectors = []
         for ref in rec.vectors:
-            _, body = read_record(src._file, ref.offset, fmt.VECTORS)
+            rh, body = read_record(src._file, ref.offset, fmt.VECTORS)
+            stored = fmt.meta_body(rh, body, fmt.VectorsRecord, offset=ref.offset)
+            if any(i in expired for i in stored.ids):
+                keep = [n for n, i in enumerate(stored.ids) if i not in expired]
+                if not keep:
+                    continue
+                width = len(stored.data) // len(stored.ids)
+                body = fmt.pack(fmt.VectorsRecord([stored.ids[n] for n in keep],
+                                                  b"".join(stored.data[n * width : (n + 1) * width] for n in keep)))
             at = self._put(fmt.VECTORS, body)
             vectors.append(fmt.BlockRef(at, self.last_crc))
-        out = fmt.CommitRecord(seq, info.time, self.last_commit, frames, [], vectors, rec.rewind)
+        if not frames and not vectors and rec.rewind is None and rec.rules is None:
+            vectors = self._keep_commit()
+        out = fmt.CommitRecord(seq, info.time, self.last_commit, frames, [], vectors, rec.rewind, rec.rules)
         self.last_commit = self._put_meta(fmt.COMMIT, out)
         self.seq = seq
         self.next_id += len(frames)
         self.stats["frames"] += len(frames)
         self.stats["commits"] += 1
+
+    def _keep_commit(self) -> list[fmt.BlockRef]:
+        """A commit that only carried vectors of frames now purged would be empty, which
+        the format forbids [F-10]: it keeps its place in history with an empty VECTORS."""
+        at = self._put(fmt.VECTORS, fmt.pack(fmt.VectorsRecord([], b"")))
+        return [fmt.BlockRef(at, self.last_crc)]
 
     def finish(self) -> int:
         """Mark every frame as considered by upgrades, flush and fsync; returns the size."""

@@ -226,6 +226,7 @@ class FrameMeta(msgspec.Struct, array_like=True, gc=False):
     is_text: bool
     parent: str | None = None  # owning document, for chunks
     chunk: int | None = None  # chunk number inside the parent document
+    expires: float | None = None  # retention: gone from queries after this time [F-24]
 
 
 class BlockRef(msgspec.Struct, array_like=True, gc=False):
@@ -241,6 +242,7 @@ class CommitRecord(msgspec.Struct, array_like=True, gc=False):
     blocks: list[BlockRef]
     vectors: list[BlockRef] = []  # VECTORS records of this commit (read version 3)
     rewind: int | None = None  # this commit restores the state as of that commit (version 4)
+    rules: dict[str, Any] | None = None  # new retention rules from this commit on [F-24]
 
 
 class VectorsRecord(msgspec.Struct, array_like=True):
@@ -280,6 +282,7 @@ class CommitInfo(msgspec.Struct, array_like=True, gc=False):
     time: float
     offset: int
     rewind: int | None = None  # see CommitRecord.rewind
+    rules: dict[str, Any] | None = None  # see CommitRecord.rules
 
 
 class SegmentRecord(msgspec.Struct, array_like=True):

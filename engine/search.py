@@ -339,6 +339,11 @@ class Indexes:
             with self.lock:
                 self.vec.add(ids, vectors)
 
+    def forget(self, ids: list[int]) -> None:
+        """Frames expired: cached results may hold them. (They stay in the indexes, which
+        queries filter, so that a query can say how many results expiry hid [F-24].)"""
+        self.results.clear()
+
     def flush(self) -> None:
         if self.lex is not None and self.lex.dirty:
             with self.lock:

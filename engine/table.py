@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from typing import Any
 
 from .errors import CorruptionError
 import msgspec
@@ -35,6 +36,7 @@ class FrameTable:
         self.dicts: dict[int, int] = {}  # compression dictionary id -> DICT record offset
         self.upgraded_upto = 0  # frames below this id were considered by codec upgrades
         self.rewinds: dict[int, int] = {}  # commit seq -> the commit whose state it restored
+        self.rule_changes: list[tuple[int, dict[str, Any]]] = []  # (seq, retention rules) [F-24]
 
     @property
     def seq(self) -> int:
@@ -52,7 +54,7 @@ class FrameTable:
             raise CorruptionError(f"commit seq {rec.seq} follows {self.seq}", offset=offset)
         if self.commits and rec.time < self.commits[-1].time:
             raise CorruptionError("commit time went backwards", offset=offset)
-        if not rec.frames and not rec.vectors and rec.rewind is None:
+        if not rec.frames and not rec.vectors and rec.rewind is None and rec.rules is None:
             raise CorruptionError("empty commit", offset=offset)
         for i, f in enumerate(rec.frames):
             if f.id != self.next_id + i or f.seq != rec.seq:
@@ -61,7 +63,9 @@ class FrameTable:
             if not 0 <= rec.rewind < rec.seq:
                 raise CorruptionError(f"commit {rec.seq} rewinds to commit {rec.rewind}", offset=offset)
             self.rewinds[rec.seq] = rec.rewind
-        self.commits.append(CommitInfo(rec.seq, rec.time, offset, rec.rewind))
+        if rec.rules is not None:
+            self.rule_changes.append((rec.seq, rec.rules))
+        self.commits.append(CommitInfo(rec.seq, rec.time, offset, rec.rewind, rec.rules))
         self.commit_times.append(rec.time)
         for f in rec.frames:
             self._add(f, offset)
@@ -88,6 +92,7 @@ class FrameTable:
         self.commits.extend(commits)
         self.commit_times.extend(c.time for c in commits)
         self.rewinds.update((c.seq, c.rewind) for c in commits if c.rewind is not None)
+        self.rule_changes.extend((c.seq, c.rules) for c in commits if c.rules is not None)
         for f in frames:
             if f.seq > self.seq:
                 raise CorruptionError(f"frame {f.id} names future commit {f.seq}", offset=offset)

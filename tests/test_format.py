@@ -123,7 +123,7 @@ def test_golden_capsule_keeps_opening(tmp_path):
 @pytest.mark.req("F-09")
 def test_frame_schema_is_a_positional_array():
     meta = fmt.FrameMeta(3, 2, fmt.PUT, "u", "t", "k", {"a": "b"}, 1.5, None, 8192, 0, 5, b"d", True)
-    assert msgspec_decode(fmt.pack(meta)) == [3, 2, 0, "u", "t", "k", {"a": "b"}, 1.5, None, 8192, 0, 5, b"d", True, None, None]
+    assert msgspec_decode(fmt.pack(meta)) == [3, 2, 0, "u", "t", "k", {"a": "b"}, 1.5, None, 8192, 0, 5, b"d", True, None, None, None]
     # an older body without the trailing optional fields still decodes
     short = fmt.pack([3, 2, 0, "u", "t", "k", {}, 1.5, None, 8192, 0, 5, b"d", True])
     assert fmt.unpack(short, fmt.FrameMeta).parent is None
