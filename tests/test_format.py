@@ -104,20 +104,21 @@ def test_unknown_codec_is_a_clear_error(path):
 
 
 @pytest.mark.req("F-03")
-def test_golden_capsule_keeps_opening(tmp_path):
-    for mv2 in sorted(GOLDEN.glob("v*.mv2")):
-        expected = json.loads(mv2.with_suffix(".json").read_text())
-        copy = tmp_path / mv2.name
-        shutil.copy(mv2, copy)
-        assert engine.verify(str(copy)).ok
-        with engine.open(str(copy)) as cap:
-            assert cap.seq == len(expected) - 1
-            for seq, state in expected.items():
-                got = snapshot(cap, int(seq))
-                assert {u: base64.b64encode(p).decode() for u, p in got.items()} == state, (mv2.name, seq)
-            cap.put("a new frame on an old capsule", uri="new://1")
-        with engine.open(str(copy), readonly=True) as cap:
-            assert cap.get(uri="new://1").text == "a new frame on an old capsule"
+@pytest.mark.parametrize("mv2", sorted(GOLDEN.glob("v*.mv2*")), ids=lambda p: p.name)
+def test_golden_capsule_keeps_opening(tmp_path, mv2):
+    passphrase = "golden capsule" if mv2.suffix == ".mv2e" else None  # tests/golden/make_golden.py
+    expected = json.loads(mv2.with_suffix(".json").read_text())
+    copy = tmp_path / mv2.name
+    shutil.copy(mv2, copy)
+    assert engine.verify(str(copy), passphrase=passphrase).ok
+    with engine.open(str(copy), passphrase=passphrase) as cap:
+        assert cap.seq == len(expected) - 1
+        for seq, state in expected.items():
+            got = snapshot(cap, int(seq))
+            assert {u: base64.b64encode(p).decode() for u, p in got.items()} == state, (mv2.name, seq)
+        cap.put("a new frame on an old capsule", uri="new://1")
+    with engine.open(str(copy), readonly=True, passphrase=passphrase) as cap:
+        assert cap.get(uri="new://1").text == "a new frame on an old capsule"
 
 
 @pytest.mark.req("F-09")
