@@ -1428,7 +1428,7 @@ class Capsule:
         t = self._table
         end = t.ended.get(m.id, FOREVER)
         return FrameInfo(
-            id=m.id, uri=m.uri, title=m.title, kind=m.kind, tags=m.tags, timestamp=m.timestamp,
+            id=m.id, uri=m.uri, title=m.title, kind=m.kind, tags=dict(m.tags), timestamp=m.timestamp,
             commit_seq=m.seq, commit_time=t.commit_times[m.seq - 1],
             valid_until=None if end == FOREVER else end, superseded_by=t.ended_by.get(m.id),
             supersedes=m.supersedes, parent=m.parent, chunk=m.chunk, length=m.length,
@@ -1577,7 +1577,7 @@ class Capsule:
             end = t.ended.get(fid, FOREVER)
             hits.append(Hit(
                 frame_id=fid, uri=m.uri, title=m.title, score=round(float(score), 6), snippet=snippet,
-                highlights=spans, tags=m.tags, kind=m.kind, timestamp=m.timestamp, commit_seq=m.seq,
+                highlights=spans, tags=dict(m.tags), kind=m.kind, timestamp=m.timestamp, commit_seq=m.seq,
                 valid_until=None if end == FOREVER else end,
                 sources=tuple(s for s, ids in (("lex", lex_ids), ("vec", vec_ids)) if fid in ids),
             ))

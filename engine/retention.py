@@ -123,15 +123,14 @@ class Expiry:
                 if m.expires is not None or age is not None else None
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, m.id))
-            if m.uri is not None:
+            if m.uri is not None and versions is not None:  # no such rule: no bookkeeping
                 puts = self._puts.setdefault(m.uri, [])
                 puts.append(m.id)
-                if versions is not None:
-                    cut = self._cut.get(m.uri, 0)
-                    while len(puts) - cut > versions:
-                        self._expire(table.frames[puts[cut]], fresh)
-                        cut += 1
-                    self._cut[m.uri] = cut
+                cut = self._cut.get(m.uri, 0)
+                while len(puts) - cut > versions:
+                    self._expire(table.frames[puts[cut]], fresh)
+                    cut += 1
+                self._cut[m.uri] = cut
         return fresh + self.due(table, now)
 
     def due(self, table: FrameTable, now: float) -> list[int]:
