@@ -896,9 +896,17 @@ class Capsule:
         extra = dict(self._ckpt.extra)
         if t.dicts or t.upgraded_upto:
             extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto}
+        start = pos
         pos = self._checkpoint_vectors(extra, out, pos)
+        folded = pos - start
         pos = self._checkpoint_lexical(extra, out, pos, force=force_lex)
         counters = dict(self._counters)
+        counters["bytes.vectors"] = counters.get("bytes.vectors", 0) + folded
+        counters["bytes.lexfile"] = counters.get("bytes.lexfile", 0) + pos - start - folded
+        old_files = self._ckpt.extra.get("lex", {}).get("files", {}).values()
+        kept = {tuple(v) for v in extra.get("lex", {}).get("files", {}).values()}
+        overhead = fmt.RECORD_SIZE + (crypto.Sealer.OVERHEAD if self.encrypted else 0)
+        dead += sum(length + overhead for offset, length in old_files if (offset, length) not in kept)
         counters["bytes.segment"] = counters.get("bytes.segment", 0) + sum(r.length for r in refs[keep:])
         counters["bytes.dead"] = counters.get("bytes.dead", 0) + dead
         counters["checkpoints"] = counters.get("checkpoints", 0) + 1
