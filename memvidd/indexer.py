@@ -8,27 +8,39 @@ Pipeline (bounded trio channels between the stages, so a slow stage pushes back)
                                                        └──> engine embedder thread
 
 A file is a document: a ``file`` frame (binary msgpack manifest: size, mtime, content
-hash, and the digest and frame id of each chunk) at ``file://<path>``, and one
-``chunk`` frame per chunk at ``file://<path>#<n>``. On a change only the chunks whose
-text changed get new versions; a chunk whose text already exists anywhere keeps its
-vector (no second embedding). A deleted file's frames get tombstones; a rename is a
-delete plus an add whose chunks reuse the old vectors.
+hash, and the digest, frame id and key of each chunk, in order) at ``file://<path>``, and
+one ``chunk`` frame per chunk at ``file://<path>#<key>``. Chunks are not numbered: a key
+is made from the digest of the text the chunk first had (``match_chunks``), so a chunk
+whose text did not change keeps its frame wherever it moved (an insertion near the top
+writes the new chunk, not every chunk after it), an edited chunk gets a new version at
+its key, and only chunks that really vanished get tombstones. The frame's ``chunk`` is
+its position when written; the manifest holds the current order. Manifests from before
+keys (``#<position>``) stay valid as they are. A chunk whose text already exists
+anywhere keeps its vector (no second embedding). A deleted file's frames get
+tombstones; a rename is a delete plus an add whose chunks reuse the old vectors.
 
 Start-up: the watcher is started first, then every root is walked and compared with the
 manifests by size and mtime (then content hash), so changes made while the daemon was
 down are found without re-reading unchanged files, and none made during the scan is
-missed. Partial saves: a file is re-stat'ed after it is read and read again if it moved
-under us; a file that becomes empty is given a moment to be written before it counts.
+missed. Partial saves: a file that some process has open for writing (an editor between
+the writes of one save; ``being_written``, a few microseconds) is looked at again every
+``WRITER_POLL_S`` until it is closed, for at most ``WRITER_WAIT_S``; a file is re-stat'ed
+after it is read and read again if it moved under us; a file that becomes empty is
+given a moment to be written before it counts.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import signal
 import threading
 import time
 import urllib.parse
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,8 @@ log = logging.getLogger("memvidd.indexer")
 FILE_KIND = "file"
 CHUNK_KIND = "chunk"
 EMPTY_SETTLE_S = 0.3  # how long an emptied file may stay empty before it counts
+WRITER_POLL_S = 0.02  # how often a file that some process has open for writing is looked at again
+WRITER_WAIT_S = 1.0  # ...for at most this long; then it is taken as it is (a log that stays open)
 MAX_RETRIES = 5
 SCAN = -2  # the `attempt` of a path queued by the start-up scan (size+mtime are trusted)
 FINAL = -1  # the last attempt after retries: take the file as it is
@@ -59,7 +73,13 @@ class Manifest(msgspec.Struct, array_like=True):
     size: int
     mtime_ns: int
     sha: bytes
-    chunks: list[tuple[bytes, int]]  # (blake2b-128 of the chunk text, its frame id)
+    chunks: list[tuple[bytes, int]]  # in file order: (blake2b-128 of the chunk text, its frame id)
+    # The fragment of each chunk's URI (``file://<path>#<key>``). Empty in manifests
+    # written before chunks had keys: their URIs are ``#<position>``, and they stay valid.
+    keys: list[str] = msgspec.field(default_factory=list)
+
+    def chunk_keys(self) -> list[str]:
+        return self.keys if self.keys else [str(i) for i in range(len(self.chunks))]
 
 
 _manifest_dec = msgspec.msgpack.Decoder(Manifest)
@@ -82,6 +102,92 @@ def clean(text: str) -> str:
 
 def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", errors="surrogateescape"), digest_size=16).digest()
+
+
+def chunk_uri(uri: str, key: str) -> str:
+    return f"{uri}#{key}"
+
+
+def match_chunks(old: list[tuple[bytes, str]], new: list[bytes]) -> tuple[list[tuple[str, int | None]], list[str]]:
+    """How a file's new chunks (their digests, in order) take over its old ones
+    ((digest, key) pairs, in order), so that as few frames as possible are written.
+
+    Returns, for each new chunk, its key and the index of the old chunk it *is* (same
+    text: kept as it is, wherever it moved) or None (to be written: at an old key when
+    it replaces an old chunk that sits between the same kept neighbours, as an edited
+    chunk does, so that the new text is a new version of that chunk; else at a fresh
+    key made from its digest); and the keys of the old chunks that are gone.
+    """
+    free: dict[bytes, deque[int]] = {}
+    for j, (d, _) in enumerate(old):
+        free.setdefault(d, deque()).append(j)
+    same: list[int | None] = []
+    for d in new:
+        q = free.get(d)
+        same.append(q.popleft() if q else None)
+    kept = {j for j in same if j is not None}
+    # The chunks left over on either side, grouped by the kept chunk just before them.
+    old_left: dict[int, deque[int]] = {}
+    before = -1
+    for j in range(len(old)):
+        if j in kept:
+            before = j
+        else:
+            old_left.setdefault(before, deque()).append(j)
+    taken = {k for _, k in old}
+    out: list[tuple[str, int | None]] = []
+    before = -1
+    for i, d in enumerate(new):
+        j = same[i]
+        if j is not None:
+            out.append((old[j][1], j))
+            before = j
+            continue
+        q = old_left.get(before)
+        if q:
+            out.append((old[q.popleft()][1], None))  # an edit of that chunk: a new version
+            continue
+        base = key = d[:8].hex()
+        n = 0
+        while key in taken:
+            n += 1
+            key = f"{base}.{n}"
+        taken.add(key)
+        out.append((key, None))
+    gone = [old[j][1] for q in old_left.values() for j in q]
+    return out, gone
+
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", None)  # Linux only
+
+
+def being_written(fd: int) -> bool:
+    """Has any process the file behind ``fd`` (open read-only) open for writing?
+
+    A read lease cannot be taken on a file open for writing (EAGAIN), so taking one and
+    dropping it at once tells, in a few microseconds, without scanning ``/proc``. False
+    when it cannot be told: no leases here (not Linux, NFS, leases disabled) or not our
+    file (leases need the owner or CAP_LEASE).
+    """
+    if _F_SETLEASE is None:
+        return False
+    try:
+        # A writer opening the file in the microseconds the lease exists breaks it, and
+        # the kernel tells the lease holder with SIGIO, which would kill the daemon: ask
+        # for SIGURG instead, ignored by default.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # closing the file drops it too
+    return False
+
+
+class Wait(float):
+    """A delay to look at a path again after, without counting it as a retry."""
 
 
 class Progress(msgspec.Struct):
@@ -116,6 +222,7 @@ class Indexer:
         self.lock = threading.Lock()  # docs/by_digest are touched by worker threads
         self.pending: set[str] = set()  # paths queued and not yet prepared
         self.again: set[str] = set()  # pending paths that changed again meanwhile
+        self.writing: dict[str, float] = {}  # path -> when it was first seen open for writing
         self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
         self.progress = Progress(started=time.time())
         self._root_event = trio.Event()
@@ -249,6 +356,10 @@ class Indexer:
                     log.exception("cannot index path=%s", path)
                     self.pending.discard(path)
                     continue
+                if isinstance(outcome, Wait):  # a writer has it open: look again soon
+                    self._later(path, attempt, outcome)
+                    continue
+                self.writing.pop(path, None)
                 if isinstance(outcome, float):  # come back later (a save in progress)
                     if attempt < MAX_RETRIES:
                         self._later(path, max(attempt, 0) + 1, outcome)
@@ -283,8 +394,7 @@ class Indexer:
                             if op.error is not None:
                                 self.progress.errors += 1
                                 log.error("index write failed path=%s: %s", path, op.error)
-                                with self.lock:  # forget what we assumed; re-read it later
-                                    self.docs.pop(file_uri(path), None)
+                                self._undo(file_uri(path), op)
                                 self._later(path, 1, 1.0)
                         finally:
                             limit.release()
@@ -293,10 +403,34 @@ class Indexer:
                     if not self.pending and self.progress.phase == "indexing":
                         self.progress.phase = "watching"
 
+    def _undo(self, uri: str, op: WriteOp) -> None:
+        """A write failed: what the indexer assumed it did is put back as the capsule has it.
+
+        ``op.result`` is None when the op failed before it changed anything (the engine
+        unstaged it); else the commit failed after ``apply`` had already recorded the file's
+        new manifest (and digests) as ``(before, after, frame ids it wrote)``.
+        """
+        if op.result is None:
+            return
+        before, after, written = op.result
+        with self.lock:
+            if self.docs.get(uri) is after:
+                if before is None:
+                    self.docs.pop(uri, None)
+                else:
+                    self.docs[uri] = before
+            else:  # a later write built on it meanwhile: forget the file, it is read again
+                self.docs.pop(uri, None)
+            for d, fid in list(self.by_digest.items()):  # those ids were never committed
+                if fid in written:
+                    del self.by_digest[d]
+
     # -- one file -----------------------------------------------------------------------
 
     def _prepare(self, path: str, attempt: int) -> WriteOp | float | None:
-        """What to write for ``path`` now: an op, nothing (None), or a delay to retry after."""
+        """What to write for ``path`` now: an op, nothing (None), or a delay to retry after
+        (a ``Wait``: the same attempt again, while some process has the file open for
+        writing, as an editor does between the writes of one save)."""
         uri = file_uri(path)
         tree = self.tree_of(path)
         known = self.docs.get(uri)
@@ -314,6 +448,11 @@ class Indexer:
             return None
         try:
             with open(p, "rb") as f:
+                if attempt != FINAL and being_written(f.fileno()):
+                    first = self.writing.setdefault(path, time.monotonic())
+                    if time.monotonic() - first < WRITER_WAIT_S:
+                        return Wait(WRITER_POLL_S)
+                self.writing.pop(path, None)
                 data = f.read(tree.max_bytes + 1)
             after = p.stat()
         except FileNotFoundError:
@@ -340,14 +479,14 @@ class Indexer:
         return self._update(uri, tree, st, sha, doc, known)
 
     def _delete(self, uri: str) -> WriteOp:
-        def apply(cap: engine.Capsule) -> None:
+        def apply(cap: engine.Capsule) -> tuple[Manifest, None, set[int]] | None:
             with self.lock:
                 m = self.docs.get(uri)
                 if m is None:
-                    return
-                for i in range(len(m.chunks)):
+                    return None
+                for key in m.chunk_keys():
                     try:
-                        cap.remove(f"{uri}#{i}")
+                        cap.remove(chunk_uri(uri, key))
                     except engine.NotFound:
                         pass
                 try:
@@ -356,6 +495,7 @@ class Indexer:
                     pass
                 del self.docs[uri]  # digests stay in by_digest: a rename may reuse them
             self.progress.files_deleted += 1
+            return m, None, set()
 
         return WriteOp(fn=apply)
 
@@ -365,29 +505,35 @@ class Indexer:
         tags = {clean(k): clean(v) for k, v in {**doc.tags, "root": tree.root.name, "type": doc.kind}.items()}
         chunks = [(digest(c.text), c) for c in doc.chunks]
 
-        def apply(cap: engine.Capsule) -> None:
+        def apply(cap: engine.Capsule) -> tuple[Manifest | None, Manifest, set[int]]:
             with self.lock:
                 old = self.docs.get(uri)
-                old_chunks = old.chunks if old is not None else []
                 reuse_ids = [self.by_digest[d] for d, _ in chunks if d in self.by_digest]
+            old_chunks = old.chunks if old is not None else []
+            plan, gone = match_chunks(list(zip([d for d, _ in old_chunks], old.chunk_keys() if old else [])),
+                                      [d for d, _ in chunks])
             vectors = cap.vectors(reuse_ids) if reuse_ids else {}
             out: list[tuple[bytes, int]] = []
-            for i, (d, c) in enumerate(chunks):
-                if i < len(old_chunks) and old_chunks[i][0] == d:
-                    out.append(old_chunks[i])  # unchanged: no new version, no embedding
+            for key in gone:  # first: a fresh key never names a frame removed here
+                try:
+                    cap.remove(chunk_uri(uri, key))
+                except engine.NotFound:
+                    pass
+            for i, ((d, c), (key, same)) in enumerate(zip(chunks, plan)):
+                if same is not None:
+                    out.append(old_chunks[same])  # unchanged, maybe moved: no new version, no embedding
                     self.progress.chunks_kept += 1
                     continue
                 source = self.by_digest.get(d)
                 vector = vectors.get(source) if source is not None else None
                 if vector is not None:
                     self.progress.vectors_reused += 1
-                fid = cap.put(c.text, uri=f"{uri}#{i}", title=clean(c.title), kind=CHUNK_KIND, tags=tags,
+                # ``chunk`` is the position when written; the manifest has the current order.
+                fid = cap.put(c.text, uri=chunk_uri(uri, key), title=clean(c.title), kind=CHUNK_KIND, tags=tags,
                               parent=uri, chunk=i, vector=vector)
                 out.append((d, fid))
                 self.progress.chunks_written += 1
-            for i in range(len(chunks), len(old_chunks)):
-                cap.remove(f"{uri}#{i}")  # the file got shorter
-            manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out)
+            manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out, [k for k, _ in plan])
             cap.put(msgspec.msgpack.encode(manifest), uri=uri, title=title, kind=FILE_KIND, tags=tags,
                     timestamp=st.st_mtime_ns / 1e9)
             with self.lock:
@@ -395,6 +541,7 @@ class Indexer:
                 for d, fid in out:
                     self.by_digest[d] = fid
             self.progress.files_indexed += 1
+            return old, manifest, {fid for _, fid in out} - {fid for _, fid in old_chunks}
 
         return WriteOp(fn=apply)
 
