@@ -230,6 +230,7 @@ def load_checkpoint(f: CapsuleFile, header: fmt.Header) -> tuple[fmt.CheckpointR
     upgrades = ckpt.extra.get("codec", {})
     table.dicts = {int(k): v for k, v in upgrades.get("dicts", {}).items()}
     table.upgraded_upto = upgrades.get("upto", 0)
+    table.dict_trained_at = upgrades.get("trained_at", 0)
     if table.seq != ckpt.seq or table.next_id != ckpt.next_id:
         raise CorruptionError("checkpoint segments do not add up", offset=ck_off)
     return ckpt, table
@@ -895,7 +896,7 @@ class Capsule:
             pos += len(raw)
         extra = dict(self._ckpt.extra)
         if t.dicts or t.upgraded_upto:
-            extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto}
+            extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto, "trained_at": t.dict_trained_at}
         start = pos
         pos = self._checkpoint_vectors(extra, out, pos)
         folded = pos - start
@@ -1044,9 +1045,15 @@ class Capsule:
                         end = min(end, start + max_frames - done["frames"])
                     frames, f, dicts = t.frames[start:end], self._file, self._dicts
                     zdict = (max(t.dicts), dicts(max(t.dicts))) if t.dicts else None
+                    # The data may drift from what the dictionary learnt: train a new one
+                    # (a new id; old blocks keep theirs) each time the capsule grew 8x.
+                    retrain = bool(t.dicts) and start >= upgrade.RETRAIN_GROWTH * max(
+                        t.dict_trained_at, upgrade.DICT_MIN_SAMPLES)
+                    next_dict = max(t.dicts, default=0) + 1
                 if not frames:
                     break
-                new_dict, encoded = self._encode_upgrade(f, dicts, frames, zdict, level)
+                new_dict, encoded = self._encode_upgrade(f, dicts, frames, zdict, level, retrain=retrain,
+                                                         next_dict=next_dict)
                 with self._lock:
                     if self._pending or self._write_end != self._log_end or self._table.upgraded_upto != start:
                         done["busy"] = True
@@ -1066,9 +1073,10 @@ class Capsule:
 
     def _encode_upgrade(
         self, f: CapsuleFile, dicts: Dictionaries, frames: list[fmt.FrameMeta],
-        zdict: tuple[int, Any] | None, level: int,
+        zdict: tuple[int, Any] | None, level: int, *, retrain: bool = False, next_dict: int = 1,
     ) -> tuple[tuple[int, bytes, Any] | None, list[upgrade.Encoded]]:
-        """Read and re-encode one batch (no lock held: committed frames do not change)."""
+        """Read and re-encode one batch (no lock held: committed frames do not change).
+        Trains a dictionary (id ``next_dict``) when there is none, or when ``retrain``."""
         groups, payloads = [], []
         for members in upgrade.plan(frames):
             g = upgrade.Group(members, {}, {}, {})
@@ -1084,13 +1092,13 @@ class Capsule:
             groups.append(g)
             payloads.append(data)
         new_dict = None
-        if zdict is None:
+        if zdict is None or retrain:
             samples = [p for data in payloads for p in data]
             if upgrade.wants_dictionary(samples) and (trained := upgrade.train(samples)) is not None:
-                new_dict = (1, trained, codecs.load_dict(trained))
-                zdict = (1, new_dict[2])
-        if new_dict is not None and not upgrade.worth_keeping(new_dict[2], samples, self._opts.level):
-            new_dict = zdict = None
+                candidate = codecs.load_dict(trained)
+                if upgrade.worth_keeping(candidate, samples, self._opts.level):
+                    new_dict = (next_dict, trained, candidate)
+                    zdict = (next_dict, candidate)
         encoded = [e for g, data in zip(groups, payloads) if (e := upgrade.encode(g, data, zdict, level))]
         return new_dict, encoded
 

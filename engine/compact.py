@@ -137,10 +137,10 @@ class Rewriter:
         frames = [m for m in frames if m.id not in expired]  # their payloads are dropped [F-24]
         fresh = [m for m in frames if m.id >= upto or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
         zdict = (max(self.dicts), self.dicts[max(self.dicts)]) if self.dicts else None
-        new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level)
+        new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level,
+                                                next_dict=max(self.dicts, default=0) + 1)
         if new_dict is not None:
-            dict_id = max(self.dicts, default=0) + 1
-            assert dict_id == new_dict[0]
+            dict_id = new_dict[0]
             ref = self._dict_record(dict_id, fmt.DICT_HEADER.pack(dict_id) + new_dict[1])
             self.dicts[dict_id] = new_dict[2]
             self._relocate([], [ref], upto=self.next_id)

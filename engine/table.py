@@ -40,6 +40,7 @@ class FrameTable:
         self.children: dict[str, dict[int, int]] = {}  # parent -> chunk -> newest frame id
         self.dicts: dict[int, int] = {}  # compression dictionary id -> DICT record offset
         self.upgraded_upto = 0  # frames below this id were considered by codec upgrades
+        self.dict_trained_at = 0  # upgraded_upto when the newest dictionary was written
         self.rewinds: dict[int, int] = {}  # commit seq -> the commit whose state it restored
         self.rule_changes: list[tuple[int, dict[str, Any]]] = []  # (seq, retention rules) [F-24]
         # Chunks of one document repeat its parent, title and tag set: one copy each in
@@ -87,6 +88,7 @@ class FrameTable:
             raise CorruptionError(f"relocation for commit {rec.seq} after commit {self.seq}", offset=offset)
         for d in rec.dicts:
             self.dicts[d.id] = d.offset
+            self.dict_trained_at = rec.upto
         for mv in rec.moves:
             if not 0 <= mv.id < self.next_id or self.frames[mv.id].op != PUT or mv.block < 0:
                 raise CorruptionError(f"relocation of invalid frame {mv.id}", offset=offset)

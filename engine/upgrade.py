@@ -34,6 +34,7 @@ DICT_SAMPLES = 4000
 DICT_MAX_MEAN = 4096  # dictionaries pay on small records; large ones carry their own context
 FRESH_DICT_MAX = 4096  # fresh puts up to this size are compressed with the dictionary
 DICT_MIN_GAIN = 0.15  # keep a dictionary that shrinks fresh small frames by at least this
+RETRAIN_GROWTH = 8  # train a new dictionary each time the upgraded frames grew this much
 MIN_SAVING = 0.03  # a group that would shrink by less than this stays where it is
 
 

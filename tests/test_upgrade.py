@@ -292,3 +292,24 @@ def test_damaged_dictionary(tmp_path, later_commit):
 def test_unknown_dictionary_codec_needs_its_dictionary():
     with pytest.raises(engine.CorruptionError, match="dictionary"):
         codecs.decode(codecs.ZSTD_DICT, b"\x28\xb5\x2f\xfd", 4)
+
+
+def test_a_new_dictionary_as_the_capsule_grows(tmp_path):
+    path = str(tmp_path / "g.mv2")
+    fill(path, events(1500), per_commit=100)
+    with engine.open(path) as cap:
+        cap.upgrade_codecs()
+        first = cap._table.dict_trained_at
+        assert cap.stats()["upgrades"]["dictionaries"] == 1 and first > 0
+        more = events(8 * first, seed=5)
+        for i in range(0, len(more), 200):
+            for t in more[i : i + 200]:
+                cap.put(t)
+            cap.commit()
+        cap.upgrade_codecs()
+        assert cap.stats()["upgrades"]["dictionaries"] == 2
+        assert {i: cap.get(i).payload.decode() for i in range(1500, 1510)} == dict(zip(range(1500, 1510), more))
+    with engine.open(path, readonly=True) as cap:  # both dictionaries load, old blocks keep theirs
+        assert cap.get(0).payload.decode() == events(1500)[0]
+        assert cap.get(1500 + len(more) - 1).payload.decode() == more[-1]
+    assert engine.verify(path).ok
