@@ -56,6 +56,7 @@ class Rewriter:
         c = src._counters
         self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
         self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
+        self.tainted: set[int] = set()
 
     def _put(self, kind: int, body: bytes) -> int:
         """Append a record (sealed at its offset when encrypted); returns the offset and
@@ -117,6 +118,8 @@ class Rewriter:
     def copy(self, last_seq: int, *, level: int) -> None:
         """Copy the source's commits after ``self.seq`` up to ``last_seq``."""
         t = self.src._table
+        # Blocks that hold an expired frame are re-encoded without it, never copied.
+        self.tainted = {t.frames[f].block for f in list(self.src._expiry.expired) if t.frames[f].block >= 0}
         while self.seq < last_seq:
             # A window of whole commits, about WINDOW_FRAMES frames.
             hi = self.seq + 1
@@ -135,7 +138,8 @@ class Rewriter:
         lu = self.last_user
         expired = src._expiry.expired
         frames = [m for m in frames if m.id not in expired]  # their payloads are dropped [F-24]
-        fresh = [m for m in frames if m.id >= upto or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
+        fresh = [m for m in frames if m.id >= upto or m.block in self.tainted
+                 or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
         zdict = (max(self.dicts), self.dicts[max(self.dicts)]) if self.dicts else None
         new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level,
                                                 next_dict=max(self.dicts, default=0) + 1)

@@ -150,11 +150,16 @@ def test_search_finds_enough_live_results_when_most_matches_expired(cap):
 
 
 @pytest.mark.req("F-24")
-def test_compaction_reclaims_expired_bytes_for_good(tmp_path, cap):
-    keep = [cap.put(f"kept note {i} " + "k" * 3000, uri=f"k://{i}") for i in range(20)]
-    gone = [cap.put(f"SECRET-EXPIRED {i} " + "s" * 3000, uri=f"s://{i}", tags={"kind": "chat"},
-                    timestamp=cap.clock.now - 5 * HOUR) for i in range(20)]
+@pytest.mark.parametrize("upgraded", [False, True], ids=["fresh-blocks", "grouped-blocks"])
+def test_compaction_reclaims_expired_bytes_for_good(tmp_path, cap, upgraded):
+    keep, gone = [], []
+    for i in range(20):  # interleaved: grouped blocks hold kept and expiring frames together
+        keep.append(cap.put(f"kept note {i} " + "k" * 3000, uri=f"k://{i}"))
+        gone.append(cap.put(f"SECRET-EXPIRED {i} " + "s" * 3000, uri=f"s://{i}", tags={"kind": "chat"},
+                            timestamp=cap.clock.now - 5 * HOUR))
     cap.commit()
+    if upgraded:
+        cap.upgrade_codecs()
     cap.set_rules({"tags": {"kind=chat": {"max_age_s": HOUR}}})
     views = [snapshot(cap, s) for s in range(cap.seq + 1)]
     report = cap.compact()
