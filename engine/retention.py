@@ -11,8 +11,9 @@ the file carries them and every change is part of the history. A frame expires w
 
 An expired frame is gone from every query, *including as-of views of times before it
 expired*: retention is about what the capsule may still disclose, not about when. Queries
-say how many results expiry hid. Compaction drops expired payloads for good (the frame
-keeps its id and place in history, marked purged). ``Expiry`` keeps the expired set
+say how many results expiry hid. Expiry follows the rules in force (relaxing them shows
+again what they no longer expire) until compaction drops expired payloads for good (the
+frame keeps its id and place in history, marked purged). ``Expiry`` keeps the expired set
 current incrementally: a heap of time deadlines, per-URI version counts and a budget
 cursor, so a query pays one heap peek when nothing is due.
 """

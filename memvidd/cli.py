@@ -5,8 +5,16 @@ over ``--socket`` (default ``$MEMVIDD_SOCKET``, then the configured socket). Wit
 ``--capsule FILE`` they work on the file directly, without a daemon: reads open it
 read-only; ``put`` writes it unless a daemon holds it.
 
+Capsule life commands: ``compact`` and ``rewind`` (daemon or ``--capsule FILE``), ``rules``
+(retention), ``branch`` (a new capsule of any past state, from the file: works while a
+daemon serves it), ``encrypt`` / ``decrypt`` / ``rekey`` (.mv2e capsules).
+
+Passphrases are never arguments: ``--passphrase-env VAR``, ``--passphrase-file PATH`` or
+``--passphrase-credential NAME`` (a systemd credential) name where to read one, and
+``--new-passphrase-*`` the same for a new passphrase (rekey, an encrypted branch).
+
 Exit codes: 0 success, 1 the capsule is damaged or the operation failed (no daemon,
-not found, ...), 2 bad usage.
+not found, wrong passphrase, ...), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -43,14 +51,27 @@ def _print_report(report: engine.Report, as_json: bool) -> None:
         print(f"  {facts['commits']} commits, {facts['frames']} frames, {facts.get('payloads_checked', 0)} payloads checked")
 
 
+PASSPHRASE_SOURCES = ("env", "file", "credential")
+
+
+def _passphrase(args: argparse.Namespace, prefix: str = "") -> str | None:
+    """The passphrase from the ``--{prefix}passphrase-*`` option given (None: none)."""
+    sources = {k: v for k in PASSPHRASE_SOURCES if (v := getattr(args, f"{prefix}passphrase_{k}", None)) is not None}
+    return engine.read_passphrase(**sources) if sources else None  # type: ignore[arg-type]
+
+
+def _encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
+    return SystemExit(f"memvidd: {e} (--passphrase-file PATH, --passphrase-env VAR or --passphrase-credential NAME)")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = engine.verify(args.file)
+    report = engine.verify(args.file, passphrase=_passphrase(args))
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex)
+    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex, passphrase=_passphrase(args))
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -140,10 +161,31 @@ def _client(args: argparse.Namespace) -> Client:
 
 def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
     embedder = engine.Embedder() if getattr(args, "mode", None) in ("vec", "hybrid") else None
+    passphrase = _passphrase(args)
     try:
-        return engine.open(args.capsule, readonly=not write, embedder=embedder)
+        return engine.open(args.capsule, readonly=not write, embedder=embedder, passphrase=passphrase)
     except engine.CapsuleLocked as e:
         raise SystemExit(f"memvidd: {e}: a daemon holds it; talk to it with --socket") from None
+    except engine.WrongPassphrase:
+        raise
+    except engine.InvalidArgument as e:
+        if passphrase is None and "encrypted" in str(e):
+            raise _encrypted_hint(e) from None
+        raise
+
+
+def _expires(value: str | None) -> float | None:
+    """``--expires 3600`` is an hour from now; ``@1700000000`` or an ISO time is a time."""
+    if value is None:
+        return None
+    try:
+        return time.time() + float(value)
+    except ValueError:
+        pass
+    if value.startswith("@"):
+        return float(value[1:])
+    t = dt.datetime.fromisoformat(value)
+    return (t if t.tzinfo else t.astimezone()).timestamp()
 
 
 def _frame_text(f: Any) -> str:
@@ -181,10 +223,11 @@ def cmd_put(args: argparse.Namespace) -> int:
         data = args.text
     else:
         raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
-    meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=_tags(args.tag)).items() if v is not None}
+    meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=_tags(args.tag),
+                                  expires=_expires(args.expires)).items() if v is not None}
     if args.capsule:
         if not os.path.exists(args.capsule):
-            cap = engine.create(args.capsule, model=None)
+            cap = engine.create(args.capsule, model=None, passphrase=_passphrase(args))
         else:
             cap = _direct(args, write=True)
         with cap:
@@ -247,15 +290,19 @@ def cmd_timeline(args: argparse.Namespace) -> int:
               as_of=_as_of(args.as_of))
     if args.capsule:
         with _direct(args) as cap:
-            rows = [msgspec.to_builtins(e) for e in cap.timeline(**kw)]
+            entries = cap.timeline(**kw)
+            rows, expired = [msgspec.to_builtins(e) for e in entries], entries.expired
     else:
         with _client(args) as c:
-            rows = [msgspec.to_builtins(e) for e in c.timeline(capsule=args.name, **kw)]
+            reply = c.timeline_reply(capsule=args.name, **kw)
+            rows, expired = [msgspec.to_builtins(e) for e in reply.entries], reply.expired
 
     def human() -> None:
         for e in rows:
             when = dt.datetime.fromtimestamp(e["timestamp"]).isoformat(timespec="seconds")
             print(f"{when}  #{e['id']}  {e['uri'] or ''}  {e['title'] or ''}")
+        if expired:
+            print(f"({expired} expired frames hidden by the retention rules)")
 
     _emit(args, rows, human)
     return 0
@@ -286,6 +333,191 @@ def cmd_stats(args: argparse.Namespace) -> int:
         with _client(args) as c:
             stats = c.stats(capsule=args.name)
     _emit(args, stats, lambda: print(json.dumps(stats, indent=2, default=str)))
+    return 0
+
+
+# -- the capsule's life: compaction, rewind, retention, branches, encryption ------------
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    if args.capsule:
+        with _direct(args, write=True) as cap:
+            if args.codecs:
+                before = cap.stats()["file_bytes"]
+                done = cap.upgrade_codecs()
+                report = {"bytes_before": before, "bytes_after": cap.stats()["file_bytes"], **done}
+            else:
+                report = cap.compact()
+    else:
+        with _client(args) as c:
+            report = c.compact(codecs_only=args.codecs, capsule=args.name)
+
+    def human() -> None:
+        before, after = report["bytes_before"], report["bytes_after"]
+        if args.codecs:
+            print(f"codecs upgraded: {report['moved']} frames into {report['blocks']} blocks, "
+                  f"{report['saved']} bytes saved (reclaimed by the next compaction); "
+                  f"file {before} -> {after} bytes" + (" (stopped: puts were arriving)" if report.get("busy") else ""))
+        else:
+            share = (f" ({(before - after) / before:.0%} reclaimed)" if after <= before else
+                     " (nothing to reclaim: the rewritten indexes and checkpoint are a little larger)")
+            print(f"compacted: {before} -> {after} bytes{share}; "
+                  f"{report.get('frames', '?')} frames, {report.get('commits', '?')} commits kept")
+
+    _emit(args, report, human)
+    return 0
+
+
+def cmd_rewind(args: argparse.Namespace) -> int:
+    to = _as_of(args.to)
+    if args.capsule:
+        with _direct(args, write=True) as cap:
+            seq = cap.rewind(to)
+    else:
+        with _client(args) as c:
+            seq = c.rewind(to, capsule=args.name)  # type: ignore[arg-type]
+    _emit(args, {"seq": seq, "to": to}, lambda: print(f"rewound to {args.to}: the head is commit {seq}"))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    if args.set is not None and args.as_of is not None:
+        print("memvidd: rules --as-of shows past rules; it cannot be combined with --set", file=sys.stderr)
+        return 2
+    try:
+        if args.set is not None:
+            new = json.loads(args.set)
+            if not isinstance(new, dict):
+                raise SystemExit('memvidd: --set wants a JSON object, e.g. \'{"default": {"max_age_s": 86400}}\'')
+            if args.capsule:
+                with _direct(args, write=True) as cap:
+                    seq = cap.set_rules(new, force=args.force)
+                    rules = cap.rules()
+            else:
+                with _client(args) as c:
+                    reply = c.set_rules(new, force=args.force, capsule=args.name)
+                    rules, seq = reply.rules, reply.seq
+        elif args.capsule:
+            with _direct(args) as cap:
+                seq, rules = cap.seq, cap.rules(as_of=_as_of(args.as_of))
+        else:
+            with _client(args) as c:
+                reply = c.rules(as_of=_as_of(args.as_of), capsule=args.name)
+                rules, seq = reply.rules, reply.seq
+    except (engine.InvalidArgument, RemoteError) as e:
+        if "force" in str(e):
+            print(f"memvidd: {e} (rules --set ... --force)", file=sys.stderr)
+            return 1
+        raise
+
+    def human() -> None:
+        print(json.dumps(rules, indent=2) if rules else "no retention rules")
+        if args.set is not None:
+            print(f"recorded by commit {seq}")
+
+    _emit(args, {"rules": rules, "seq": seq}, human)
+    return 0
+
+
+def _source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The capsule file a file command works on (``--capsule``, else the configured
+    default capsule) and its passphrase (the options, else the configured source)."""
+    passphrase = _passphrase(args)
+    if args.capsule:
+        return args.capsule, passphrase
+    try:
+        c = config_mod.load(args.config).default_capsule
+    except config_mod.ConfigError as e:
+        raise SystemExit(f"memvidd: {e}") from None
+    if passphrase is None and c.passphrase_sources():
+        passphrase = engine.read_passphrase(**c.passphrase_sources())  # type: ignore[arg-type]
+    return config_mod.expand(c.path), passphrase
+
+
+def _open_file(path: str, passphrase: str | None) -> engine.Capsule:
+    """A read-only open (shared with a daemon serving the capsule)."""
+    try:
+        return engine.open(path, readonly=True, passphrase=passphrase)
+    except engine.WrongPassphrase:
+        raise
+    except engine.InvalidArgument as e:
+        if passphrase is None and "encrypted" in str(e):
+            raise _encrypted_hint(e) from None
+        raise
+
+
+def _branch_report(args: argparse.Namespace, what: str, report: dict[str, Any]) -> None:
+    _emit(args, report, lambda: print(f"{what} {report['path']}: as of commit {report['seq']}, "
+                                      f"{report.get('frames', '?')} frames, {report.get('commits', '?')} commits"))
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    path, passphrase = _source(args)
+    new = _passphrase(args, "new_")
+    with _open_file(path, passphrase) as cap:
+        # A branch of an encrypted capsule stays encrypted (same passphrase unless a new
+        # one is given): only `memvidd decrypt` writes plaintext.
+        target = new if new is not None else (passphrase if cap.encrypted else None)
+        report = cap.branch(args.out, as_of=_as_of(args.as_of), passphrase=target)
+    _branch_report(args, "branch" + (" (encrypted)" if target is not None else ""), report)
+    return 0
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    given, new = _passphrase(args), _passphrase(args, "new_")
+    if given is not None and new is not None:
+        print("memvidd: encrypt takes one passphrase (the new capsule's): --passphrase-* or --new-passphrase-*",
+              file=sys.stderr)
+        return 2
+    target = new if new is not None else given
+    if target is None:
+        print("memvidd: encrypt needs the new capsule's passphrase: --passphrase-file PATH, "
+              "--passphrase-env VAR or --passphrase-credential NAME", file=sys.stderr)
+        return 2
+    try:
+        cap = engine.open(args.input, readonly=True)
+    except engine.InvalidArgument as e:
+        if "encrypted" in str(e):
+            raise SystemExit(f"memvidd: {args.input} is encrypted already (memvidd rekey changes its passphrase)") from None
+        raise
+    with cap:
+        report = cap.branch(args.output, passphrase=target, origin=False)
+    _branch_report(args, "encrypted", report)
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    passphrase = _passphrase(args)
+    if passphrase is None:
+        print("memvidd: decrypt needs the capsule's passphrase: --passphrase-file PATH, "
+              "--passphrase-env VAR or --passphrase-credential NAME", file=sys.stderr)
+        return 2
+    try:
+        cap = engine.open(args.input, readonly=True, passphrase=passphrase)
+    except engine.InvalidArgument as e:
+        if "not encrypted" in str(e):
+            raise SystemExit(f"memvidd: {args.input} is not encrypted") from None
+        raise
+    with cap:
+        report = cap.branch(args.output, passphrase=None, origin=False)
+    _branch_report(args, "decrypted", report)
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    old, new = _passphrase(args), _passphrase(args, "new_")
+    if old is None or new is None:
+        print("memvidd: rekey needs the current passphrase (--passphrase-*) and the new one "
+              "(--new-passphrase-*)", file=sys.stderr)
+        return 2
+    try:
+        cap = engine.open(args.file, passphrase=old)
+    except engine.CapsuleLocked as e:
+        raise SystemExit(f"memvidd: {e}: a daemon holds it; stop it, rekey, then point its "
+                         "passphrase-* setting at the new passphrase") from None
+    with cap:
+        cap.rekey(old, new)
+    _emit(args, {"path": args.file, "rekeyed": True}, lambda: print(f"{args.file}: passphrase changed"))
     return 0
 
 
@@ -325,12 +557,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-embed", action="store_true", help="lexical search only (no model loaded)")
     r.set_defaults(func=cmd_run)
 
+    def passphrase_options(c: argparse.ArgumentParser, *, new: bool = False, what: str = "the capsule") -> None:
+        g = c.add_argument_group(f"passphrase of {what} (encrypted capsules; never a literal argument)")
+        x = g.add_mutually_exclusive_group()
+        x.add_argument("--passphrase-env", metavar="VAR", help="read it from this environment variable")
+        x.add_argument("--passphrase-file", metavar="PATH", help="read it from this file (mode 0600)")
+        x.add_argument("--passphrase-credential", metavar="NAME", help="read it from this systemd credential")
+        if new:
+            n = c.add_argument_group("the new passphrase")
+            y = n.add_mutually_exclusive_group()
+            y.add_argument("--new-passphrase-env", metavar="VAR")
+            y.add_argument("--new-passphrase-file", metavar="PATH")
+            y.add_argument("--new-passphrase-credential", metavar="NAME")
+
     def client_cmd(name: str, help: str, func: Any, *, direct: bool = True) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--socket", help="daemon socket (default: $MEMVIDD_SOCKET, then the config)")
         c.add_argument("--name", help="capsule name in the daemon (default: its default capsule)")
         if direct:
             c.add_argument("--capsule", metavar="FILE", help="use this capsule file directly, without a daemon")
+            passphrase_options(c, what="the --capsule FILE")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
         c.set_defaults(func=func)
@@ -344,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--title")
     c.add_argument("--kind")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", cmd_find)
     c.add_argument("query")
     c.add_argument("-k", type=int, default=10)
@@ -369,9 +616,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     client_cmd("stats", "capsule statistics", cmd_stats)
+    c = client_cmd("compact", "rewrite the capsule without its dead bytes (the daemon keeps serving)", cmd_compact)
+    c.add_argument("--codecs", action="store_true", help="only upgrade payload codecs (the next compaction reclaims)")
+    c.set_defaults(timeout=None)  # as long as it takes
+    c = client_cmd("rewind", "make a past state the head again (history kept)", cmd_rewind)
+    c.add_argument("to", metavar="TO", help="commit number, @unix-time or ISO time")
+    c = client_cmd("rules", "show or set the retention rules", cmd_rules)
+    c.add_argument("--set", metavar="JSON",
+                   help='new rules, e.g. \'{"default": {"max_age_s": 2592000}, "tags": {"kind=log": {"max_versions": 3}}}\'')
+    c.add_argument("--force", action="store_true", help="allow rules that expire every live frame")
+    c.add_argument("--as-of", help="the rules in force then: commit number, @unix-time or ISO time")
+
+    b = sub.add_parser("branch", help="a new capsule holding the state as of a commit or time (origin recorded)")
+    b.add_argument("out", metavar="OUT", help="the new capsule file (must not exist)")
+    b.add_argument("--as-of", help="commit number, @unix-time or ISO time (default: now)")
+    b.add_argument("--capsule", metavar="FILE", help="the capsule to branch (default: the configured default capsule)")
+    b.add_argument("--config", help="configuration naming the default capsule (default: the embedded one)")
+    passphrase_options(b, new=True, what="the capsule branched")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_branch)
+
+    e = sub.add_parser("encrypt", help="an encrypted copy (.mv2e) of a plain capsule")
+    e.add_argument("input", metavar="IN")
+    e.add_argument("output", metavar="OUT")
+    passphrase_options(e, new=True, what="OUT (either option group)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_encrypt)
+
+    e = sub.add_parser("decrypt", help="a plain copy of an encrypted capsule")
+    e.add_argument("input", metavar="IN")
+    e.add_argument("output", metavar="OUT")
+    passphrase_options(e, what="IN")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_decrypt)
+
+    e = sub.add_parser("rekey", help="change an encrypted capsule's passphrase (no data re-encrypted)")
+    e.add_argument("file")
+    passphrase_options(e, new=True, what="FILE (the current one)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_rekey)
 
     v = sub.add_parser("verify", help="check every checksum and invariant of a capsule file")
     v.add_argument("file")
+    passphrase_options(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
@@ -379,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("file")
     d.add_argument("--dry-run", action="store_true", help="report what would be done")
     d.add_argument("--reindex", action="store_true", help="also rebuild the search indexes from the frames")
+    passphrase_options(d)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 

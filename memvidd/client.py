@@ -132,6 +132,26 @@ class Client(_Requests):
     def verify(self, *, capsule: str | None = None) -> p.VerifyReply:
         return self._call(p.Verify(id=self._id(), capsule=capsule))
 
+    def timeline_reply(self, **kw: Any) -> p.TimelineReply:
+        """``timeline`` with the whole reply (``expired``: frames retention hid)."""
+        return self._call(p.Timeline(id=self._id(), **kw))
+
+    def compact(self, *, codecs_only: bool = False, capsule: str | None = None) -> dict[str, Any]:
+        """Compact the capsule (or only upgrade its codecs); returns the report
+        (``bytes_before``, ``bytes_after``, ...). May take long: mind the timeout."""
+        return self._call(p.Compact(id=self._id(), capsule=capsule, codecs_only=codecs_only)).report
+
+    def rewind(self, to: int | float, *, capsule: str | None = None) -> int:
+        """Make the state as of ``to`` (commit or Unix time) the head again; returns the
+        commit that recorded the rewind."""
+        return self._call(p.Rewind(id=self._id(), capsule=capsule, to=to)).seq
+
+    def set_rules(self, rules: dict[str, Any], *, force: bool = False, capsule: str | None = None) -> p.RulesReply:
+        return self._call(p.SetRules(id=self._id(), capsule=capsule, rules=rules, force=force))
+
+    def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
+        return self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
+
     def tail(self, **kw: Any) -> Iterator[p.FrameOut]:
         """Frames as they are committed, until the daemon ends the stream or the
         connection is closed. The connection is used up by this call."""
@@ -215,6 +235,22 @@ class AsyncClient(_Requests):
 
     async def verify(self, *, capsule: str | None = None) -> p.VerifyReply:
         return await self._call(p.Verify(id=self._id(), capsule=capsule))
+
+    async def timeline_reply(self, **kw: Any) -> p.TimelineReply:
+        return await self._call(p.Timeline(id=self._id(), **kw))
+
+    async def compact(self, *, codecs_only: bool = False, capsule: str | None = None) -> dict[str, Any]:
+        return (await self._call(p.Compact(id=self._id(), capsule=capsule, codecs_only=codecs_only))).report
+
+    async def rewind(self, to: int | float, *, capsule: str | None = None) -> int:
+        return (await self._call(p.Rewind(id=self._id(), capsule=capsule, to=to))).seq
+
+    async def set_rules(self, rules: dict[str, Any], *, force: bool = False,
+                        capsule: str | None = None) -> p.RulesReply:
+        return await self._call(p.SetRules(id=self._id(), capsule=capsule, rules=rules, force=force))
+
+    async def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
+        return await self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
 
     async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
         await self.stream.send_all(pack(p.encoder.encode(p.Tail(id=self._id(), **kw))))

@@ -70,6 +70,7 @@ class EngineOptions(Base):
     upgrade_codecs: bool = True
     upgrade_idle_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 5000
     upgrade_cold_commits: NonNegative = 100
+    compact_dead_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # 0: never compact by itself
 
 
 class CapsuleConfig(Base):
@@ -78,7 +79,16 @@ class CapsuleConfig(Base):
     watch: list[str] = []
     include: list[str] = []
     exclude: list[str] = []
+    # An encrypted capsule's passphrase source (at most one; read at open, never logged).
+    passphrase_env: str | None = None  # an environment variable of the daemon
+    passphrase_file: str | None = None  # a file (not readable by others)
+    passphrase_credential: str | None = None  # a systemd credential ($CREDENTIALS_DIRECTORY)
     engine: EngineOptions = EngineOptions()
+
+    def passphrase_sources(self) -> dict[str, str]:
+        """The configured passphrase source(s), as ``engine.read_passphrase`` keywords."""
+        given = {"env": self.passphrase_env, "file": self.passphrase_file, "credential": self.passphrase_credential}
+        return {k: (expand(v) if k == "file" else v) for k, v in given.items() if v is not None}
 
 
 class Config(Base):
@@ -130,6 +140,15 @@ def parse(text: str, source: str) -> Config:
         raise ConfigError(f"{source}: {e}") from None
     if not cfg.capsule:
         raise ConfigError(f"{source}: at least one [[capsule]] is required")
+    for i, c in enumerate(cfg.capsule):
+        given = [key for key, value in (("passphrase-env", c.passphrase_env), ("passphrase-file", c.passphrase_file),
+                                        ("passphrase-credential", c.passphrase_credential)) if value is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{source}: capsule {c.name!r}: {' and '.join(given)} both given, but a capsule "
+                              f"has at most one passphrase source - at `$.capsule[{i}].{given[1]}`")
+        for key in given:
+            if not getattr(c, key.replace("-", "_")):
+                raise ConfigError(f"{source}: capsule {c.name!r}: {key} must not be empty - at `$.capsule[{i}].{key}`")
     names = [c.name for c in cfg.capsule]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: capsule names must be unique, got {names}")

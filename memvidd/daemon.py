@@ -5,6 +5,7 @@ sent only when all of them are up)::
 
     main
     ├── committer, one per capsule          (group commit: service.py)
+    ├── maintenance, one per capsule        (codec upgrades, compaction when idle: service.py)
     ├── query server                        (server.py)
     ├── event server                        (events.py)
     ├── watchdog pings, status updates      (systemd.py)
@@ -87,7 +88,43 @@ def unix_listener(path: str) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-def open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | None) -> engine.Capsule:
+def read_passphrase(c: CapsuleConfig) -> str | None:
+    """The capsule's passphrase from its configured source (None: a plain capsule); a
+    missing or unreadable source is a ``ConfigError`` naming the capsule and the key."""
+    sources = c.passphrase_sources()
+    if not sources:
+        return None
+    try:
+        return engine.read_passphrase(**sources)
+    except engine.InvalidArgument as e:  # names the source, never the passphrase
+        key = "passphrase-" + next(iter(sources))
+        raise ConfigError(f"capsule {c.name!r}: {key}: {e}") from None
+
+
+def open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | None,
+                 passphrase: str | None = None) -> engine.Capsule:
+    """Open (or create) the capsule ``c``; an encrypted one with ``passphrase``. A wrong
+    or missing passphrase is a ``ConfigError`` naming the capsule: the daemon does not
+    start (or, on reload, does not add it)."""
+    try:
+        return _open_capsule(c, cfg, embedder, passphrase)
+    except engine.WrongPassphrase:
+        raise ConfigError(f"capsule {c.name!r} ({expand(c.path)}): wrong passphrase "
+                          f"(from its {_source_key(c)})") from None
+    except engine.InvalidArgument as e:  # encrypted without a passphrase, or the reverse
+        if "passphrase" not in str(e):
+            raise
+        raise ConfigError(f"capsule {c.name!r}: {e} (configure passphrase-file, passphrase-env "
+                          "or passphrase-credential for an encrypted capsule)" if passphrase is None else
+                          f"capsule {c.name!r}: {e} (remove its {_source_key(c)})") from None
+
+
+def _source_key(c: CapsuleConfig) -> str:
+    return "passphrase-" + next(iter(c.passphrase_sources()), "source")
+
+
+def _open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | None,
+                  passphrase: str | None) -> engine.Capsule:
     path = expand(c.path)
     options: dict[str, Any] = dict(
         level=c.engine.level, checkpoint_bytes=c.engine.checkpoint_bytes,
@@ -98,16 +135,16 @@ def open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         model = None if cfg.embedding.model == "none" else cfg.embedding.model
         log.info("creating capsule name=%s path=%s model=%s", c.name, path, model)
-        cap = engine.create(path, model=model, embedder=embedder, **options)
+        cap = engine.create(path, model=model, embedder=embedder, passphrase=passphrase, **options)
     else:
-        cap = engine.open(path, **options)
+        cap = engine.open(path, passphrase=passphrase, **options)
         model = (cap.stats()["vectors"] or {}).get("model")
         cap.close()
         if embedder is not None and model != embedder.model:
             log.warning("capsule name=%s is bound to model=%s, not %s: semantic search off for it",
                         c.name, model, embedder.model)
             embedder = None
-        cap = engine.open(path, embedder=embedder, **options)
+        cap = engine.open(path, embedder=embedder, passphrase=passphrase, **options)
     cap.find("", k=0)  # attach the search indexes now, so the first query is fast
     return cap
 
@@ -194,9 +231,10 @@ class Daemon:
         return [listener]
 
     async def _add_capsule(self, c: CapsuleConfig) -> None:
-        cap = await trio.to_thread.run_sync(open_capsule, c, self.cfg, self.embedder)
+        passphrase = read_passphrase(c)
+        cap = await trio.to_thread.run_sync(open_capsule, c, self.cfg, self.embedder, passphrase)
         svc = CapsuleService(c.name, cap, interval_ms=self.cfg.durability.interval_ms
-                             if self.cfg.durability.policy == "interval" else 0)
+                             if self.cfg.durability.policy == "interval" else 0, passphrase=passphrase)
         self.services[c.name] = svc
         indexer = None
         if c.watch:
@@ -212,9 +250,11 @@ class Daemon:
             with scope:
                 async with trio.open_nursery() as tasks:
                     await tasks.start(svc.serve_committer)
-                    if c.engine.upgrade_codecs:
-                        await tasks.start(partial(svc.serve_upgrades, idle_s=c.engine.upgrade_idle_ms / 1000,
-                                                  cold_commits=c.engine.upgrade_cold_commits))
+                    if c.engine.upgrade_codecs or c.engine.compact_dead_ratio > 0:
+                        await tasks.start(partial(svc.serve_maintenance, idle_s=c.engine.upgrade_idle_ms / 1000,
+                                                  cold_commits=c.engine.upgrade_cold_commits,
+                                                  upgrade=c.engine.upgrade_codecs,
+                                                  compact_ratio=c.engine.compact_dead_ratio))
                     if indexer is not None:
                         await tasks.start(indexer.run)  # watching before READY; the scan goes on
                     task_status.started()
@@ -255,7 +295,7 @@ class Daemon:
             if c.name not in old_names:
                 try:
                     await self._add_capsule(c)
-                except (engine.EngineError, OSError) as e:
+                except (engine.EngineError, OSError, ConfigError) as e:
                     log.error("reload: cannot open capsule name=%s: %s", c.name, e)
         self.cfg = new
         log.info("reloaded capsules=%s", ",".join(self.services))
@@ -279,13 +319,23 @@ class Daemon:
             log.error("shutdown grace of %ss exceeded; exiting anyway", self.cfg.daemon.shutdown_grace_s)
 
 
+def _sole(e: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, as raised through nurseries."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
 def run(cfg: Config) -> int:
     setup_logging(cfg.daemon.log_level)
     try:
         return trio.run(Daemon(cfg).run)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    except engine.CapsuleLocked as e:
-        log.error("%s", e)
-        return 1
+    except BaseException as raised:  # noqa: BLE001 - re-raised unless it is a start-up refusal
+        e = _sole(raised)
+        if isinstance(e, ConfigError):
+            log.error("%s", e)
+            return 2
+        if isinstance(e, engine.CapsuleLocked):
+            log.error("%s", e)
+            return 1
+        raise

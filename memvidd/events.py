@@ -30,7 +30,7 @@ from .service import WriteOp
 from .server import Connection, QueryServer, connection_ended, error_reply, peer_uid, put_item, ready, requests
 
 log = logging.getLogger("memvidd.events")
-EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "capsule"}
+EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "expires", "capsule"}
 _ack = msgspec.json.Encoder()
 
 
@@ -95,9 +95,10 @@ def parse_event(line: bytes) -> dict[str, Any]:
         raise engine.InvalidArgument(f"unknown keys {sorted(unknown)}; allowed: {sorted(EVENT_KEYS)}")
     if not isinstance(obj.get("text"), str):
         raise engine.InvalidArgument('"text" (a string) is required')
-    ts = obj.get("timestamp")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
-        raise engine.InvalidArgument('"timestamp" must be Unix seconds')
+    for key in ("timestamp", "expires"):
+        t = obj.get(key)
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            raise engine.InvalidArgument(f'"{key}" must be Unix seconds')
     return obj
 
 

@@ -12,10 +12,13 @@ from typing import Any, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 1  # the oldest a server still serves: version 2 only added to 1
 DEFAULT_MAX_FRAME = 16 << 20  # bytes of one frame body; checked before reading it
 FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "tail",
-            "capsules", "flush", "verify", "pipelining", "as_of")
+            "capsules", "flush", "verify", "pipelining", "as_of",
+            # version 2
+            "expires", "compact", "rewind", "rules", "set_rules")
 
 
 def _snake(name: str) -> str:
@@ -46,6 +49,7 @@ class PutItem(msgspec.Struct, frozen=True, kw_only=True):
     tags: dict[str, str] | None = None
     kind: str | None = None
     timestamp: float | None = None
+    expires: float | None = None  # Unix time when the frame leaves every query (v2)
 
 
 class Put(Msg):
@@ -58,6 +62,7 @@ class Put(Msg):
     tags: dict[str, str] | None = None
     kind: str | None = None
     timestamp: float | None = None
+    expires: float | None = None  # Unix time when the frame leaves every query (v2)
 
 
 class PutMany(Msg):
@@ -137,7 +142,42 @@ class Verify(Msg):
     capsule: str | None = None
 
 
-Request = Union[Hello, Put, PutMany, Find, Get, Timeline, Remove, Stats, Tail, Capsules, Flush, Verify]
+class Compact(Msg):
+    """Rewrite the capsule without its dead bytes (or, ``codecs_only``, only upgrade the
+    codecs of its payloads); the daemon keeps serving meanwhile (v2)."""
+
+    id: int = 0
+    capsule: str | None = None
+    codecs_only: bool = False
+
+
+class Rewind(Msg):
+    """Make the state as of ``to`` the head again, with one new commit (v2)."""
+
+    id: int = 0
+    capsule: str | None = None
+    to: AsOf = None  # required: a commit sequence (int) or a Unix time (float)
+
+
+class SetRules(Msg):
+    """Replace the capsule's retention rules, recorded as a commit (v2)."""
+
+    id: int = 0
+    capsule: str | None = None
+    rules: dict[str, Any] = {}
+    force: bool = False  # needed when the rules would expire every live frame
+
+
+class Rules(Msg):
+    """The retention rules in force at ``as_of`` (v2)."""
+
+    id: int = 0
+    capsule: str | None = None
+    as_of: AsOf = None
+
+
+Request = Union[Hello, Put, PutMany, Find, Get, Timeline, Remove, Stats, Tail, Capsules, Flush, Verify,
+                Compact, Rewind, SetRules, Rules]
 
 # -- replies ---------------------------------------------------------------------------
 
@@ -217,6 +257,7 @@ class GetReply(Msg):
 class TimelineReply(Msg):
     id: int = 0
     entries: list[FrameOut] = []
+    expired: int = 0  # frames of the range that retention hid (v2)
 
 
 class RemoveReply(Msg):
@@ -246,6 +287,22 @@ class VerifyReply(Msg):
     report: dict[str, Any] = {}
 
 
+class CompactReply(Msg):
+    id: int = 0
+    report: dict[str, Any] = {}
+
+
+class RewindReply(Msg):
+    id: int = 0
+    seq: int = 0  # the commit that recorded the rewind
+
+
+class RulesReply(Msg):
+    id: int = 0
+    rules: dict[str, Any] = {}
+    seq: int = 0  # set_rules: the commit that recorded them; rules: the head when read
+
+
 class TailEvent(Msg):
     id: int = 0  # the id of the Tail request
     frame: FrameOut | None = None
@@ -264,7 +321,8 @@ class Error(Msg):
 
 
 Reply = Union[HelloReply, PutReply, FindReply, GetReply, TimelineReply, RemoveReply, StatsReply,
-              CapsulesReply, FlushReply, VerifyReply, TailEvent, TailEnd, Error]
+              CapsulesReply, FlushReply, VerifyReply, CompactReply, RewindReply, RulesReply,
+              TailEvent, TailEnd, Error]
 
 # Error codes (docs/protocol.md lists when each is sent).
 BAD_FRAME = "bad_frame"  # undecodable body, unknown op, wrong field types
@@ -272,7 +330,7 @@ FRAME_TOO_LARGE = "frame_too_large"
 BAD_REQUEST = "bad_request"  # well-formed but invalid arguments
 NOT_FOUND = "not_found"
 NO_SUCH_CAPSULE = "no_such_capsule"
-VERSION = "version_mismatch"
+VERSION = "version_mismatch"  # hello with a version outside MIN_PROTOCOL_VERSION..PROTOCOL_VERSION
 UNAVAILABLE = "unavailable"  # shutting down, capsule locked: retry later
 STORAGE = "storage"  # disk full, I/O error
 CORRUPT = "corrupt"

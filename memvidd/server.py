@@ -30,7 +30,7 @@ import engine
 
 from . import protocol as p
 from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack
-from .service import CapsuleService, WriteOp, frame_filter
+from .service import CapsuleService, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
 PIPELINE = 64
@@ -90,7 +90,7 @@ def put_item(item: p.PutItem | p.Put, max_bytes: int) -> dict[str, Any]:
     if size > max_bytes:
         raise engine.InvalidArgument(f"payload of {size} bytes exceeds the limit of {max_bytes}")
     out: dict[str, Any] = {"text": item.text} if item.text is not None else {"data": item.data}
-    for key in ("uri", "title", "tags", "kind", "timestamp"):
+    for key in ("uri", "title", "tags", "kind", "timestamp", "expires"):
         value = getattr(item, key)
         if value is not None:
             out[key] = value
@@ -318,9 +318,12 @@ class QueryServer:
                         id=rid, server=self.version, features=list(p.FEATURES),
                         capsules=list(self.services), default_capsule=self.default, max_frame=self.max_frame,
                     )
-                    if req.version != p.PROTOCOL_VERSION:
+                    if not p.MIN_PROTOCOL_VERSION <= req.version <= p.PROTOCOL_VERSION:
                         reply = p.Error(id=rid, code=p.VERSION, message=(
-                            f"client speaks protocol {req.version}, server {p.PROTOCOL_VERSION}"))
+                            f"client speaks protocol {req.version}, server "
+                            f"{p.MIN_PROTOCOL_VERSION}..{p.PROTOCOL_VERSION}"))
+                    elif req.version < p.PROTOCOL_VERSION:  # the version this connection speaks
+                        reply = msgspec.structs.replace(reply, version=req.version)
                     await conn.read(ready(reply), fail)
                 case p.Put() | p.PutMany():
                     svc = self.service(req.capsule)
@@ -370,7 +373,8 @@ class QueryServer:
                     async def timeline() -> p.TimelineReply:
                         entries = await svc.read(svc.cap.timeline, since=req.since, until=req.until,
                                                  limit=req.limit, reverse=req.reverse, as_of=req.as_of)
-                        return p.TimelineReply(id=rid, entries=[frame_out(e) for e in entries])
+                        return p.TimelineReply(id=rid, entries=[frame_out(e) for e in entries],
+                                               expired=getattr(entries, "expired", 0))
 
                     await conn.read(timeline, fail)
                 case p.Stats():
@@ -380,7 +384,7 @@ class QueryServer:
                         s = await svc.read_quietly(svc.cap.stats)
                         s["daemon"] = {"connections": self.connections, "requests": self.served,
                                        "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts,
-                                       "upgrades": dict(svc.upgrades)}
+                                       "upgrades": dict(svc.upgrades), "compactions": dict(svc.compactions)}
                         if svc.indexer is not None:
                             s["indexer"] = svc.indexer.stats()
                         return p.StatsReply(id=rid, stats=s)
@@ -406,18 +410,56 @@ class QueryServer:
                     svc = self.service(req.capsule)
 
                     async def verify() -> p.VerifyReply:
-                        report = await svc.read(engine.verify, svc.cap.path)
+                        report = await svc.verify()
                         return p.VerifyReply(id=rid, ok=report.ok, report=report.to_dict())
 
                     await conn.read(verify, fail)
+                case p.Compact():
+                    svc = self.service(req.capsule)
+                    codecs_only = req.codecs_only
+
+                    async def compact() -> p.CompactReply:
+                        svc.last_request = trio.current_time()
+                        return p.CompactReply(id=rid, report=await svc.compact(codecs_only=codecs_only))
+
+                    await conn.read(compact, fail)
+                case p.Rewind():
+                    svc = self.service(req.capsule)
+                    to = req.to
+                    if to is None:
+                        raise engine.InvalidArgument("rewind needs `to`: a commit (int) or a Unix time (float)")
+                    await conn.write(WriteOp(solo=lambda cap: cap.rewind(to)), svc,
+                                     lambda op: p.RewindReply(id=rid, seq=op.seq), fail)
+                case p.SetRules():
+                    svc = self.service(req.capsule)
+                    rules, force = req.rules, req.force
+
+                    def set_rules(cap: engine.Capsule) -> dict[str, Any]:
+                        cap.set_rules(rules, force=force)
+                        return cap.rules()
+
+                    await conn.write(WriteOp(solo=set_rules), svc,
+                                     lambda op: p.RulesReply(id=rid, rules=op.result, seq=op.seq), fail)
+                case p.Rules():
+                    svc = self.service(req.capsule)
+                    as_of = req.as_of
+
+                    async def rules() -> p.RulesReply:
+                        seq = svc.cap.seq
+                        return p.RulesReply(id=rid, rules=await svc.read(svc.cap.rules, as_of=as_of), seq=seq)
+
+                    await conn.read(rules, fail)
                 case p.Tail():
                     svc = self.service(req.capsule)
-                    conn.nursery.start_soon(self._tail, svc, req, conn)
+                    # Subscribed before the next request is read: a reply to any later
+                    # request on this connection means the subscription is in place.
+                    sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags))
+                    conn.nursery.start_soon(self._tail, svc, req, conn, sub, events)
         except Exception as e:  # refused before anything was staged: answer in order
             await conn.read(ready(error_reply(rid, e)), fail)
 
-    async def _tail(self, svc: CapsuleService, req: p.Tail, conn: Connection) -> None:
-        sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags))
+    async def _tail(self, svc: CapsuleService, req: p.Tail, conn: Connection, sub: Subscriber,
+                    events: trio.MemoryReceiveChannel[Any]) -> None:
         try:
             async with events:
                 async for batch in events:

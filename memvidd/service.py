@@ -13,12 +13,20 @@ through ``trio.to_thread`` so the event loop never blocks on disk or CPU:
 - after each commit, the new frames are pushed to tail subscribers through bounded
   channels; a subscriber whose channel is full is dropped, never waited for;
 - codec upgrades run only when the capsule has been idle for a while, in small batches
-  that give way to any staged put (the engine's ``upgrade_codecs``).
+  that give way to any staged put (the engine's ``upgrade_codecs``); so does compaction,
+  when the bytes it would reclaim pass a share of the file. Compaction (requested or
+  not) runs in a worker thread of its own, never in the writer slot: the engine locks the
+  capsule only at its very end, so puts go on meanwhile. Upgrades and compactions never
+  overlap (one maintenance slot).
+- writes that commit on their own (rewind, rule changes) take their place in the write
+  queue like puts: what was queued before them is committed first, what comes after
+  them is staged after them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -41,13 +49,19 @@ class WriteOp:
 
     ``items`` are puts, ``remove`` a frame id or URI to remove, ``fn`` any staging done
     with the capsule in the writer thread (its return value lands in ``result``).
+    ``solo`` is a write that makes its own commit (``Capsule.rewind``, ``set_rules``:
+    they refuse to run with anything staged): the ops queued before it are committed
+    first, then it runs alone in the writer thread; its return value lands in ``result``
+    and the capsule's head after it in ``seq``.
     """
 
     def __init__(self, items: list[dict[str, Any]] | None = None, remove: int | str | None = None,
-                 fn: Callable[[engine.Capsule], Any] | None = None) -> None:
+                 fn: Callable[[engine.Capsule], Any] | None = None,
+                 solo: Callable[[engine.Capsule], Any] | None = None) -> None:
         self.items = items
         self.remove = remove
         self.fn = fn
+        self.solo = solo
         self.result: Any = None
         self.ids: list[int] = []
         self.seq = 0
@@ -56,9 +70,13 @@ class WriteOp:
 
 
 class CapsuleService:
-    def __init__(self, name: str, cap: engine.Capsule, *, interval_ms: int = 0, readers: int = 4) -> None:
+    def __init__(self, name: str, cap: engine.Capsule, *, interval_ms: int = 0, readers: int = 4,
+                 passphrase: str | None = None) -> None:
         self.name = name
         self.cap = cap
+        # An encrypted capsule's passphrase, kept for ``verify`` only (it reads the file
+        # afresh); never logged, never sent.
+        self._passphrase = passphrase
         self.interval = interval_ms / 1000
         self._writer = trio.CapacityLimiter(1)
         self._readers = trio.CapacityLimiter(readers)
@@ -71,7 +89,8 @@ class CapsuleService:
         self.indexer: Any = None  # the capsule's directory indexer, when it watches roots
         self.last_request = trio.current_time()  # reads and writes: what upgrades yield to
         self.upgrades = {"runs": 0, "moved": 0, "saved": 0, "busy": 0}
-        self._maintenance = trio.CapacityLimiter(1)
+        self.compactions = {"runs": 0, "automatic": 0, "reclaimed": 0, "failures": 0}
+        self._maintenance = trio.CapacityLimiter(1)  # codec upgrades and compactions, one at a time
 
     # -- writes -----------------------------------------------------------------------
 
@@ -120,9 +139,33 @@ class CapsuleService:
         if not batch:
             return
 
-        def apply() -> BaseException | None:
-            for op in batch:  # each op all or nothing; a refused one fails alone
-                try:
+        def commit(group: list[WriteOp]) -> BaseException | None:
+            try:
+                seq = self.cap.commit()
+            except Exception as e:  # noqa: BLE001 - the engine discarded the batch; say so
+                for op in group:
+                    if op.error is None:
+                        op.error = e
+                return e
+            for op in group:
+                op.seq = seq
+            return None
+
+        def apply() -> tuple[int, BaseException | None]:
+            commits, failure, group = 0, None, []
+            for op in batch:
+                if op.solo is not None:
+                    if group:  # what came before it is committed before it
+                        failed = commit(group)
+                        commits, failure, group = commits + (failed is None), failed or failure, []
+                    try:
+                        op.result = op.solo(self.cap)
+                        op.seq = self.cap.seq
+                        commits += 1
+                    except Exception as e:  # noqa: BLE001 - a refused one fails alone
+                        op.error = e
+                    continue
+                try:  # each op all or nothing; a refused one fails alone
                     with self.cap.atomic():
                         if op.remove is not None:
                             op.ids = [self.cap.remove(op.remove)]
@@ -132,54 +175,124 @@ class CapsuleService:
                             op.result = op.fn(self.cap)
                 except Exception as e:  # noqa: BLE001 - a refused or broken op fails alone
                     op.error = e
-            try:
-                seq = self.cap.commit()
-            except Exception as e:  # noqa: BLE001 - the engine discarded the batch; say so
-                return e
-            for op in batch:
-                op.seq = seq
-            return None
+                group.append(op)
+            if group:
+                failed = commit(group)
+                commits, failure = commits + (failed is None), failed or failure
+            return commits, failure
 
-        failure = await self._write(apply)
+        commits, failure = await self._write(apply)
         for op in batch:
-            if failure is not None and op.error is None:
-                op.error = failure
             op.done.set()
+        self.commits += commits
         if failure is not None:
             log.error("commit failed capsule=%s error=%s", self.name, failure)
-            return
-        self.commits += 1
-        await self._publish()
+            if not commits:
+                return
+        try:
+            await self._publish()
+        except engine.EngineError:
+            if failure is None:
+                raise
 
-    # -- background codec upgrades -------------------------------------------------------
+    # -- maintenance: codec upgrades and compaction ---------------------------------------
 
-    async def serve_upgrades(
-        self, *, idle_s: float, cold_commits: int, batch: int = 256,
+    async def compact(self, *, codecs_only: bool = False, automatic: bool = False) -> dict[str, Any]:
+        """Compact the capsule (or only upgrade its codecs) in a worker thread of the
+        maintenance slot, never the writer slot; returns the engine's report, with the
+        file's bytes before and after in both cases."""
+
+        def run() -> dict[str, Any]:
+            if not codecs_only:
+                return self.cap.compact()
+            before = self.cap.stats()["file_bytes"]
+            report = self.cap.upgrade_codecs()
+            return {"bytes_before": before, "bytes_after": self.cap.stats()["file_bytes"], **report}
+
+        try:
+            report = await trio.to_thread.run_sync(run, limiter=self._maintenance, abandon_on_cancel=False)
+        except Exception:
+            if not codecs_only:
+                self.compactions["failures"] += 1
+            raise
+        if codecs_only:
+            self.upgrades["runs"] += 1
+            self.upgrades["moved"] += report["moved"]
+            self.upgrades["saved"] += report["saved"]
+            self.upgrades["busy"] += int(report["busy"])
+            log.info("codec upgrade capsule=%s frames=%s saved=%s busy=%s", self.name,
+                     report["moved"], report["saved"], report["busy"])
+        else:
+            self.compactions["runs"] += 1
+            self.compactions["automatic"] += int(automatic)
+            self.compactions["reclaimed"] += max(0, report["bytes_before"] - report["bytes_after"])
+            log.info("compacted capsule=%s bytes_before=%s bytes_after=%s automatic=%s", self.name,
+                     report["bytes_before"], report["bytes_after"], automatic)
+        return report
+
+    def reclaimable(self) -> dict[str, Any]:
+        """What a compaction would reclaim now: dead bytes and the payloads of expired
+        frames, and their share of the file (a sync read: call it in a thread)."""
+        self.cap.timeline(limit=0)  # brings expiry up to date (time-based rules)
+        s = self.cap.stats()
+        dead = s["bytes_by_kind"]["dead"] + s["retention"]["expired_bytes"]
+        return {"bytes": dead, "file_bytes": s["file_bytes"],
+                "ratio": dead / s["file_bytes"] if s["file_bytes"] else 0.0}
+
+    async def serve_maintenance(
+        self, *, idle_s: float, cold_commits: int, upgrade: bool = True, compact_ratio: float = 0.0,
+        batch: int = 256, recheck_s: float = 60.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Upgrade cold blocks whenever no request came for ``idle_s``, one batch at a
-        time (a batch of 256 frames is ~0.1-0.3 s of CPU), re-checking idleness between
-        batches; when nothing is left, wait for new commits."""
+        """Look after the capsule whenever no request came for ``idle_s``.
+
+        First codec upgrades (``upgrade``), one batch at a time (a batch of 256 frames is
+        ~0.1-0.3 s of CPU), re-checking idleness between batches. Then, when nothing is
+        left to upgrade, compaction once the reclaimable bytes (dead, and the payloads of
+        expired frames) exceed ``compact_ratio`` of the file (0: never). The ratio is
+        re-checked after new commits, upgrades or compactions, and every ``recheck_s``
+        (time-based expiry); a compaction that did not bring it under the threshold is
+        not retried until something changes.
+        """
         task_status.started()
-        done_at_seq = -1
+        done_at_seq = -1  # upgrades found nothing left at this commit
+        checked: tuple[int, int, int] | None = None  # what the last ratio check saw
+        checked_at = -math.inf
         while True:
             quiet = trio.current_time() - self.last_request
-            if quiet < idle_s or self.cap.seq == done_at_seq:
+            if quiet < idle_s:
                 await trio.sleep(max(idle_s - quiet, idle_s / 4))
                 continue
-            result = await trio.to_thread.run_sync(
-                lambda: self.cap.upgrade_codecs(max_frames=batch, batch_frames=batch, cold_commits=cold_commits),
-                limiter=self._maintenance, abandon_on_cancel=False)
-            self.upgrades["runs"] += 1
-            self.upgrades["moved"] += result["moved"]
-            self.upgrades["saved"] += result["saved"]
-            self.upgrades["busy"] += int(result["busy"])
-            if result["moved"]:
-                log.info("codec upgrade capsule=%s frames=%s saved=%s remaining=%s", self.name,
-                         result["moved"], result["saved"], result.get("remaining"))
-            if not result["busy"] and not result.get("remaining"):
-                done_at_seq = self.cap.seq
-            await trio.sleep(0)  # let requests that arrived meanwhile run first
+            if upgrade and self.cap.seq != done_at_seq:
+                result = await trio.to_thread.run_sync(
+                    lambda: self.cap.upgrade_codecs(max_frames=batch, batch_frames=batch, cold_commits=cold_commits),
+                    limiter=self._maintenance, abandon_on_cancel=False)
+                self.upgrades["runs"] += 1
+                self.upgrades["moved"] += result["moved"]
+                self.upgrades["saved"] += result["saved"]
+                self.upgrades["busy"] += int(result["busy"])
+                if result["moved"]:
+                    log.info("codec upgrade capsule=%s frames=%s saved=%s remaining=%s", self.name,
+                             result["moved"], result["saved"], result.get("remaining"))
+                if not result["busy"] and not result.get("remaining"):
+                    done_at_seq = self.cap.seq
+                await trio.sleep(0)  # let requests that arrived meanwhile run first
+                continue
+            state = (self.cap.seq, self.upgrades["moved"], self.compactions["runs"])
+            if compact_ratio > 0 and (state != checked or trio.current_time() - checked_at >= recheck_s):
+                checked, checked_at = state, trio.current_time()
+                found = await self.read_quietly(self.reclaimable)
+                if found["ratio"] > compact_ratio:
+                    log.info("compacting capsule=%s reclaimable=%s of %s bytes", self.name,
+                             found["bytes"], found["file_bytes"])
+                    try:
+                        await self.compact(automatic=True)
+                    except engine.EngineError as e:  # e.g. staged puts never quiet: later
+                        log.warning("compaction failed capsule=%s error=%s", self.name, e)
+                    checked = (self.cap.seq, self.upgrades["moved"], self.compactions["runs"])
+                    await trio.sleep(0)
+                    continue
+            await trio.sleep(idle_s / 4)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -191,6 +304,10 @@ class CapsuleService:
         """A read that does not count as activity (stats polling must not keep the
         capsule from ever being idle)."""
         return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._readers)
+
+    async def verify(self) -> engine.Report:
+        """Check the capsule file (an encrypted one with its passphrase)."""
+        return await self.read(lambda: engine.verify(self.cap.path, passphrase=self._passphrase))
 
     # -- tail -------------------------------------------------------------------------
 
@@ -238,7 +355,8 @@ class CapsuleService:
     async def close(self) -> None:
         """Commit what is staged and close the capsule (callers shield this)."""
         await self.commit_queued()
-        await self._write(self.cap.close)
+        async with self._maintenance:  # a compaction or codec upgrade under way ends first
+            await self._write(self.cap.close)
         for sub in list(self._subscribers):
             self.unsubscribe(sub)
 

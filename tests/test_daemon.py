@@ -157,6 +157,8 @@ def test_event_socket_json_lines_and_errors(daemon):
         json.dumps({"txt": "typo"}),
         json.dumps(["a", "list"]),
         json.dumps({"text": "second event", "timestamp": 1700000000}),
+        json.dumps({"text": "an expired event", "expires": 1700000000}),
+        json.dumps({"text": "bad expiry", "expires": "tomorrow"}),
     ]
     payload = ("\n".join(lines) + "\n").encode() + b"\xff\xfe invalid utf-8\n" + json.dumps({"text": "after the bad bytes"}).encode() + b"\n"
     sock = socket.socket(socket.AF_UNIX)
@@ -166,13 +168,15 @@ def test_event_socket_json_lines_and_errors(daemon):
     sock.shutdown(socket.SHUT_WR)
     acks = [json.loads(x) for x in sock.makefile().read().splitlines()]
     sock.close()
-    assert [a["ok"] for a in acks] == [True, False, False, False, True, False, True]
-    assert [a["line"] for a in acks] == [1, 2, 3, 4, 5, 6, 7]
-    assert "UTF-8" in acks[5]["error"] and "unknown keys" in acks[2]["error"]
+    assert [a["ok"] for a in acks] == [True, False, False, False, True, True, False, False, True]
+    assert [a["line"] for a in acks] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert "UTF-8" in acks[7]["error"] and "unknown keys" in acks[2]["error"] and "expires" in acks[6]["error"]
     with Client(daemon.socket) as c:
         assert c.get(acks[0]["id"]).tags == {"role": "user"}
         assert c.get(acks[4]["id"]).timestamp == 1700000000
-        assert c.get(acks[6]["id"]).text == "after the bad bytes"
+        with pytest.raises(RemoteError, match="expired"):
+            c.get(acks[5]["id"])
+        assert c.get(acks[8]["id"]).text == "after the bad bytes"
 
 
 def test_event_socket_accepts_msgpack_frames(daemon):
