@@ -17,6 +17,9 @@ Three parts, each with its baselines measured in the same run on the same bytes:
 3. ``days``: a capsule of stdlib chunks where 1% of the chunks change every day for 30
    simulated days: file bytes per day, then after compaction (all history kept), and
    after compaction under ``max_versions=2``.
+4. ``encryption``: the same stdlib chunks in a plain and in an encrypted capsule, side by
+   side: ingest MB/s, cold ``get`` p50, lexical ``find`` p50, file bytes, and the time to
+   open (the Argon2id derivation at its default costs included).
 
 Prints one JSON document and a one-line summary on stderr.
 """
@@ -218,6 +221,42 @@ def days_run(tmp: str, corpus: Corpus, days: int) -> dict[str, Any]:
     }
 
 
+def encryption_run(tmp: str, corpus: Corpus, gets: int) -> dict[str, Any]:
+    texts = [corpus.text(i) for i in range(len(corpus))]
+    rng = random.Random(4)
+    ids = rng.sample(range(len(texts)), min(gets, len(texts)))
+    words = [w for t in rng.sample(texts, 200) for w in t.split() if w.isalpha() and len(w) > 4][:400]
+    queries = [" ".join(rng.sample(words, 2)) for _ in range(200)]
+    out: dict[str, Any] = {}
+    for name, passphrase in (("plain", None), ("encrypted", "bench passphrase")):
+        path = f"{tmp}/{name}.mv2"
+        with engine.create(path, model=None, passphrase=passphrase, index_dir=f"{tmp}/ix-{name}") as cap:
+            t0 = time.perf_counter()
+            for i in range(0, len(texts), 256):
+                cap.put_many({"text": t, "uri": corpus.uris[j]} for j, t in enumerate(texts[i : i + 256], start=i))
+                cap.commit()
+            ingest = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cap = engine.open(path, passphrase=passphrase, index_dir=f"{tmp}/ix-{name}")
+        open_s = time.perf_counter() - t0
+        with cap:
+            cap.find("warmup", mode="lex")  # builds the lexical index once
+            finds = []
+            for q in queries:
+                t0 = time.perf_counter()
+                cap.find(q, mode="lex", k=10)
+                finds.append(time.perf_counter() - t0)
+            out[name] = {"ingest_mb_per_s": round(sum(map(len, corpus.raw)) / ingest / 1e6, 1),
+                         "open_s": round(open_s, 3), "get_cold": cold_gets(cap, ids), "find_lex": dist(finds),
+                         "file_bytes": cap.stats()["file_bytes"]}
+    p, e = out["plain"], out["encrypted"]
+    out["ratios"] = {"ingest": ratio(e["ingest_mb_per_s"], p["ingest_mb_per_s"]),
+                     "get_p50": ratio(e["get_cold"]["p50"], p["get_cold"]["p50"]),
+                     "find_p50": ratio(e["find_lex"]["p50"], p["find_lex"]["p50"]),
+                     "file_bytes": ratio(e["file_bytes"], p["file_bytes"])}
+    return out
+
+
 def summary_line(r: dict[str, Any]) -> str:
     s, e, d = r["stdlib"], r["events"], r["days"]
     return (
@@ -232,6 +271,9 @@ def summary_line(r: dict[str, Any]) -> str:
         f"30 days x{d['growth_over_days']} ({d['file_bytes_day0']} -> {d['file_bytes_day_last']} B), "
         f"compact -> {d['compact_all_history']['bytes_after']} B (keeps history), "
         f"max_versions=2 -> {d['compact_max_versions_2']['bytes_after']} B | "
+        f"encrypted/plain ingest x{r['encryption']['ratios']['ingest']} get x{r['encryption']['ratios']['get_p50']} "
+        f"find x{r['encryption']['ratios']['find_p50']} bytes x{r['encryption']['ratios']['file_bytes']} "
+        f"open {r['encryption']['encrypted']['open_s']} s | "
         f"load {r['loadavg_start']}->{r['loadavg_end']} | {r['elapsed_s']:.0f} s"
     )
 
@@ -260,7 +302,10 @@ def main() -> None:
                             **upgrade_run(f"{tmp}/events.mv2", events, cfg["get_samples"], texts=True, batch=64)}
         result["events"]["fresh_after_dict"] = fresh_after_dict(f"{tmp}/events.mv2", make_events(2000, seed=9))
         log("30 days")
-        result["days"] = days_run(tmp, Corpus(cfg["day_corpus_bytes"]), cfg["days"])
+        day_corpus = Corpus(cfg["day_corpus_bytes"])
+        result["days"] = days_run(tmp, day_corpus, cfg["days"])
+        log("encryption")
+        result["encryption"] = encryption_run(tmp, day_corpus, cfg["get_samples"])
     result["loadavg_end"] = loadavg()
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(result, indent=2)
