@@ -165,12 +165,13 @@ class Daemon:
         return self.proc.pid
 
     def status(self) -> dict[str, float]:
-        """VmRSS / VmHWM (MiB) of the daemon process, from /proc."""
+        """VmRSS / VmHWM (MiB) of the daemon process, from /proc, and the RSS split into
+        anonymous memory (heap) and file pages mapped from the index files (reclaimable)."""
         out: dict[str, float] = {}
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
                 key = line.split(":", 1)[0]
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                     out[key.lower() + "_mib"] = round(int(line.split()[1]) / 1024, 1)
         return out
 
@@ -671,9 +672,14 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
     q, f = res["lexical_quarter"], res["lexical_full"]
     res["rss_vs_tree_size"] = {
         "quarter": {"mb": res["tree_quarter"]["mb"], "frames": q["frames"], "vmhwm_mib": q["vmhwm_mib"],
-                    "vmrss_mib": q["vmrss_mib"]},
+                    "vmrss_mib": q["vmrss_mib"], "rssanon_mib": q.get("rssanon_mib"),
+                    "rssfile_mib": q.get("rssfile_mib")},
         "full": {"mb": res["tree_full"]["mb"], "frames": f["frames"], "vmhwm_mib": f["vmhwm_mib"],
-                 "vmrss_mib": f["vmrss_mib"]},
+                 "vmrss_mib": f["vmrss_mib"], "rssanon_mib": f.get("rssanon_mib"),
+                 "rssfile_mib": f.get("rssfile_mib")},
+        "anon_growth_kib_per_1k_frames": round((f["rssanon_mib"] - q["rssanon_mib"]) * 1024
+                                               / max(1, (f["frames"] - q["frames"]) / 1000), 1)
+        if "rssanon_mib" in f and "rssanon_mib" in q else None,
         "hwm_growth_mib": round(f["vmhwm_mib"] - q["vmhwm_mib"], 1),
         "hwm_growth_kib_per_1k_frames": round((f["vmhwm_mib"] - q["vmhwm_mib"]) * 1024
                                               / max(1, (f["frames"] - q["frames"]) / 1000), 1),

@@ -9,6 +9,7 @@ from .capsule import Capsule, Frame, FrameInfo, create, open
 from .crypto import KdfParams, read_passphrase
 from .embed import DEFAULT_MODEL, MODELS, Embedder, ModelError
 from .errors import (
+    Cancelled,
     CapsuleBroken,
     CapsuleClosed,
     CapsuleExists,
@@ -33,5 +34,5 @@ __all__ = [
     "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
     "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",
     "Report", "StorageError", "create", "doctor", "open", "verify", "KdfParams", "WrongPassphrase",
-    "read_passphrase",
+    "read_passphrase", "Cancelled",
 ]

@@ -1154,12 +1154,13 @@ class Capsule:
 
     # -- compaction and branches [F-17] ------------------------------------------------
 
-    def compact(self, *, level: int = upgrade.LEVEL) -> dict[str, Any]:
+    def compact(self, *, level: int = upgrade.LEVEL, cancel: threading.Event | None = None) -> dict[str, Any]:
         """Rewrite the capsule without its dead bytes, payloads upgraded, every frame,
         version and commit kept (see ``engine/compact.py``), and put the new file in
         place of the old atomically (rename, then directory fsync). Puts and queries go
         on while the bulk is copied; the capsule is locked only to copy the commits made
-        meanwhile and to switch. Returns bytes before and after."""
+        meanwhile and to switch. Returns bytes before and after. Setting ``cancel`` stops
+        the copy (``Cancelled``; the capsule is left as it was)."""
         self._check_writable()
         if not isinstance(self._file, OsFile):
             raise InvalidArgument("compaction needs a capsule on a real file")
@@ -1179,7 +1180,7 @@ class Capsule:
                     w = Rewriter(self, out, start, first)
                     w.copy_dicts()
                     snapshot = self._table.seq
-                w.copy(snapshot, level=level)
+                w.copy(snapshot, level=level, cancel=cancel)
                 with self._quiet():
                     w.copy(self._table.seq, level=level)
                     w.finish()

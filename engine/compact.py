@@ -15,13 +15,14 @@ no blocks there, because the file is complete and synced before it gets a name.
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from . import codecs
 from . import format as fmt
-from .errors import StorageError
+from .errors import Cancelled, StorageError
 from .fileio import OsFile
 from .log import read_meta, read_record
 from .retention import PURGED
@@ -115,13 +116,15 @@ class Rewriter:
         for k, v in (("blocks", 1), ("raw", raw), ("stored", stored)):
             self.counters[f"codec.{name}.{k}"] = self.counters.get(f"codec.{name}.{k}", 0) + v
 
-    def copy(self, last_seq: int, *, level: int) -> None:
-        """Copy the source's commits after ``self.seq`` up to ``last_seq``."""
+    def copy(self, last_seq: int, *, level: int, cancel: threading.Event | None = None) -> None:
+        """Copy the source's commits after ``self.seq`` up to ``last_seq``; ``Cancelled``
+        as soon as ``cancel`` is set (checked between windows of ~1,000 frames)."""
         t = self.src._table
         # Blocks that hold an expired frame are re-encoded without it, never copied.
         self.tainted = {t.frames[f].block for f in list(self.src._expiry.expired) if t.frames[f].block >= 0}
         while self.seq < last_seq:
             # A window of whole commits, about WINDOW_FRAMES frames.
+            _check(cancel)
             hi = self.seq + 1
             while hi < last_seq and t.first_after(hi) - self.next_id < WINDOW_FRAMES:
                 hi += 1
@@ -130,6 +133,7 @@ class Rewriter:
             where = self._payloads(frames, level)
             for s in range(self.seq + 1, hi + 1):
                 self._commit(s, where)
+        _check(cancel)
 
     def _payloads(self, frames: list[fmt.FrameMeta], level: int) -> dict[int, tuple[int, int]]:
         """Write the blocks of ``frames``; returns frame id -> (block offset, start) here."""
@@ -222,6 +226,11 @@ class Rewriter:
         self.flush()
         self.out.sync()
         return self.pos
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("compaction cancelled; the capsule is unchanged")
 
 
 def unnamed(directory: str) -> OsFile:

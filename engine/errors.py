@@ -40,6 +40,10 @@ class WrongPassphrase(InvalidArgument):
     hint = "check the passphrase source (env, file or credential)"
 
 
+class Cancelled(EngineError):
+    """The caller asked a long operation (compaction) to stop; nothing was changed."""
+
+
 class NotFound(EngineError, KeyError):
     """No frame matches the given id, URI or point in time."""
 

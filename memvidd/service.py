@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -91,6 +92,7 @@ class CapsuleService:
         self.upgrades = {"runs": 0, "moved": 0, "saved": 0, "busy": 0}
         self.compactions = {"runs": 0, "automatic": 0, "reclaimed": 0, "failures": 0}
         self._maintenance = trio.CapacityLimiter(1)  # codec upgrades and compactions, one at a time
+        self._stopping = threading.Event()  # set on close: a compaction under way gives up
 
     # -- writes -----------------------------------------------------------------------
 
@@ -204,7 +206,7 @@ class CapsuleService:
 
         def run() -> dict[str, Any]:
             if not codecs_only:
-                return self.cap.compact()
+                return self.cap.compact(cancel=self._stopping)
             before = self.cap.stats()["file_bytes"]
             report = self.cap.upgrade_codecs()
             return {"bytes_before": before, "bytes_after": self.cap.stats()["file_bytes"], **report}
@@ -355,6 +357,7 @@ class CapsuleService:
     async def close(self) -> None:
         """Commit what is staged and close the capsule (callers shield this)."""
         await self.commit_queued()
+        self._stopping.set()  # a long compaction must not hold up a stop: it is cancelled
         async with self._maintenance:  # a compaction or codec upgrade under way ends first
             await self._write(self.cap.close)
         for sub in list(self._subscribers):

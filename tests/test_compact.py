@@ -301,3 +301,25 @@ def test_rewind_to_a_time_and_to_the_empty_capsule(tmp_path):
         cap.put("staged")
         with pytest.raises(engine.InvalidArgument):
             cap.rewind(1)
+
+
+def test_a_cancelled_compaction_changes_nothing(tmp_path):
+    path = str(tmp_path / "x.mv2")
+    build(path, commits=120)
+    before = Path(path).read_bytes()
+    cancel = threading.Event()
+    with engine.open(path) as cap:
+        views = every_view(cap)
+        real = cap._encode_upgrade
+
+        def slow_then_cancel(*a, **kw):  # the stop request arrives while the copy runs
+            cancel.set()
+            return real(*a, **kw)
+
+        cap._encode_upgrade = slow_then_cancel
+        with pytest.raises(engine.Cancelled):
+            cap.compact(cancel=cancel)
+        del cap._encode_upgrade
+        assert every_view(cap) == views
+    assert Path(path).read_bytes() == before
+    assert not list(tmp_path.glob("*.compacting"))
