@@ -399,7 +399,7 @@ class Capsule:
         self._dicts = Dictionaries(self._file, table)
         # Fresh small puts use the newest dictionary [F-16]
         self._fresh_dict = (max(table.dicts), self._dicts(max(table.dicts))) if table.dicts else None
-        self._store = (self._file, self._blocks, self._dicts, self._store[3] + 1 if hasattr(self, "_store") else 0)
+        self._store = (self._file, self._blocks, self._dicts)  # swapped as one by compaction
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
@@ -1661,17 +1661,18 @@ class Capsule:
         return self._indexes
 
     def _payload(self, m: fmt.FrameMeta) -> bytes:
-        """``m``'s payload. File, block cache and dictionaries are taken together, so a
-        read racing a compaction's switch uses the old file throughout, or fails its
-        digest and is retried with the frame as the new file has it."""
-        f, blocks, dicts, gen = self._store
+        """``m``'s payload. File, block cache and dictionaries are taken together, and a
+        frame's location taken before a compaction switched files fails its digest (or
+        names no block) in the new file: it is read again where the frame is now."""
+        f, blocks, dicts = self._store
         try:
             return read_payload(f, m, blocks, dicts)
         except CorruptionError:
-            if self._store[3] == gen:
-                raise
-            f, blocks, dicts, _ = self._store
-            return read_payload(f, self._table.frames[m.id], blocks, dicts)
+            now = self._table.frames[m.id] if m.id < self._table.next_id else m
+            if (now.block, now.start) == (m.block, m.start):
+                raise  # not a stale location: real damage
+            f, blocks, dicts = self._store
+            return read_payload(f, now, blocks, dicts)
 
     def _text_of(self, m: fmt.FrameMeta) -> str:
         return self._payload(m).decode("utf-8", errors="replace")
