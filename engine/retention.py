@@ -98,11 +98,13 @@ class Expiry:
         self._seen = 0  # frames below this id have been added
         self._puts: dict[str, list[int]] = {}  # uri -> its PUT frames, oldest first
         self._cut: dict[str, int] = {}  # uri -> how many of those max_versions expired
+        self._no_rules = True  # no rules: only frames' own expiry times matter
 
     def reset(self, table: FrameTable, rules: Rules, now: float) -> list[int]:
         """Start over under ``rules`` (open, rule change); returns every expired id."""
         self.__init__()  # type: ignore[misc]
         self.rules = rules
+        self._no_rules = rules.is_empty()
         self.add(table, table.frames, now)
         return sorted(self.expired)
 
@@ -117,6 +119,10 @@ class Expiry:
                 continue
             if m.block == PURGED:
                 self._expire(m, fresh)
+                continue
+            if self._no_rules:  # the common case, and every open pays this loop: keep it lean
+                if m.expires is not None:
+                    heapq.heappush(self._deadlines, (m.expires, m.id))
                 continue
             self._kept_bytes += m.length
             age, versions = self.rules.limits(m.tags)
