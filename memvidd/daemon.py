@@ -38,6 +38,7 @@ from . import __version__, systemd
 from .config import CapsuleConfig, Config, ConfigError, expand, load
 from .events import EventServer
 from .indexer import Indexer
+from .memory import serve_trim
 from .server import QueryServer
 from .service import CapsuleService
 from .tree import Tree
@@ -207,6 +208,7 @@ class Daemon:
                     if interval:
                         await inner.start(systemd.serve_watchdog, interval)
                     inner.start_soon(self._report_status)
+                    await inner.start(serve_trim, lambda: sum(svc.commits for svc in self.services.values()))
                     task_status.started()
 
             await nursery.start(serve_all)
