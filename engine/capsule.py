@@ -287,6 +287,18 @@ def _vec_binding(model: str) -> dict[str, Any]:
     return {"model": model, "dim": MODELS[model].dim}
 
 
+def genesis_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """What a genesis checkpoint holds of a later checkpoint's ``extra``: the model
+    binding and a branch's origin; the rest is rebuilt from the records (compaction,
+    branches, doctor)."""
+    out: dict[str, Any] = {}
+    if "vec" in extra:
+        out["vec"] = {"model": extra["vec"]["model"], "dim": extra["vec"]["dim"]}
+    if "origin" in extra:
+        out["origin"] = extra["origin"]
+    return out
+
+
 def genesis(capsule_id: bytes, extra: dict[str, Any], sealer: fmt.Sealing | None = None) -> bytes:
     """The first record of every capsule: the empty checkpoint at LOG_START [F-02].
 
@@ -1174,7 +1186,7 @@ class Capsule:
                     # The same capsule (id, key slot, data key): only the bytes change.
                     out.sealer = self._file.sealer
                     h = self._header
-                    first = genesis(self.capsule_id, self._genesis_extra(), out.sealer)
+                    first = genesis(self.capsule_id, genesis_extra(self._ckpt.extra), out.sealer)
                     start = fmt.Header(1, h.capsule_id, h.created, fmt.LOG_START, len(first),
                                        flags=h.flags, keyslot=h.keyslot)
                     w = Rewriter(self, out, start, first)
@@ -1213,7 +1225,7 @@ class Capsule:
             with self._lock:
                 self._check_open()
                 seq = self._resolve_as_of(as_of)
-                extra = self._genesis_extra()
+                extra = genesis_extra(self._ckpt.extra)
                 if origin:
                     extra["origin"] = {"capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
                                        "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created}
@@ -1234,16 +1246,6 @@ class Capsule:
         with open(path, passphrase=passphrase, index_dir=self._opts.index_dir) as b:
             b.rebuild_indexes()
         return {"path": path, "seq": seq, **w.stats}
-
-    def _genesis_extra(self) -> dict[str, Any]:
-        """What a rewritten capsule's first checkpoint carries over: the model binding and
-        the origin of a branch; the rest is rebuilt from its records."""
-        extra = {}
-        if self._vec is not None:
-            extra["vec"] = {"model": self._vec["model"], "dim": self._vec["dim"]}
-        if "origin" in self._ckpt.extra:
-            extra["origin"] = self._ckpt.extra["origin"]
-        return extra
 
     @contextlib.contextmanager
     def _quiet(self, timeout: float = 30.0) -> Iterator[None]:

@@ -53,7 +53,6 @@ class Encoded(msgspec.Struct):
     dict_id: int
     body: bytes  # BLOCK body: block header + stored bytes
     raw_length: int
-    dict_gain: int = 0  # bytes the dictionary saved on this block
 
 
 def plan(frames: Sequence[fmt.FrameMeta]) -> list[list[fmt.FrameMeta]]:
@@ -101,13 +100,7 @@ def worth_keeping(zdict: object, samples: Sequence[bytes], level: int) -> bool:
 def encode(group: Group, payloads: list[bytes], zdict: tuple[int, object] | None, level: int = LEVEL) -> Encoded | None:
     """The group's new block, verified; ``None`` when it would not save ``MIN_SAVING``."""
     raw = b"".join(payloads)
-    codec, stored = codecs.encode_best(raw, level, None)
-    gain = 0
-    if zdict is not None:
-        with_dict = codecs.encode_best(raw, level, zdict[1])  # type: ignore[arg-type]
-        gain = len(stored) - len(with_dict[1])
-        if gain > 0:
-            codec, stored = with_dict
+    codec, stored = codecs.encode_best(raw, level, zdict[1] if zdict else None)  # type: ignore[arg-type]
     dict_id = zdict[0] if zdict and codec == codecs.ZSTD_DICT else 0
     body = fmt.BLOCK_HEADER.pack(codec, 0, 0, dict_id, len(raw)) + stored
     if len(body) + fmt.RECORD_SIZE > (1 - MIN_SAVING) * sum(group.old_blocks.values()):
@@ -121,11 +114,7 @@ def encode(group: Group, payloads: list[bytes], zdict: tuple[int, object] | None
         if hashlib.blake2b(back[pos : pos + m.length], digest_size=16).digest() != m.digest:
             raise AssertionError(f"codec upgrade: frame {m.id} fails its digest after re-encoding")
         pos += m.length
-    return Encoded(group, codec, dict_id, body, len(raw), max(gain, 0))
-
-
-def dict_gain(done: list[Encoded]) -> int:
-    return sum(e.dict_gain for e in done)
+    return Encoded(group, codec, dict_id, body, len(raw))
 
 
 def counters(done: list[Encoded], dict_bytes: int) -> dict[str, int]:

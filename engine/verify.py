@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from . import format as fmt
-from .capsule import Dictionaries, genesis, load_checkpoint, open as open_capsule, read_payload, unlock
+from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, open as open_capsule, read_payload, unlock
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
 from .log import LogCursor, opened
@@ -104,7 +104,7 @@ def _scan(f: OsFile, report: Report) -> _Scan:
         elif rh.kind == fmt.CHECKPOINT:
             try:
                 ck = fmt.meta_body(rh, opened(f, pos, rh, body), fmt.CheckpointRecord, offset=pos)
-                s.checkpoints.append((pos, ck.capsule_id, _genesis_extra(ck.extra)))
+                s.checkpoints.append((pos, ck.capsule_id, genesis_extra(ck.extra)))
             except CorruptionError as e:
                 report.error(str(e))
         elif rh.kind == fmt.COMMIT:
@@ -190,17 +190,6 @@ def _classify(s: _Scan, f: OsFile, report: Report) -> None:
             f"torn tail: {s.torn} bytes after commit {s.table.seq} (a crash leaves these; "
             "the next writer open or `doctor` cuts them)"
         )
-
-
-def _genesis_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    """What a genesis checkpoint holds of a checkpoint's ``extra``: the model binding and
-    a branch's origin (see ``Capsule._genesis_extra``)."""
-    out: dict[str, Any] = {}
-    if "vec" in extra:
-        out["vec"] = {"model": extra["vec"]["model"], "dim": extra["vec"]["dim"]}
-    if "origin" in extra:
-        out["origin"] = extra["origin"]
-    return out
 
 
 def _unlocked(f: OsFile, passphrase: str | bytes | None, report: Report) -> bool:
