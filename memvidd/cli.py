@@ -463,6 +463,28 @@ def cmd_branch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_passphrase(what: str) -> int:
+    print(f"memvidd: {what}: --passphrase-file PATH, --passphrase-env VAR or --passphrase-credential NAME",
+          file=sys.stderr)
+    return 2
+
+
+def _convert(args: argparse.Namespace, *, read: str | None, write: str | None, what: str) -> int:
+    """Copy ``args.input`` to ``args.output`` (a branch of its head, no origin) opened with
+    passphrase ``read`` and written with ``write``: encrypt and decrypt."""
+    try:
+        cap = engine.open(args.input, readonly=True, passphrase=read)
+    except engine.InvalidArgument as e:
+        if "encrypted" in str(e):  # "... is encrypted: ..." / "... is not encrypted: ..."
+            state = "not encrypted" if read is not None else "encrypted already (memvidd rekey changes its passphrase)"
+            raise SystemExit(f"memvidd: {args.input} is {state}") from None
+        raise
+    with cap:
+        report = cap.branch(args.output, passphrase=write, origin=False)
+    _branch_report(args, what, report)
+    return 0
+
+
 def cmd_encrypt(args: argparse.Namespace) -> int:
     given, new = _passphrase(args), _passphrase(args, "new_")
     if given is not None and new is not None:
@@ -471,37 +493,15 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         return 2
     target = new if new is not None else given
     if target is None:
-        print("memvidd: encrypt needs the new capsule's passphrase: --passphrase-file PATH, "
-              "--passphrase-env VAR or --passphrase-credential NAME", file=sys.stderr)
-        return 2
-    try:
-        cap = engine.open(args.input, readonly=True)
-    except engine.InvalidArgument as e:
-        if "encrypted" in str(e):
-            raise SystemExit(f"memvidd: {args.input} is encrypted already (memvidd rekey changes its passphrase)") from None
-        raise
-    with cap:
-        report = cap.branch(args.output, passphrase=target, origin=False)
-    _branch_report(args, "encrypted", report)
-    return 0
+        return _no_passphrase("encrypt needs the new capsule's passphrase")
+    return _convert(args, read=None, write=target, what="encrypted")
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
     passphrase = _passphrase(args)
     if passphrase is None:
-        print("memvidd: decrypt needs the capsule's passphrase: --passphrase-file PATH, "
-              "--passphrase-env VAR or --passphrase-credential NAME", file=sys.stderr)
-        return 2
-    try:
-        cap = engine.open(args.input, readonly=True, passphrase=passphrase)
-    except engine.InvalidArgument as e:
-        if "not encrypted" in str(e):
-            raise SystemExit(f"memvidd: {args.input} is not encrypted") from None
-        raise
-    with cap:
-        report = cap.branch(args.output, passphrase=None, origin=False)
-    _branch_report(args, "decrypted", report)
-    return 0
+        return _no_passphrase("decrypt needs the capsule's passphrase")
+    return _convert(args, read=passphrase, write=None, what="decrypted")
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:

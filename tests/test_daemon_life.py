@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 import engine
-from daemon_util import ROOT, DaemonProc
+from daemon_util import CONFIG, ROOT, DaemonProc
 from memvidd import config
 from memvidd import protocol as p
 from memvidd.client import Client, RemoteError
@@ -28,16 +28,7 @@ from memvidd.framing import pack, recv_frame, send_frame
 
 pytestmark = pytest.mark.timeout(180)
 
-CONFIG = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-log-level = "debug"
-shutdown-grace-s = 20
-
-[embedding]
-model = "none"
-
+CAPSULE = """
 [[capsule]]
 name = "{name}"
 path = "{path}"
@@ -55,8 +46,9 @@ PASSPHRASE = "correct horse battery staple"
 
 def life_config(tmp: Path, *, name: str = "default", path: Path | None = None, extra: str = "",
                 upgrade: bool = False, idle_ms: int = 3_600_000, ratio: float = 0.0) -> str:
-    return CONFIG.format(dir=tmp, name=name, path=path or tmp / f"{name}.mv2", extra=extra,
-                         upgrade=str(upgrade).lower(), idle_ms=idle_ms, ratio=ratio)
+    capsule = CAPSULE.format(name=name, path=path or tmp / f"{name}.mv2", extra=extra,
+                             upgrade=str(upgrade).lower(), idle_ms=idle_ms, ratio=ratio)
+    return CONFIG.format(dir=tmp, max_put=1 << 20, max_frame=4 << 20, tail_buffer=1024, capsules=capsule)
 
 
 def life_daemon(tmp: Path, **kw: Any) -> DaemonProc:
