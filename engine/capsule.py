@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -47,12 +48,12 @@ from .errors import (
     StorageError,
 )
 from .cache import LRUCache
-from .embed import DEFAULT_MODEL, MODELS, Embedder
+from .embed import DEFAULT_MODEL, MODELS, Embedder, cache_root
 from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
 from .log import read_meta, read_record, replay
-from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, rrf
+from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, ram_root, rrf
 from .table import FOREVER, FrameTable
 from .vectors import as_vector, pack_vectors, unpack_vectors
 
@@ -215,18 +216,25 @@ def read_header(f: CapsuleFile) -> fmt.Header:
     return max(good, key=lambda h: h.generation)
 
 
-def load_checkpoint(f: CapsuleFile, header: fmt.Header) -> tuple[fmt.CheckpointRecord, FrameTable]:
-    """The checkpoint the header points at, and the frame table its segments hold."""
+def load_checkpoint(
+    f: CapsuleFile, header: fmt.Header, spill_dir: str | None = None
+) -> tuple[fmt.CheckpointRecord, FrameTable]:
+    """The checkpoint the header points at, and the frame table its segments hold
+    (frame metadata spilled to ``spill_dir``, or kept in memory without one)."""
     ck_off = header.checkpoint_offset
     ckpt = read_meta(f, ck_off, fmt.CHECKPOINT, fmt.CheckpointRecord)
     if ckpt.capsule_id != header.capsule_id:
         raise CorruptionError("checkpoint belongs to another capsule", offset=ck_off)
-    table = FrameTable()
-    for ref in ckpt.segments:
-        seg = read_meta(f, ref.offset, fmt.SEGMENT, fmt.SegmentRecord)
-        if seg.first_id != ref.first_id or len(seg.frames) != ref.count:
-            raise CorruptionError("segment does not match its checkpoint entry", offset=ref.offset)
-        table.load_segment(seg.frames, seg.commits, ref.offset)
+    table = FrameTable(spill_dir)
+    try:
+        for ref in ckpt.segments:
+            seg = read_meta(f, ref.offset, fmt.SEGMENT, fmt.SegmentRecord)
+            if seg.first_id != ref.first_id or len(seg.frames) != ref.count:
+                raise CorruptionError("segment does not match its checkpoint entry", offset=ref.offset)
+            table.load_segment(seg.frames, seg.commits, ref.offset)
+    except BaseException:
+        table.close()
+        raise
     upgrades = ckpt.extra.get("codec", {})
     table.dicts = {int(k): v for k, v in upgrades.get("dicts", {}).items()}
     table.upgraded_upto = upgrades.get("upto", 0)
@@ -396,17 +404,34 @@ class Capsule:
         self._expiry = retention.Expiry()
         self.clock = time.time  # what "now" is for expiry (tests move it)
         self._retired: list[CapsuleFile] = []  # files replaced by compaction, still being read
-        self._load()
-        if self._embedder is not None and self._vec is not None:
-            if self._embedder.dim != self._vec["dim"]:
-                raise InvalidArgument(f"embedder gives {self._embedder.dim} dims, capsule wants {self._vec['dim']}")
-            if not readonly:
-                self._queue_unembedded(0)
+        self._retired_tables: list[FrameTable] = []  # and their frame tables
+        self._table: FrameTable | None = None
+        try:
+            self._load()
+            if self._embedder is not None and self._vec is not None:
+                if self._embedder.dim != self._vec["dim"]:
+                    raise InvalidArgument(f"embedder gives {self._embedder.dim} dims, capsule wants {self._vec['dim']}")
+                if not readonly:
+                    self._queue_unembedded(0)
+        except BaseException:
+            if self._table is not None:
+                self._table.close()  # its spill file; the caller closes the capsule file
+            raise
 
     # -- opening ----------------------------------------------------------------------
 
+    def _spill_dir(self) -> str | None:
+        """Where the frame table keeps frame metadata: the index directory (disk); for an
+        encrypted capsule, RAM-backed storage or nowhere (memory) [F-19]."""
+        if self.encrypted:
+            ram = ram_root()
+            return None if ram == cache_root() else str(ram / "frames")
+        return str((Path(self._opts.index_dir) if self._opts.index_dir else cache_root()) / "frames")
+
     def _load(self) -> None:
-        ckpt, table = load_checkpoint(self._file, self._header)
+        if self._table is not None:
+            self._retired_tables.append(self._table)  # a compaction switched files
+        ckpt, table = load_checkpoint(self._file, self._header, self._spill_dir())
         self._table = table
         self._dicts = Dictionaries(self._file, table)
         # Fresh small puts use the newest dictionary [F-16]
@@ -1293,10 +1318,10 @@ class Capsule:
             if frame_id is not None:
                 if isinstance(frame_id, bool) or not isinstance(frame_id, int):
                     raise InvalidArgument("frame_id must be an int")
-                if not 0 <= frame_id < t.next_id or t.frames[frame_id].seq > seq:
+                if not 0 <= frame_id < t.next_id or t.frames.seq_of(frame_id) > seq:
                     raise NotFound(f"no frame {frame_id}" + (f" as of commit {seq}" if as_of is not None else ""))
                 fid = frame_id
-                if t.frames[fid].op == fmt.TOMBSTONE:
+                if t.frames.op_of(fid) == fmt.TOMBSTONE:
                     raise NotFound(f"frame {fid} is a tombstone")
             else:
                 found = t.at_uri(uri, seq)  # type: ignore[arg-type]
@@ -1320,9 +1345,11 @@ class Capsule:
         limit: int = 100,
         reverse: bool = False,
         as_of: Any = None,
+        kind: str | None = None,
     ) -> Timeline:
-        """Frames visible at ``as_of`` ordered by event time, oldest first (or newest).
-        Expired frames are left out and counted in the result's ``expired``."""
+        """Frames visible at ``as_of`` ordered by event time, oldest first (or newest),
+        of one ``kind`` if given. Expired frames are left out and counted in the result's
+        ``expired``."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise InvalidArgument("limit must be a non-negative int")
         lo = None if since is None else _timestamp(since)
@@ -1337,7 +1364,10 @@ class Capsule:
                     if self._expired(fid):
                         out.expired += 1
                         continue
-                    out.append(self._info(self._table.frames[fid]))
+                    m = self._table.frames[fid]
+                    if kind is not None and m.kind != kind:
+                        continue
+                    out.append(self._info(m))
                     if len(out) >= limit:
                         break
             return out
@@ -1377,9 +1407,9 @@ class Capsule:
                 "frames": t.next_id,
                 "live_frames": t.live_count,
                 "tombstones": c.get("frames.tombstone", 0),
-                "superseded_frames": len(t.ended) - c.get("frames.tombstone", 0),
-                "uris": len(t.versions),
-                "live_uris": len(t.live),
+                "superseded_frames": t.ended_count - c.get("frames.tombstone", 0),
+                "uris": t.uri_count,
+                "live_uris": t.live_uris,
                 "pending_frames": len(self._pending),
                 "file_bytes": self._log_end,
                 "bytes_by_kind": {
@@ -1445,11 +1475,11 @@ class Capsule:
 
     def _info(self, m: fmt.FrameMeta) -> FrameInfo:
         t = self._table
-        end = t.ended.get(m.id, FOREVER)
+        end = t.ended_at(m.id)
         return FrameInfo(
             id=m.id, uri=m.uri, title=m.title, kind=m.kind, tags=dict(m.tags), timestamp=m.timestamp,
             commit_seq=m.seq, commit_time=t.commit_times[m.seq - 1],
-            valid_until=None if end == FOREVER else end, superseded_by=t.ended_by.get(m.id),
+            valid_until=None if end == FOREVER else end, superseded_by=t.ended_by(m.id),
             supersedes=m.supersedes, parent=m.parent, chunk=m.chunk, length=m.length,
             is_text=m.is_text,
         )
@@ -1566,12 +1596,11 @@ class Capsule:
             def accept(fid: int) -> bool:
                 if fid >= t.next_id:
                     return False
-                m = t.frames[fid]
-                ok = m.seq <= seq if all_versions else t.visible(fid, seq)
+                ok = t.frames.seq_of(fid) <= seq if all_versions else t.visible(fid, seq)
                 if ok and fid in expired:
                     hidden.add(fid)
                     return False
-                return ok and filters.match(m)
+                return ok and (not filters or filters.match(t.frames[fid]))
 
             vec_hits = ix.semantic(self._query_vector(query), depth, accept)
         if hidden:
@@ -1593,7 +1622,7 @@ class Capsule:
                 snippet, spans = make_snippet(text)
             else:
                 snippet, spans = text[:snippet_chars], []
-            end = t.ended.get(fid, FOREVER)
+            end = t.ended_at(fid)
             hits.append(Hit(
                 frame_id=fid, uri=m.uri, title=m.title, score=round(float(score), 6), snippet=snippet,
                 highlights=spans, tags=dict(m.tags), kind=m.kind, timestamp=m.timestamp, commit_seq=m.seq,
@@ -1795,8 +1824,9 @@ class Capsule:
         """Warm the block cache with the next chunks of the document just read."""
         if m.parent is None or m.chunk is None or self._closed:
             return
-        siblings = self._table.children.get(m.parent, {})
-        todo = [self._table.frames[siblings[c]] for c in (m.chunk + 1, m.chunk + 2) if c in siblings]
+        t = self._table
+        siblings = [t.child(m.parent, c) for c in (m.chunk + 1, m.chunk + 2)]
+        todo = [t.frames[fid] for fid in siblings if fid is not None]
         todo = [n for n in todo if n.block >= 0 and not self._blocks.peek(n.block)]
         if todo:
             self._background().submit(self._warm_blocks, todo)
@@ -1849,14 +1879,14 @@ class Capsule:
     def _live_id(self, uri: str) -> int | None:
         if uri in self._pending_live:
             return self._pending_live[uri]
-        return self._table.live.get(uri)
+        return self._table.live(uri)
 
     def _is_live(self, fid: int) -> bool:
         if fid in self._pending_ended:
             return False
         t = self._table
         if 0 <= fid < t.next_id:
-            return t.frames[fid].op == fmt.PUT and fid not in t.ended
+            return t.is_valid(fid)
         return any(m.id == fid and m.op == fmt.PUT for m in self._pending)
 
     def _meta(self, fid: int) -> fmt.FrameMeta:
@@ -1900,6 +1930,8 @@ class Capsule:
                 self._file.close()
                 for f in self._retired:
                     f.close()
+                for t in (self._table, *self._retired_tables):
+                    t.close()
 
     def __enter__(self) -> Capsule:
         return self

@@ -80,6 +80,7 @@ DICT_HEADER = struct.Struct("<I")
 # -- frame ops ------------------------------------------------------------------------
 PUT = 0
 TOMBSTONE = 1
+PURGED = -2  # FrameMeta.block of a frame whose payload compaction dropped (expired) [F-24]
 
 
 HEADER_ENCRYPTED = 1  # header flag: record bodies are sealed; a key slot follows [F-19]

@@ -80,6 +80,10 @@ class Filters:
     def key(self) -> tuple[Any, ...]:
         return (self.scope, tuple(sorted(self.tags.items())), self.kind, self.since, self.until)
 
+    def __bool__(self) -> bool:
+        """Whether any filter is set (else every frame matches without being looked at)."""
+        return self.key() != (None, (), None, None, None)
+
     def match(self, m: FrameMeta) -> bool:
         if self.scope is not None and not (m.uri or "").startswith(self.scope):
             return False

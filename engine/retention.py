@@ -31,7 +31,7 @@ from . import format as fmt
 from .errors import InvalidArgument
 from .table import FrameTable
 
-PURGED = -2  # FrameMeta.block of a frame whose payload compaction dropped (expired)
+PURGED = fmt.PURGED
 
 class Rule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     max_age_s: float | None = None
@@ -105,6 +105,13 @@ class Expiry:
         self.__init__()  # type: ignore[misc]
         self.rules = rules
         self._no_rules = rules.is_empty()
+        if self._no_rules:  # every open pays this: touch only the frames that matter
+            self.expired.update(table.purged)
+            self._deadlines = [(when, fid) for fid, when in table.expiring.items() if fid not in self.expired]
+            heapq.heapify(self._deadlines)
+            self._seen = table.next_id
+            self.due(table, now)
+            return sorted(self.expired)
         self.add(table, table.frames, now)
         return sorted(self.expired)
 

@@ -38,7 +38,7 @@ from .embed import cache_root
 from .errors import InvalidArgument
 from .format import PUT, FrameMeta
 from .lexical import SCHEMA_VERSION, Filters, LexIndex
-from .table import FOREVER, FrameTable
+from .table import FrameTable
 from .vectors import VecIndex
 
 RRF_K = 60
@@ -269,11 +269,11 @@ class Indexes:
         start = table.first_after(since)
         for m in table.frames[start:]:
             if m.op == PUT and m.is_text:
-                lex.add(m, text_of(m), table.ended.get(m.id, FOREVER))
-        for fid, end in table.ended.items():  # older frames that ended after `since`
-            m = table.frames[fid]
-            if end > since and m.seq <= since and m.op == PUT and m.is_text:
-                lex.set_end(m, text_of(m), end)
+                lex.add(m, text_of(m), table.ended_at(m.id))
+            if m.supersedes is not None:  # an older frame that ended after `since`
+                old = table.frames[m.supersedes]
+                if old.seq <= since and old.op == PUT and old.is_text:
+                    lex.set_end(old, text_of(old), m.seq)
         self.lex_seq = table.seq
 
     def _attach_vec(
@@ -312,7 +312,7 @@ class Indexes:
         with self.lock:
             for m in frames:
                 if m.op == PUT and m.is_text:
-                    lex.add(m, texts[m.id] if m.id in texts else text_of(m), table.ended.get(m.id, FOREVER))
+                    lex.add(m, texts[m.id] if m.id in texts else text_of(m), table.ended_at(m.id))
                 if m.supersedes is not None:
                     old = table.frames[m.supersedes]
                     if old.op == PUT and old.is_text:

@@ -14,40 +14,50 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import CorruptionError
 import msgspec
 
-from .format import PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta, RelocateRecord
+from .errors import CorruptionError
+from .format import PURGED, PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta, RelocateRecord
+from .framestore import FrameStore
+from .keymap import KeyMap
 
 FOREVER = 1 << 62  # "ended" of a frame that is still valid
 
 
+def uri_key(uri: str) -> int:
+    """The 64-bit key of a URI in the lookup maps (checked against the frame it leads to)."""
+    return hash(uri)
+
+
 class FrameTable:
-    def __init__(self) -> None:
-        self.frames: list[FrameMeta] = []  # index == frame id [F-20]
+    """Frames and commits, with the lookups the engine needs. Per frame, memory holds only
+    fixed-width columns (~70 B a frame in all): the metadata itself is in a FrameStore,
+    and lookups by URI go through hashes, checked against the frame they lead to."""
+
+    def __init__(self, spill_dir: str | None = None) -> None:
+        self.frames = FrameStore(spill_dir)  # index == frame id [F-20]
         self.commits: list[CommitInfo] = []  # index == seq - 1
         self.commit_times: list[float] = []  # non-decreasing [F-10]: bisectable
-        self.ended: dict[int, int] = {}  # frame id -> seq that ended it
-        self.ended_by: dict[int, int] = {}  # frame id -> frame id that ended it
-        self.live: dict[str, int] = {}  # uri -> live frame id
-        # uri -> every frame id, oldest first; a URI with one version (most of them) maps
-        # to its id alone, not to a list of one (~100 B less per frame): see versions_of.
-        self.versions: dict[str, int | list[int]] = {}
+        self._ended = array("q")  # frame id -> seq that ended it, FOREVER while valid
+        self._ended_by = array("q")  # frame id -> frame id that ended it, -1 while valid
+        self._previous = array("q")  # frame id -> the previous frame of its URI, -1 for none
+        self._heads = KeyMap()  # hash(uri) -> the newest frame of that URI (see _head)
+        self._clashes: dict[str, int] = {}  # uri -> newest frame, for URIs whose hash is taken
+        self._children = KeyMap()  # hash((parent, chunk)) -> newest frame (a prefetch hint)
         # (timestamp, id) of PUT frames, sorted, as two columns (16 B a frame, not ~80)
         self.times = array("d")
         self.time_ids = array("q")
-        self.live_count = 0
-        self.children: dict[str, dict[int, int]] = {}  # parent -> chunk -> newest frame id
+        self.live_count = 0  # PUT frames still valid
+        self.ended_count = 0  # frames ended by a later frame, tombstones included
+        self.uri_count = 0  # distinct URIs ever used
+        self.live_uris = 0  # URIs with a valid frame
+        self.expiring: dict[int, float] = {}  # frame id -> its own expiry time [F-24]
+        self.purged: list[int] = []  # ids of frames whose payload compaction purged [F-24]
         self.dicts: dict[int, int] = {}  # compression dictionary id -> DICT record offset
         self.upgraded_upto = 0  # frames below this id were considered by codec upgrades
         self.dict_trained_at = 0  # upgraded_upto when the newest dictionary was written
         self.rewinds: dict[int, int] = {}  # commit seq -> the commit whose state it restored
         self.rule_changes: list[tuple[int, dict[str, Any]]] = []  # (seq, retention rules) [F-24]
-        # Chunks of one document repeat its parent, title and tag set: one copy each in
-        # memory instead of one per frame (~400 B/frame on a watched tree). Shared tag
-        # dicts are never handed out: readers get copies (Capsule._info).
-        self._strings: dict[str, str] = {}
-        self._tagsets: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     @property
     def seq(self) -> int:
@@ -56,6 +66,9 @@ class FrameTable:
     @property
     def next_id(self) -> int:
         return len(self.frames)
+
+    def close(self) -> None:
+        self.frames.close()
 
     # -- building ---------------------------------------------------------------------
 
@@ -90,10 +103,9 @@ class FrameTable:
             self.dicts[d.id] = d.offset
             self.dict_trained_at = rec.upto
         for mv in rec.moves:
-            if not 0 <= mv.id < self.next_id or self.frames[mv.id].op != PUT or mv.block < 0:
+            if not 0 <= mv.id < self.next_id or self.frames.op_of(mv.id) != PUT or mv.block < 0:
                 raise CorruptionError(f"relocation of invalid frame {mv.id}", offset=offset)
-            # A new object, not a mutation: readers may hold the old one mid-read.
-            self.frames[mv.id] = msgspec.structs.replace(self.frames[mv.id], block=mv.block, start=mv.start)
+            self.frames.replace(msgspec.structs.replace(self.frames[mv.id], block=mv.block, start=mv.start))
         self.upgraded_upto = max(self.upgraded_upto, min(rec.upto, self.next_id))
 
     def load_segment(self, frames: list[FrameMeta], commits: list[CommitInfo], offset: int) -> None:
@@ -110,45 +122,37 @@ class FrameTable:
                 raise CorruptionError(f"frame {f.id} names future commit {f.seq}", offset=offset)
             self._add(f, offset)
 
-    def _share(self, f: FrameMeta) -> None:
-        strings = self._strings
-        if f.parent is not None:
-            f.parent = strings.setdefault(f.parent, f.parent)
-        if f.title is not None:
-            f.title = strings.setdefault(f.title, f.title)
-        if f.kind is not None:
-            f.kind = strings.setdefault(f.kind, f.kind)
-        f.tags = self._tagsets.setdefault(tuple(f.tags.items()), f.tags)
-
     def _add(self, f: FrameMeta, offset: int) -> None:
         if f.id != len(self.frames):
             raise CorruptionError(f"frame id {f.id} is not dense", offset=offset)
-        self._share(f)
+        head = self._head(f.uri) if f.uri is not None else None
         if f.supersedes is not None:
             old = f.supersedes
-            if (
-                old >= f.id
-                or old in self.ended
-                or self.frames[old].op != PUT
-                or self.frames[old].uri != f.uri
-            ):
+            # The frame it ends: a valid PUT, the newest of the same URI (or also URI-less).
+            same_uri = head == old if f.uri is not None else old < f.id and self.frames[old].uri is None
+            if old >= f.id or not same_uri or self._ended[old] != FOREVER or self.frames.op_of(old) != PUT:
                 raise CorruptionError(f"frame {f.id} supersedes invalid frame {old}", offset=offset)
-            self.ended[old] = f.seq
-            self.ended_by[old] = f.id
+            self._ended[old] = f.seq
+            self._ended_by[old] = f.id
+            self.ended_count += 1
             self.live_count -= 1
-            if self.live.get(f.uri) == old:  # type: ignore[arg-type]
-                del self.live[f.uri]  # type: ignore[arg-type]
-        elif f.uri is not None and f.uri in self.live:
+            if f.op == TOMBSTONE and f.uri is not None:
+                self.live_uris -= 1
+        elif head is not None and self._ended[head] == FOREVER and self.frames.op_of(head) == PUT:
             raise CorruptionError(f"frame {f.id} shadows live {f.uri!r}", offset=offset)
+        elif f.uri is not None:
+            self.live_uris += f.op == PUT
         self.frames.append(f)
+        self._previous.append(-1 if head is None else head)
+        self._ended_by.append(-1)
         if f.op == TOMBSTONE:
             if f.supersedes is None:
                 raise CorruptionError(f"tombstone {f.id} names no frame", offset=offset)
-            self.ended[f.id] = f.seq  # a tombstone is never visible itself
+            self._ended.append(f.seq)  # a tombstone is never visible itself
+            self.ended_count += 1
         else:
+            self._ended.append(FOREVER)
             self.live_count += 1
-            if f.uri is not None:
-                self.live[f.uri] = f.id
             if not self.times or self.times[-1] <= f.timestamp:
                 self.times.append(f.timestamp)
                 self.time_ids.append(f.id)
@@ -156,29 +160,70 @@ class FrameTable:
                 pos = bisect.bisect_right(self.times, f.timestamp)
                 self.times.insert(pos, f.timestamp)
                 self.time_ids.insert(pos, f.id)
+            if f.expires is not None:
+                self.expiring[f.id] = f.expires
+            if f.block == PURGED:
+                self.purged.append(f.id)
+            if f.parent is not None and f.chunk is not None:
+                self._children.set(hash((f.parent, f.chunk)), f.id)
         if f.uri is not None:
-            old_versions = self.versions.get(f.uri)
-            if old_versions is None:
-                self.versions[f.uri] = f.id
-            elif isinstance(old_versions, int):
-                self.versions[f.uri] = [old_versions, f.id]
-            else:
-                old_versions.append(f.id)
-        if f.parent is not None and f.chunk is not None and f.op == PUT:
-            self.children.setdefault(f.parent, {})[f.chunk] = f.id
+            if head is None:
+                self.uri_count += 1
+            self._set_head(f.uri, f.id, head)
 
-    # -- reading ----------------------------------------------------------------------
+    def _head(self, uri: str) -> int | None:
+        """The newest frame of ``uri`` (whatever its op or validity), or None."""
+        if uri in self._clashes:
+            return self._clashes[uri]
+        fid = self._heads.get(uri_key(uri))
+        return fid if fid is not None and self.frames[fid].uri == uri else None
+
+    def _set_head(self, uri: str, fid: int, head: int | None) -> None:
+        """Make ``fid`` the newest frame of ``uri``, whose newest was ``head`` (_head)."""
+        h = uri_key(uri)
+        if uri in self._clashes or (head is None and self._heads.get(h) is not None):
+            self._clashes[uri] = fid  # another URI has this hash: the rare exact path
+        else:
+            self._heads.set(h, fid)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def ended_at(self, fid: int) -> int:
+        """The commit that ended frame ``fid``, FOREVER while it is valid."""
+        return self._ended[fid]
+
+    def ended_by(self, fid: int) -> int | None:
+        by = self._ended_by[fid]
+        return None if by < 0 else by
+
+    def is_valid(self, fid: int) -> bool:
+        """A PUT frame not ended (the head state)."""
+        return self._ended[fid] == FOREVER and self.frames.op_of(fid) == PUT
 
     def visible(self, fid: int, seq: int) -> bool:
-        f = self.frames[fid]
-        return f.op == PUT and f.seq <= seq < self.ended.get(fid, FOREVER)
+        return self.frames.op_of(fid) == PUT and self.frames.seq_of(fid) <= seq < self._ended[fid]
+
+    def live(self, uri: str) -> int | None:
+        """The valid frame of ``uri`` now, if any."""
+        head = self._head(uri)
+        return head if head is not None and self.is_valid(head) else None
+
+    def child(self, parent: str, chunk: int) -> int | None:
+        """The newest PUT frame of chunk ``chunk`` of ``parent``, if known (a hint: a
+        hash clash can hide one)."""
+        fid = self._children.get(hash((parent, chunk)))
+        if fid is None:
+            return None
+        m = self.frames[fid]
+        return fid if m.parent == parent and m.chunk == chunk else None
 
     def first_after(self, seq: int) -> int:
         """The id of the first frame created after commit ``seq``."""
         lo, hi = 0, self.next_id
+        seqs = self.frames.seq_of
         while lo < hi:  # frames are in commit order, so their seqs are sorted
             mid = (lo + hi) // 2
-            if self.frames[mid].seq <= seq:
+            if seqs(mid) <= seq:
                 lo = mid + 1
             else:
                 hi = mid
@@ -189,16 +234,23 @@ class FrameTable:
         return bisect.bisect_right(self.commit_times, t)
 
     def versions_of(self, uri: str) -> list[int]:
-        v = self.versions.get(uri)
-        return [] if v is None else [v] if isinstance(v, int) else v
+        """Every frame of ``uri``, oldest first."""
+        out = []
+        fid = self._head(uri)
+        while fid is not None and fid >= 0:
+            out.append(fid)
+            fid = self._previous[fid]
+        out.reverse()
+        return out
 
     def at_uri(self, uri: str, seq: int) -> int | None:
         if seq >= self.seq:
-            return self.live.get(uri)
-        for fid in reversed(self.versions_of(uri)):
-            f = self.frames[fid]
-            if f.seq <= seq:
+            return self.live(uri)
+        fid = self._head(uri)
+        while fid is not None and fid >= 0:
+            if self.frames.seq_of(fid) <= seq:
                 return fid if self.visible(fid, seq) else None
+            fid = self._previous[fid]
         return None
 
     def timeline(
@@ -209,10 +261,11 @@ class FrameTable:
         hi = len(self.times) if until is None else bisect.bisect_right(self.times, until)
         rng = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
         head = seq >= self.seq
+        ended = self._ended
         for i in rng:
             fid = self.time_ids[i]
             if head:
-                if fid not in self.ended:
+                if ended[fid] == FOREVER:
                     yield fid
             elif self.visible(fid, seq):
                 yield fid

@@ -37,9 +37,11 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.parse
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,60 @@ class Manifest(msgspec.Struct, array_like=True):
 
 
 _manifest_dec = msgspec.msgpack.Decoder(Manifest)
+
+
+class Known:
+    """A manifest as the indexer keeps it in memory: ~40 B a chunk (its digests as one
+    bytes object, its frame ids as an array, its keys as one string) instead of ~250 B
+    of tuples, so that memory does not grow with the tree by much more than a file's
+    path. ``chunks`` and ``chunk_keys()`` unfold it for the one file being changed."""
+
+    __slots__ = ("root", "size", "mtime_ns", "sha", "_digests", "_fids", "_keys")
+
+    def __init__(self, m: Manifest) -> None:
+        self.root = sys.intern(m.root)  # one copy per tree, not per file
+        self.size, self.mtime_ns, self.sha = m.size, m.mtime_ns, m.sha
+        self._digests = b"".join(d for d, _ in m.chunks)
+        self._fids = array("q", [fid for _, fid in m.chunks])
+        self._keys = "\n".join(m.keys) if m.keys else None  # keys never hold a newline
+
+    @property
+    def chunks(self) -> list[tuple[bytes, int]]:
+        d = self._digests
+        return [(d[16 * i : 16 * i + 16], fid) for i, fid in enumerate(self._fids)]
+
+    def chunk_keys(self) -> list[str]:
+        if self._keys is None:  # written before chunks had keys: ``#<position>``
+            return [str(i) for i in range(len(self._fids))]
+        return self._keys.split("\n") if self._fids else []
+
+
+class DigestMap:
+    """Chunk text digest -> a frame id holding that text, at 32 B an entry: two KeyMaps
+    over the two halves of the 128-bit digest, so a hit is exact, not a 64-bit guess."""
+
+    def __init__(self) -> None:
+        self._fid = engine.KeyMap()  # first half -> frame id (-1: forgotten)
+        self._rest = engine.KeyMap()  # first half -> second half
+
+    @staticmethod
+    def _halves(d: bytes) -> tuple[int, int]:
+        return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:16], "little", signed=True)
+
+    def get(self, d: bytes) -> int | None:
+        head, rest = self._halves(d)
+        fid = self._fid.get(head)
+        return fid if fid is not None and fid >= 0 and self._rest.get(head) == rest else None
+
+    def set(self, d: bytes, fid: int) -> None:
+        head, rest = self._halves(d)
+        self._fid.set(head, fid)
+        self._rest.set(head, rest)
+
+    def forget(self, d: bytes, fid: int) -> None:
+        """``d`` no longer leads to ``fid`` (that frame was never committed)."""
+        if self.get(d) == fid:
+            self._fid.set(self._halves(d)[0], -1)
 
 
 def file_uri(path: str | Path) -> str:
@@ -217,8 +273,8 @@ class Indexer:
         self.debounce_ms = debounce_ms
         self.step_ms = step_ms
         self.workers = workers
-        self.docs: dict[str, Manifest] = {}  # file uri -> manifest (as committed or staged)
-        self.by_digest: dict[bytes, int] = {}  # chunk text digest -> a frame id holding it
+        self.docs: dict[str, Known] = {}  # file uri -> manifest (as committed or staged)
+        self.by_digest = DigestMap()  # chunk text digest -> a frame id holding it
         self.lock = threading.Lock()  # docs/by_digest are touched by worker threads
         self.pending: set[str] = set()  # paths queued and not yet prepared
         self.again: set[str] = set()  # pending paths that changed again meanwhile
@@ -233,17 +289,17 @@ class Indexer:
     def load(self) -> None:
         """Read the manifests of every live file frame (start-up; worker thread)."""
         cap = self.svc.cap
-        for info in cap.timeline(limit=1 << 40):
-            if info.kind != FILE_KIND or info.uri is None:
+        for info in cap.timeline(limit=1 << 40, kind=FILE_KIND):  # not every chunk's too
+            if info.uri is None:
                 continue
             try:
                 m = _manifest_dec.decode(cap.get(info.id).payload)
             except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
                 log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
                 continue
-            self.docs[info.uri] = m
+            self.docs[info.uri] = Known(m)
             for d, fid in m.chunks:
-                self.by_digest[d] = fid
+                self.by_digest.set(d, fid)
 
     def tree_of(self, path: str) -> Tree | None:
         p = Path(path)
@@ -421,9 +477,9 @@ class Indexer:
                     self.docs[uri] = before
             else:  # a later write built on it meanwhile: forget the file, it is read again
                 self.docs.pop(uri, None)
-            for d, fid in list(self.by_digest.items()):  # those ids were never committed
+            for d, fid in after.chunks if after is not None else []:  # never committed
                 if fid in written:
-                    del self.by_digest[d]
+                    self.by_digest.forget(d, fid)
 
     # -- one file -----------------------------------------------------------------------
 
@@ -479,7 +535,7 @@ class Indexer:
         return self._update(uri, tree, st, sha, doc, known)
 
     def _delete(self, uri: str) -> WriteOp:
-        def apply(cap: engine.Capsule) -> tuple[Manifest, None, set[int]] | None:
+        def apply(cap: engine.Capsule) -> tuple[Known, None, set[int]] | None:
             with self.lock:
                 m = self.docs.get(uri)
                 if m is None:
@@ -505,10 +561,11 @@ class Indexer:
         tags = {clean(k): clean(v) for k, v in {**doc.tags, "root": tree.root.name, "type": doc.kind}.items()}
         chunks = [(digest(c.text), c) for c in doc.chunks]
 
-        def apply(cap: engine.Capsule) -> tuple[Manifest | None, Manifest, set[int]]:
+        def apply(cap: engine.Capsule) -> tuple[Known | None, Known, set[int]]:
             with self.lock:
                 old = self.docs.get(uri)
-                reuse_ids = [self.by_digest[d] for d, _ in chunks if d in self.by_digest]
+                sources = [self.by_digest.get(d) for d, _ in chunks]
+                reuse_ids = [fid for fid in sources if fid is not None]
             old_chunks = old.chunks if old is not None else []
             plan, gone = match_chunks(list(zip([d for d, _ in old_chunks], old.chunk_keys() if old else [])),
                                       [d for d, _ in chunks])
@@ -524,7 +581,7 @@ class Indexer:
                     out.append(old_chunks[same])  # unchanged, maybe moved: no new version, no embedding
                     self.progress.chunks_kept += 1
                     continue
-                source = self.by_digest.get(d)
+                source = sources[i]
                 vector = vectors.get(source) if source is not None else None
                 if vector is not None:
                     self.progress.vectors_reused += 1
@@ -536,12 +593,13 @@ class Indexer:
             manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out, [k for k, _ in plan])
             cap.put(msgspec.msgpack.encode(manifest), uri=uri, title=title, kind=FILE_KIND, tags=tags,
                     timestamp=st.st_mtime_ns / 1e9)
+            known = Known(manifest)
             with self.lock:
-                self.docs[uri] = manifest
+                self.docs[uri] = known
                 for d, fid in out:
-                    self.by_digest[d] = fid
+                    self.by_digest.set(d, fid)
             self.progress.files_indexed += 1
-            return old, manifest, {fid for _, fid in out} - {fid for _, fid in old_chunks}
+            return old, known, {fid for _, fid in out} - {fid for _, fid in old_chunks}
 
         return WriteOp(fn=apply)
 

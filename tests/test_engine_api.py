@@ -135,6 +135,10 @@ def test_timeline_orders_filters_limits_and_reverses(path):
         assert cap.timeline(limit=0) == []
         with pytest.raises(engine.InvalidArgument):
             cap.timeline(limit=-1)
+        notes = [cap.put(f"n{i}", kind="note", timestamp=1003.5) for i in range(2)]
+        cap.commit()
+        assert [e.id for e in cap.timeline(kind="note")] == notes
+        assert len(cap.timeline(kind="other")) == 0 and len(cap.timeline()) == 12
 
 
 def test_put_many_is_one_commit(path):

@@ -34,7 +34,9 @@ from memvidd.client import Client
 from memvidd.indexer import (
     CHUNK_KIND,
     FILE_KIND,
+    DigestMap,
     Indexer,
+    Known,
     Manifest,
     being_written,
     chunk_uri,
@@ -615,6 +617,31 @@ async def test_truncate_then_write_in_two_flushes_never_commits_a_partial_versio
                 f.write(text[len(text) // 2:])
             await until(lambda text=text: indexed_as(cap, path, text), ix=ix)
         check_versions(cap, path, [content("alpha"), *saves])
+
+
+
+def test_the_compact_in_memory_manifest_unfolds_to_the_manifest():
+    chunks = [(digest(f"chunk {i}"), 100 + i) for i in range(5)]
+    keyed = Manifest("/tree", 10, 20, b"s" * 16, chunks, ["a1", "b2", "c3", "d4", "e5"])
+    k = Known(keyed)
+    assert (k.root, k.size, k.mtime_ns, k.sha) == ("/tree", 10, 20, b"s" * 16)
+    assert k.chunks == chunks and k.chunk_keys() == keyed.keys
+    legacy = Known(Manifest("/tree", 1, 2, b"", chunks))  # before chunk keys: positions
+    assert legacy.chunk_keys() == ["0", "1", "2", "3", "4"]
+    empty = Known(Manifest("/tree", 0, 2, b"", [], []))
+    assert empty.chunks == [] and empty.chunk_keys() == []
+
+
+def test_digest_map_hits_only_the_whole_digest_and_forgets():
+    m = DigestMap()
+    d = digest("some text")
+    m.set(d, 7)
+    assert m.get(d) == 7
+    assert m.get(d[:8] + bytes(8)) is None  # same first half: not the same text
+    m.forget(d, 8)  # another frame's id: nothing to forget
+    assert m.get(d) == 7
+    m.forget(d, 7)
+    assert m.get(d) is None
 
 
 def test_being_written_tells_whether_a_writer_has_the_file_open(tmp_path):

@@ -79,7 +79,7 @@ def power_cut_at(path: str, k: int, seed: int, work: Any, **open_kw: Any) -> byt
     run ``work(cap)`` and close. Returns what the disk would hold after the cut, or
     ``None`` when the work finished with fewer than ``k`` fsyncs."""
     from engine.fileio import OsFile
-    from engine.testing import CrashFile, SimulatedCrash
+    from engine.testing import CrashFile, SimulatedCrash, process_death
 
     files: list[CrashFile] = []
 
@@ -95,4 +95,4 @@ def power_cut_at(path: str, k: int, seed: int, work: Any, **open_kw: Any) -> byt
     except SimulatedCrash:
         return files[-1].image
     finally:
-        files[-1].inner.close()
+        process_death(cap)  # idempotent after a close
