@@ -638,8 +638,40 @@ def direct_embedding(texts: list[str], cache: Path) -> dict[str, Any]:
             "chars_mean": round(statistics.fmean(len(t) for t in texts), 1), "loadavg": loadavg()}
 
 
+def link_copies(src: Path, dest: Path, k: int) -> dict[str, Any]:
+    """``k`` copies of the tree ``src`` side by side under ``dest`` (hard links: the
+    indexer reads them as ``k`` times as many files)."""
+    files = bytes_ = 0
+    for i in range(k):
+        for p in src.rglob("*"):
+            if p.is_file():
+                q = dest / f"copy{i}" / p.relative_to(src)
+                q.parent.mkdir(parents=True, exist_ok=True)
+                os.link(p, q)
+                files += 1
+                bytes_ += q.stat().st_size
+    return {"copies": k, "files": files, "bytes": bytes_, "mb": round(bytes_ / MB, 2)}
+
+
+def rss_point(tree: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    return {"mb": tree["mb"], "frames": run["frames"], "vmhwm_mib": run["vmhwm_mib"], "vmrss_mib": run["vmrss_mib"],
+            "rssanon_mib": run.get("rssanon_mib"), "rssfile_mib": run.get("rssfile_mib")}
+
+
+def growth(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """RSS from run ``a`` to the larger run ``b``: in MiB, and per 1k more frames."""
+    per_1k = max(1, (b["frames"] - a["frames"]) / 1000)
+    return {
+        "anon_growth_kib_per_1k_frames": round((b["rssanon_mib"] - a["rssanon_mib"]) * 1024 / per_1k, 1)
+        if b.get("rssanon_mib") is not None and a.get("rssanon_mib") is not None else None,
+        "hwm_growth_mib": round(b["vmhwm_mib"] - a["vmhwm_mib"], 1),
+        "hwm_growth_kib_per_1k_frames": round((b["vmhwm_mib"] - a["vmhwm_mib"]) * 1024 / per_1k, 1),
+        "hwm_ratio": round(b["vmhwm_mib"] / a["vmhwm_mib"], 3),
+    }
+
+
 def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict[str, Any],
-                rng: random.Random, embed_files: str, do_embed: bool) -> dict[str, Any]:
+                rng: random.Random, embed_files: str, do_embed: bool, scale: int = 0) -> dict[str, Any]:
     res: dict[str, Any] = {}
     full = tmp / "tree-full"
     quarter_files = sorted(rng.sample(files, max(1, len(files) // 4)))
@@ -669,22 +701,23 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
     finally:
         d.kill()
     shutil.rmtree(tmp / "d-full")
-    q, f = res["lexical_quarter"], res["lexical_full"]
-    res["rss_vs_tree_size"] = {
-        "quarter": {"mb": res["tree_quarter"]["mb"], "frames": q["frames"], "vmhwm_mib": q["vmhwm_mib"],
-                    "vmrss_mib": q["vmrss_mib"], "rssanon_mib": q.get("rssanon_mib"),
-                    "rssfile_mib": q.get("rssfile_mib")},
-        "full": {"mb": res["tree_full"]["mb"], "frames": f["frames"], "vmhwm_mib": f["vmhwm_mib"],
-                 "vmrss_mib": f["vmrss_mib"], "rssanon_mib": f.get("rssanon_mib"),
-                 "rssfile_mib": f.get("rssfile_mib")},
-        "anon_growth_kib_per_1k_frames": round((f["rssanon_mib"] - q["rssanon_mib"]) * 1024
-                                               / max(1, (f["frames"] - q["frames"]) / 1000), 1)
-        if "rssanon_mib" in f and "rssanon_mib" in q else None,
-        "hwm_growth_mib": round(f["vmhwm_mib"] - q["vmhwm_mib"], 1),
-        "hwm_growth_kib_per_1k_frames": round((f["vmhwm_mib"] - q["vmhwm_mib"]) * 1024
-                                              / max(1, (f["frames"] - q["frames"]) / 1000), 1),
-        "full_over_quarter_hwm": round(f["vmhwm_mib"] / q["vmhwm_mib"], 3),
-    }
+    if scale > 1:
+        log(f"lexical initial index: {scale} copies of the full tree")
+        res[f"tree_x{scale}"] = link_copies(full, tmp / f"tree-x{scale}", scale)
+        d = Daemon(tmp / "d-scaled", [tmp / f"tree-x{scale}"], cache=cache)
+        try:
+            res[f"lexical_x{scale}"] = initial_index(d, vectors=False, timeout=3 * 3600)
+            res[f"lexical_x{scale}"]["stop_s"] = round(d.stop(), 3)
+        finally:
+            d.kill()
+        shutil.rmtree(tmp / "d-scaled")
+        shutil.rmtree(tmp / f"tree-x{scale}")
+    q, f = rss_point(res["tree_quarter"], res["lexical_quarter"]), rss_point(res["tree_full"], res["lexical_full"])
+    res["rss_vs_tree_size"] = {"quarter": q, "full": f, **growth(q, f), "full_over_quarter_hwm": growth(q, f)["hwm_ratio"]}
+    if scale > 1:
+        x = rss_point(res[f"tree_x{scale}"], res[f"lexical_x{scale}"])
+        res["rss_vs_tree_size"][f"x{scale}"] = x
+        res["rss_vs_tree_size"][f"full_to_x{scale}"] = growth(f, x)
     if not do_embed:
         return res
 
@@ -787,7 +820,9 @@ def summary_line(r: dict[str, Any]) -> str:
     if "rss_vs_tree_size" in ix:
         q = ix["rss_vs_tree_size"]
         parts.append(f"HWM {q['quarter']['vmhwm_mib']} MiB @{q['quarter']['frames']} fr -> "
-                     f"{q['full']['vmhwm_mib']} MiB @{q['full']['frames']} fr")
+                     f"{q['full']['vmhwm_mib']} MiB @{q['full']['frames']} fr"
+                     + "".join(f" -> {v['vmhwm_mib']} MiB @{v['frames']} fr" for k, v in q.items()
+                               if k.startswith("x") and isinstance(v, dict)))
     if "embedded" in ix:
         e = ix["embedded"]
         parts.append(f"embedded {ix['embedding_plan']['tree']} {ix['embedding_plan']['files']} files: covered "
@@ -811,6 +846,8 @@ def main() -> None:
     ap.add_argument("--embed-files", default="auto",
                     help="tree of the embedded initial index: auto (full tree if estimated within "
                          "25 min, else a random 300 files), full, or a number of random files")
+    ap.add_argument("--scale", type=int, default=0, metavar="K",
+                    help="also index K hard-linked copies of the full tree (RSS against tree size)")
     ap.add_argument("--seed", type=int, default=20240611)
     ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = ap.parse_args()
@@ -849,7 +886,8 @@ def main() -> None:
                 result["latency"]["vec"] = bench_latency(tmp, cache, root, files, cfg, model=MODEL,
                                                          edits=cfg["vec_edits"], rng=rng)
         if args.only in (None, "index"):
-            result["index"] = bench_index(tmp, cache, root, files, cfg, rng, args.embed_files, not args.no_embed)
+            result["index"] = bench_index(tmp, cache, root, files, cfg, rng, args.embed_files, not args.no_embed,
+                                          args.scale)
         result["goals"] = goals(result)
         result["loadavg_end"] = loadavg()
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)

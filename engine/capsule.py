@@ -1825,17 +1825,18 @@ class Capsule:
         if m.parent is None or m.chunk is None or self._closed:
             return
         t = self._table
+        # Columns only, no frame read: this runs on every get.
         siblings = [t.child(m.parent, c) for c in (m.chunk + 1, m.chunk + 2)]
-        todo = [t.frames[fid] for fid in siblings if fid is not None]
-        todo = [n for n in todo if n.block >= 0 and not self._blocks.peek(n.block)]
+        todo = [fid for fid in siblings if fid is not None and t.frames.block_of(fid) >= 0
+                and not self._blocks.peek(t.frames.block_of(fid))]
         if todo:
             self._background().submit(self._warm_blocks, todo)
 
-    def _warm_blocks(self, metas: list[fmt.FrameMeta]) -> None:
-        for n in metas:
+    def _warm_blocks(self, ids: list[int]) -> None:
+        for fid in ids:
             try:
-                self._payload(n)
-            except (EngineError, OSError, ValueError):
+                self._payload(self._table.frames[fid])
+            except (EngineError, OSError, ValueError, IndexError):
                 return  # a closed file or damage: the real read will report it
 
     def _rewarm(self) -> None:

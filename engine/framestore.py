@@ -3,9 +3,9 @@
 As Python objects, frame metadata was most of a large capsule's memory: ~0.5 KB a frame
 alive, and as much again lost to fragmentation between those long-lived objects (issue
 5). Here each frame is kept msgpack-encoded in an unlinked spill file and decoded when
-asked for (one ``pread``, ~2 us); memory holds only fixed-width columns, 17 bytes a
-frame: where the encoding is, and the frame's commit and op, which validity checks read
-for every frame they consider. Spilled pages are the kernel's page cache, not this
+asked for (one ``pread``, ~2 us); memory holds only fixed-width columns, 25 bytes a
+frame: where the encoding is, the frame's commit and op, which validity checks read for
+every frame they consider, and its payload block, which prefetching looks at. Spilled pages are the kernel's page cache, not this
 process's memory.
 
 Without a spill directory (or when writing the spill file fails, as on a full disk) the
@@ -33,6 +33,7 @@ LEN_BITS = 24  # an encoding's location is (offset << 24 | length), one array sl
 BIG = (1 << LEN_BITS) - 1  # length field of an encoding too long for it (kept in _big)
 FLUSH_BYTES = 1 << 20  # encodings gathered in memory before one write to the spill file
 RUN_BYTES = 1 << 20  # adjacent encodings read with one pread when iterating
+CACHE_FRAMES = 4096  # decoded frames kept for repeated reads (~2 MB)
 
 
 class FrameStore(Sequence[FrameMeta]):
@@ -40,6 +41,7 @@ class FrameStore(Sequence[FrameMeta]):
         self._loc = array("Q")  # index == frame id
         self._seq = array("q")
         self._op = bytearray()
+        self._block = array("q")  # where the payload is: what a prefetch warms, without a read
         self._big: dict[int, bytes] = {}
         self._fd: int | None = None
         if spill_dir is not None:
@@ -55,17 +57,26 @@ class FrameStore(Sequence[FrameMeta]):
         self._flush_at = FLUSH_BYTES
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(FrameMeta)
+        # id -> (loc, frame): an entry counts only while loc is still the frame's, so a
+        # reader that cached a frame just replaced never serves it again. A plain dict,
+        # emptied when full: no lock for readers in several threads to queue on.
+        self._cache: dict[int, tuple[int, FrameMeta]] = {}
 
     # -- writing ------------------------------------------------------------------------
 
     def append(self, f: FrameMeta) -> None:
-        self._loc.append(self._put(f))
+        loc = self._put(f)
+        self._loc.append(loc)
         self._seq.append(f.seq)
         self._op.append(f.op)
+        self._block.append(f.block)
 
     def replace(self, f: FrameMeta) -> None:
         """The new metadata of frame ``f.id`` (same frame, payload moved)."""
-        self._loc[f.id] = self._put(f)
+        loc = self._put(f)
+        self._loc[f.id] = loc
+        self._block[f.id] = f.block
+        self._remember(f.id, loc, f)
 
     def _put(self, f: FrameMeta) -> int:
         base, tail = self._tail
@@ -109,6 +120,9 @@ class FrameStore(Sequence[FrameMeta]):
     def op_of(self, fid: int) -> int:
         return self._op[fid]
 
+    def block_of(self, fid: int) -> int:
+        return self._block[fid]
+
     @overload
     def __getitem__(self, i: int) -> FrameMeta: ...
     @overload
@@ -120,7 +134,17 @@ class FrameStore(Sequence[FrameMeta]):
         if i < 0:
             i += len(self._loc)
         loc = self._loc[i]  # raises IndexError past the end, as a list does
-        return self._dec.decode(self._read(i, loc))
+        hit = self._cache.get(i)
+        if hit is not None and hit[0] == loc:
+            return hit[1]
+        f = self._dec.decode(self._read(i, loc))
+        self._remember(i, loc, f)
+        return f
+
+    def _remember(self, fid: int, loc: int, f: FrameMeta) -> None:
+        if len(self._cache) >= CACHE_FRAMES:
+            self._cache = {}  # replaced, not cleared: readers may be using the old one
+        self._cache[fid] = (loc, f)
 
     def __iter__(self) -> Iterator[FrameMeta]:
         return self._run(0, len(self._loc))
@@ -141,21 +165,18 @@ class FrameStore(Sequence[FrameMeta]):
         while i < stop:
             loc = locs[i]
             offset, n = loc >> LEN_BITS, loc & BIG
-            if n == BIG or offset >= self._tail[0]:
+            spilled = self._tail[0]  # bytes below this offset are in the file
+            if n == BIG or offset + n > spilled:
                 yield dec.decode(self._read(i, loc))
                 i += 1
                 continue
             run, end = [loc], offset + n  # extend the run while the next encoding follows on
             while i + len(run) < stop and end - offset < RUN_BYTES:
                 nxt = locs[i + len(run)]  # read once: a replace() may repoint it meanwhile
-                if nxt >> LEN_BITS != end or nxt & BIG == BIG:
+                if nxt >> LEN_BITS != end or nxt & BIG == BIG or end + (nxt & BIG) > spilled:
                     break
                 end += nxt & BIG
                 run.append(nxt)
-            if end > self._tail[0]:  # partly still in memory: one at a time
-                yield dec.decode(self._read(i, loc))
-                i += 1
-                continue
             buf = memoryview(os.pread(self._fd, end - offset, offset))  # type: ignore[arg-type]
             for loc in run:
                 at = (loc >> LEN_BITS) - offset

@@ -10,6 +10,7 @@ records (or loaded from checkpoint segments) and never written as such.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -24,15 +25,17 @@ from .keymap import KeyMap
 FOREVER = 1 << 62  # "ended" of a frame that is still valid
 
 
-def uri_key(uri: str) -> int:
-    """The 64-bit key of a URI in the lookup maps (checked against the frame it leads to)."""
-    return hash(uri)
+def uri_key(uri: str) -> tuple[int, int]:
+    """A URI's 128-bit digest as (key in the lookup map, check kept per frame): a lookup
+    needs no frame read, and is as exact as the payload digests (blake2b-128)."""
+    d = hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True)
 
 
 class FrameTable:
     """Frames and commits, with the lookups the engine needs. Per frame, memory holds only
-    fixed-width columns (~70 B a frame in all): the metadata itself is in a FrameStore,
-    and lookups by URI go through hashes, checked against the frame they lead to."""
+    fixed-width columns (~115 B a frame in all): the metadata itself is in a FrameStore,
+    and lookups by URI go through a 128-bit digest, half key and half check."""
 
     def __init__(self, spill_dir: str | None = None) -> None:
         self.frames = FrameStore(spill_dir)  # index == frame id [F-20]
@@ -41,6 +44,7 @@ class FrameTable:
         self._ended = array("q")  # frame id -> seq that ended it, FOREVER while valid
         self._ended_by = array("q")  # frame id -> frame id that ended it, -1 while valid
         self._previous = array("q")  # frame id -> the previous frame of its URI, -1 for none
+        self._uri_check = array("q")  # frame id -> the check half of its URI's digest
         self._heads = KeyMap()  # hash(uri) -> the newest frame of that URI (see _head)
         self._clashes: dict[str, int] = {}  # uri -> newest frame, for URIs whose hash is taken
         self._children = KeyMap()  # hash((parent, chunk)) -> newest frame (a prefetch hint)
@@ -125,7 +129,7 @@ class FrameTable:
     def _add(self, f: FrameMeta, offset: int) -> None:
         if f.id != len(self.frames):
             raise CorruptionError(f"frame id {f.id} is not dense", offset=offset)
-        head = self._head(f.uri) if f.uri is not None else None
+        (key, check), head, clash = self._find(f.uri) if f.uri is not None else ((0, 0), None, False)
         if f.supersedes is not None:
             old = f.supersedes
             # The frame it ends: a valid PUT, the newest of the same URI (or also URI-less).
@@ -144,6 +148,7 @@ class FrameTable:
             self.live_uris += f.op == PUT
         self.frames.append(f)
         self._previous.append(-1 if head is None else head)
+        self._uri_check.append(check)
         self._ended_by.append(-1)
         if f.op == TOMBSTONE:
             if f.supersedes is None:
@@ -169,22 +174,25 @@ class FrameTable:
         if f.uri is not None:
             if head is None:
                 self.uri_count += 1
-            self._set_head(f.uri, f.id, head)
+            if clash:  # another URI has this key: this one is looked up exactly
+                self._clashes[f.uri] = f.id
+            else:
+                self._heads.set(key, f.id)
+
+    def _find(self, uri: str) -> tuple[tuple[int, int], int | None, bool]:
+        """``uri``'s digest, its newest frame (whatever its op or validity) or None, and
+        whether it is kept apart (its key leads to another URI's frames: a clash)."""
+        if uri in self._clashes:
+            return (0, 0), self._clashes[uri], True
+        key, check = uri_key(uri)
+        fid = self._heads.get(key)
+        if fid is None:
+            return (key, check), None, False
+        same = self._uri_check[fid] == check
+        return (key, check), fid if same else None, not same
 
     def _head(self, uri: str) -> int | None:
-        """The newest frame of ``uri`` (whatever its op or validity), or None."""
-        if uri in self._clashes:
-            return self._clashes[uri]
-        fid = self._heads.get(uri_key(uri))
-        return fid if fid is not None and self.frames[fid].uri == uri else None
-
-    def _set_head(self, uri: str, fid: int, head: int | None) -> None:
-        """Make ``fid`` the newest frame of ``uri``, whose newest was ``head`` (_head)."""
-        h = uri_key(uri)
-        if uri in self._clashes or (head is None and self._heads.get(h) is not None):
-            self._clashes[uri] = fid  # another URI has this hash: the rare exact path
-        else:
-            self._heads.set(h, fid)
+        return self._find(uri)[1]
 
     # -- reading ---------------------------------------------------------------------
 
@@ -209,13 +217,9 @@ class FrameTable:
         return head if head is not None and self.is_valid(head) else None
 
     def child(self, parent: str, chunk: int) -> int | None:
-        """The newest PUT frame of chunk ``chunk`` of ``parent``, if known (a hint: a
-        hash clash can hide one)."""
-        fid = self._children.get(hash((parent, chunk)))
-        if fid is None:
-            return None
-        m = self.frames[fid]
-        return fid if m.parent == parent and m.chunk == chunk else None
+        """The newest PUT frame of chunk ``chunk`` of ``parent``: a hint for prefetching,
+        not checked against the frame (a 64-bit hash clash would name another one)."""
+        return self._children.get(hash((parent, chunk)))
 
     def first_after(self, seq: int) -> int:
         """The id of the first frame created after commit ``seq``."""

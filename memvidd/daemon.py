@@ -38,7 +38,7 @@ from . import __version__, systemd
 from .config import CapsuleConfig, Config, ConfigError, expand, load
 from .events import EventServer
 from .indexer import Indexer
-from .memory import serve_trim
+from .memory import fix_mmap_threshold, serve_trim
 from .server import QueryServer
 from .service import CapsuleService
 from .tree import Tree
@@ -330,6 +330,7 @@ def _sole(e: BaseException) -> BaseException:
 
 def run(cfg: Config) -> int:
     setup_logging(cfg.daemon.log_level)
+    fix_mmap_threshold()  # before the heaps fill: see memory.py
     try:
         return trio.run(Daemon(cfg).run)
     except BaseException as raised:  # noqa: BLE001 - re-raised unless it is a start-up refusal

@@ -184,8 +184,9 @@ class Log:
 
 @pytest.mark.parametrize("clashing", [False, True])
 def test_uri_lookups_hold_even_when_every_hash_clashes(monkeypatch, clashing):
-    if clashing:  # hash(uri) of a real table never collides at this scale: force it
-        monkeypatch.setattr(table, "uri_key", lambda uri: len(uri) % 3)
+    if clashing:  # 64-bit keys never collide at this scale: force them to
+        real = table.uri_key
+        monkeypatch.setattr(table, "uri_key", lambda uri: (len(uri) % 3, real(uri)[1]))
     rng = random.Random(3)
     log = Log()
     try:
@@ -209,9 +210,9 @@ def test_uri_lookups_hold_even_when_every_hash_clashes(monkeypatch, clashing):
         log.t.close()
 
 
-def test_the_frame_table_costs_about_a_hundred_bytes_a_frame(tmp_path, monkeypatch):
+def test_the_frame_table_costs_about_an_eighth_of_a_kilobyte_a_frame(tmp_path, monkeypatch):
     """The memory behind issue 5: Python-side bytes per frame (tracemalloc: exact, not
-    RSS). Columns are ~91 B a frame; the rest is array slack and the fixed buffers
+    RSS). Columns are ~113 B a frame; the rest is array slack and the fixed buffers
     (the spill tail, here 64 KiB, and the maps' recent sets). It was ~540 B as objects."""
     monkeypatch.setattr(framestore, "FLUSH_BYTES", 1 << 16)
     t = FrameTable(str(tmp_path))
@@ -229,7 +230,7 @@ def test_the_frame_table_costs_about_a_hundred_bytes_a_frame(tmp_path, monkeypat
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         print(f"{grown / n:.0f} B a frame")
-        assert grown / n < 120, f"{grown / n:.0f} B a frame"
+        assert grown / n < 140, f"{grown / n:.0f} B a frame"
         last = meta(5000 + n - 1)
         assert t.live(last.uri) == last.id and t.child(last.parent, last.chunk) == last.id
     finally:

@@ -37,3 +37,35 @@ async def test_trims_only_after_activity(monkeypatch):
             assert await trio.to_thread.run_sync(trimmed.wait, 20)
             assert calls == [0]
             n.cancel_scope.cancel()
+
+
+MMAP_PROBE = r"""
+import ctypes, sys
+from memvidd import memory
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed":
+    assert memory.fix_mmap_threshold()
+big = bytearray(4 << 20)  # served by mmap; freeing it is what raises glibc's dynamic threshold
+del big
+before = libc.mallinfo2().hblkhd
+block = bytearray(512 << 10)  # after that: mmap only if the threshold stayed fixed
+print(libc.mallinfo2().hblkhd - before >= 512 << 10)
+"""
+
+
+@pytest.mark.parametrize("mode,mmapped", [("fixed", "True"), ("default", "False")])
+def test_a_fixed_mmap_threshold_keeps_big_blocks_out_of_the_heap(mode, mmapped):
+    """The glibc behaviour memory.fix_mmap_threshold is there for, and its cure, in a
+    fresh process (this one's heap has a history)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == mmapped
