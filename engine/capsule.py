@@ -64,6 +64,10 @@ SMALL_VECTOR_RECORD = 64  # VECTORS records with fewer vectors are folded at che
 REWARM_QUERIES = 8
 REWARM_QUIET_S = 0.05  # re-warm caches once no commit came for this long
 FANOUT = 4  # segments of one size tier merged together
+# Segments are never merged past this many frames: a merge holds its frames in memory,
+# so a bigger one would make a checkpoint's peak memory grow with the capsule.
+MAX_SEGMENT_FRAMES = 16384
+SPOOL_BYTES = 1 << 20  # a checkpoint writes its records out in pieces of about this size
 
 
 class FrameInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -918,26 +922,32 @@ class Capsule:
                 n = FANOUT
             else:
                 break
+            if sum(c for _, c, _ in runs[-n:]) > MAX_SEGMENT_FRAMES:
+                break
             runs[-n:] = [(runs[-n][0], sum(c for _, c, _ in runs[-n:]), runs[-1][2])]
             keep = min(keep, len(runs) - 1)
         dead = sum(s.length for s in segments[keep:])
-        out = bytearray()
-        refs = list(segments[:keep])
-        pos = self._log_end
-        for first, count, last_seq in runs[keep:]:
-            first_seq = (self._last_seq(refs[-1]) if refs else 0) + 1
-            seg = fmt.SegmentRecord(first, t.frames[first : first + count], t.commits[first_seq - 1 : last_seq])
-            raw = self._meta_record(fmt.SEGMENT, seg, pos)
-            refs.append(fmt.SegmentRef(pos, len(raw), first, count, last_seq))
-            out += raw
-            pos += len(raw)
-        extra = dict(self._ckpt.extra)
-        if t.dicts or t.upgraded_upto:
-            extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto, "trained_at": t.dict_trained_at}
-        start = pos
-        pos = self._checkpoint_vectors(extra, out, pos)
-        folded = pos - start
-        pos = self._checkpoint_lexical(extra, out, pos, force=force_lex)
+        out = _Spool(self._file, self._log_end)
+        try:
+            refs = list(segments[:keep])
+            for first, count, last_seq in runs[keep:]:
+                first_seq = (self._last_seq(refs[-1]) if refs else 0) + 1
+                seg = fmt.SegmentRecord(first, t.frames[first : first + count], t.commits[first_seq - 1 : last_seq])
+                raw = self._meta_record(fmt.SEGMENT, seg, out.pos)
+                refs.append(fmt.SegmentRef(out.pos, len(raw), first, count, last_seq))
+                out.write(raw)
+                del seg, raw
+            extra = dict(self._ckpt.extra)
+            if t.dicts or t.upgraded_upto:
+                extra["codec"] = {"dicts": dict(t.dicts), "upto": t.upgraded_upto, "trained_at": t.dict_trained_at}
+            start = out.pos
+            self._checkpoint_vectors(extra, out)
+            folded = out.pos - start
+            dead += self._checkpoint_lexical(extra, out, force=force_lex)
+            pos = out.pos
+        except BaseException:
+            self._rollback()  # what was written is garbage past the end: cut it
+            raise
         counters = dict(self._counters)
         counters["bytes.vectors"] = counters.get("bytes.vectors", 0) + folded
         counters["bytes.lexfile"] = counters.get("bytes.lexfile", 0) + pos - start - folded
@@ -954,9 +964,9 @@ class Capsule:
         counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(self._meta_record(fmt.CHECKPOINT, ckpt, pos))
         ck_raw = self._meta_record(fmt.CHECKPOINT, ckpt, pos)
         ck_off = pos
-        out += ck_raw
         try:
-            self._file.pwrite(self._log_end, bytes(out))
+            out.write(ck_raw)
+            out.flush()
             # Order matters: the header may only point at bytes already on disk.
             self._file.sync()
             self._write_header(self._header.next(ck_off, len(ck_raw)))
@@ -993,12 +1003,12 @@ class Capsule:
             return ref.last_seq
         return self._table.frames[ref.first_id + ref.count - 1].seq  # read versions 1-2
 
-    def _checkpoint_vectors(self, extra: dict[str, Any], out: bytearray, pos: int) -> int:
+    def _checkpoint_vectors(self, extra: dict[str, Any], out: _Spool) -> None:
         """List every VECTORS record in the checkpoint; the tail's small ones (one event, a
         few frames) are folded into one, so the list grows with data, not with commits.
         Big records stay where they are: rewriting them would double their bytes."""
         if self._vec is None:
-            return pos
+            return
         refs = self._vec_refs[: self._ckpt_vec_refs]
         tail = self._vec_refs[self._ckpt_vec_refs :]
         small = [r for r in tail if r[1] < SMALL_VECTOR_RECORD]
@@ -1009,15 +1019,14 @@ class Capsule:
                 i, v = self._read_vectors(offset)
                 ids += i
                 rows.append(v)
-            raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))), pos)
-            tail = [r for r in tail if r[1] >= SMALL_VECTOR_RECORD] + [[pos, len(ids)]]
-            out += raw
-            pos += len(raw)
+            raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))), out.pos)
+            tail = [r for r in tail if r[1] >= SMALL_VECTOR_RECORD] + [[out.pos, len(ids)]]
+            out.write(raw)
         extra["vec"] = {**self._vec, "records": refs + tail, "bitmap": bytes(self._has_vec)}
-        return pos
 
-    def _checkpoint_lexical(self, extra: dict[str, Any], out: bytearray, pos: int, *, force: bool = False) -> int:
-        """Copy the lexical index's new files into the capsule [F-15].
+    def _checkpoint_lexical(self, extra: dict[str, Any], out: _Spool, *, force: bool = False) -> int:
+        """Copy the lexical index's new files into the capsule [F-15]; returns the bytes
+        written for nothing (a copy abandoned half-way).
 
         Only when the index grew by a quarter since its last copy (or ``force``): Tantivy
         merges rewrite segments, and each copy leaves the replaced files dead in the log, so
@@ -1026,34 +1035,32 @@ class Capsule:
         """
         ix = self._indexes
         if ix is None or ix.lex is None or ix.readonly:
-            return pos
+            return 0
         previous = extra.get("lex") if extra.get("lex", {}).get("schema") == LEX_SCHEMA else None
         covered = previous.get("frames", 0) if previous else 0
         grown = self._table.next_id - covered
         if not force and previous and grown < max(LEX_COPY_MIN_FRAMES, covered // 4):
-            return pos
+            return 0
         stored = previous["files"] if previous else {}
         files: dict[str, list[int]] = {}
-        chunk = bytearray()
+        start = out.pos
         try:
             for p in ix.lex_files():
                 old = stored.get(p.name)
                 if old is not None and old[1] == p.stat().st_size and p.name not in MUTABLE_LEX_FILES:
                     files[p.name] = old  # segment files never change once written
                     continue
-                data = p.read_bytes()
-                raw = self._record(fmt.LEXFILE, data, pos + len(chunk))
-                files[p.name] = [pos + len(chunk), len(data)]
-                chunk += raw
+                data = p.read_bytes()  # one file at a time: written out before the next
+                files[p.name] = [out.pos, len(data)]
+                out.write(self._record(fmt.LEXFILE, data, out.pos))
+                del data
         except FileNotFoundError:
             # A Tantivy merge removed a file while we copied: keep the previous copy this
             # time (still valid; a restore catches up), try again at the next checkpoint.
-            return pos
-        out += chunk
-        pos += len(chunk)
+            return out.pos - start
         extra["lex"] = {"seq": self._table.seq, "fingerprint": fingerprint(self._table, self._table.seq),
                         "files": files, "schema": LEX_SCHEMA, "frames": self._table.next_id}
-        return pos
+        return 0
 
     # -- codec upgrades [F-16] --------------------------------------------------------
 
@@ -1946,6 +1953,31 @@ class Capsule:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("readonly" if self.readonly else "writer")
         return f"<Capsule {self.path!r} seq={self._table.seq} frames={self._table.next_id} {state}>"
+
+
+class _Spool:
+    """The records of one checkpoint, written to the file as they come (in pieces of
+    ``SPOOL_BYTES``) instead of gathered whole: its memory stays bounded however much it
+    writes. Nothing written here counts until the header points at it."""
+
+    def __init__(self, f: CapsuleFile, pos: int) -> None:
+        self._file, self._at, self._buf = f, pos, bytearray()
+
+    @property
+    def pos(self) -> int:
+        """Where the next record goes."""
+        return self._at + len(self._buf)
+
+    def write(self, raw: bytes) -> None:
+        self._buf += raw
+        if len(self._buf) >= SPOOL_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._file.pwrite(self._at, bytes(self._buf))
+            self._at += len(self._buf)
+            self._buf = bytearray()
 
 
 def _tier(count: int) -> int:

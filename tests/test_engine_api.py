@@ -293,6 +293,27 @@ def test_checkpoints_merge_segments_and_reopen_matches(path):
     assert engine.verify(path).ok
 
 
+def test_segments_stop_merging_at_their_size_cap(path, monkeypatch):
+    """A merge holds its frames in memory: capped, a checkpoint's memory stays bounded
+    however big the capsule grows (issue 5), and segments grow in number instead."""
+    from engine import capsule
+
+    monkeypatch.setattr(capsule, "MAX_SEGMENT_FRAMES", 40)
+    monkeypatch.setattr(capsule, "SPOOL_BYTES", 256)  # and the records go out in many writes
+    with engine.create(path, checkpoint_frames=5) as cap:
+        for i in range(400):
+            cap.put(f"frame {i}", uri=f"u{i % 37}")
+            if i % 3 == 2:
+                cap.commit()
+        cap.commit()
+        sizes = [s.count for s in cap._ckpt.segments]  # noqa: SLF001 - the policy under test
+        before = [cap.get(uri=f"u{j}").text for j in range(37)]
+    assert max(sizes) <= 40 and 390 < sum(sizes) <= 400 and len(sizes) >= 10  # the rest: the tail
+    with engine.open(path) as cap:
+        assert [cap.get(uri=f"u{j}").text for j in range(37)] == before
+    assert engine.verify(path).ok
+
+
 def test_stats_reports_sizes_codecs_and_counts(path):
     with engine.create(path) as cap:
         cap.put("compressible " * 1000, uri="a")
