@@ -1367,14 +1367,14 @@ class Capsule:
             seq = self._resolve_as_of(as_of)
             out = Timeline()
             if limit:
+                frames = self._table.frames
                 for fid in self._table.timeline(seq, lo, hi, reverse):
+                    if kind is not None and frames.kind_of(fid) != kind:
+                        continue
                     if self._expired(fid):
                         out.expired += 1
                         continue
-                    m = self._table.frames[fid]
-                    if kind is not None and m.kind != kind:
-                        continue
-                    out.append(self._info(m))
+                    out.append(self._info(frames[fid]))
                     if len(out) >= limit:
                         break
             return out

@@ -3,9 +3,10 @@
 As Python objects, frame metadata was most of a large capsule's memory: ~0.5 KB a frame
 alive, and as much again lost to fragmentation between those long-lived objects (issue
 5). Here each frame is kept msgpack-encoded in an unlinked spill file and decoded when
-asked for (one ``pread``, ~2 us); memory holds only fixed-width columns, 25 bytes a
+asked for (one ``pread``, ~2 us); memory holds only fixed-width columns, 27 bytes a
 frame: where the encoding is, the frame's commit and op, which validity checks read for
-every frame they consider, and its payload block, which prefetching looks at. Spilled pages are the kernel's page cache, not this
+every frame they consider, its payload block, which prefetching looks at, and its kind
+(as a number), which kind filters look at. Spilled pages are the kernel's page cache, not this
 process's memory.
 
 Without a spill directory (or when writing the spill file fails, as on a full disk) the
@@ -33,6 +34,7 @@ LEN_BITS = 24  # an encoding's location is (offset << 24 | length), one array sl
 BIG = (1 << LEN_BITS) - 1  # length field of an encoding too long for it (kept in _big)
 FLUSH_BYTES = 1 << 20  # encodings gathered in memory before one write to the spill file
 RUN_BYTES = 1 << 20  # adjacent encodings read with one pread when iterating
+MANY_KINDS = 0xFFFF  # kind number of frames whose kind is not numbered
 CACHE_FRAMES = 4096  # decoded frames kept for repeated reads (~2 MB)
 
 
@@ -42,6 +44,9 @@ class FrameStore(Sequence[FrameMeta]):
         self._seq = array("q")
         self._op = bytearray()
         self._block = array("q")  # where the payload is: what a prefetch warms, without a read
+        self._kind = array("H")  # index into _kinds: kind filters read no frame
+        self._kinds: dict[str | None, int] = {None: 0}
+        self._kind_names: list[str | None] = [None]
         self._big: dict[int, bytes] = {}
         self._fd: int | None = None
         if spill_dir is not None:
@@ -70,6 +75,15 @@ class FrameStore(Sequence[FrameMeta]):
         self._seq.append(f.seq)
         self._op.append(f.op)
         self._block.append(f.block)
+        k = self._kinds.get(f.kind)
+        if k is None:
+            k = len(self._kind_names)
+            if k < MANY_KINDS:
+                self._kinds[f.kind] = k
+                self._kind_names.append(f.kind)
+            else:
+                k = MANY_KINDS  # past 65,534 distinct kinds, the frame itself says
+        self._kind.append(k)
 
     def replace(self, f: FrameMeta) -> None:
         """The new metadata of frame ``f.id`` (same frame, payload moved)."""
@@ -122,6 +136,10 @@ class FrameStore(Sequence[FrameMeta]):
 
     def block_of(self, fid: int) -> int:
         return self._block[fid]
+
+    def kind_of(self, fid: int) -> str | None:
+        k = self._kind[fid]
+        return self[fid].kind if k == MANY_KINDS else self._kind_names[k]
 
     @overload
     def __getitem__(self, i: int) -> FrameMeta: ...

@@ -148,6 +148,18 @@ def test_readers_in_other_threads_never_see_a_torn_frame(tmp_path, small_flush):
     assert not errors, errors[:5]
 
 
+def test_kinds_are_numbered_and_past_the_numbers_read_from_the_frame(tmp_path, monkeypatch):
+    monkeypatch.setattr(framestore, "MANY_KINDS", 3)
+    s = FrameStore(str(tmp_path))
+    try:
+        kinds = [None, "chunk", "file", "note", "chunk", "event", None]
+        for i, k in enumerate(kinds):
+            s.append(meta(i, kind=k))
+        assert [s.kind_of(i) for i in range(len(kinds))] == kinds
+    finally:
+        s.close()
+
+
 def test_keymap_matches_a_dict_through_merges():
     rng = random.Random(5)
     km, model = KeyMap(), {}
