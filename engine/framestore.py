@@ -69,7 +69,9 @@ class FrameStore(Sequence[FrameMeta]):
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, f: FrameMeta) -> None:
+    def append(self, f: FrameMeta, *, recent: bool = False) -> None:
+        """Add the next frame; ``recent``: keep it decoded too (a frame just committed
+        is likely read soon: superseded, searched, fetched)."""
         loc = self._put(f)
         self._loc.append(loc)
         self._seq.append(f.seq)
@@ -84,6 +86,8 @@ class FrameStore(Sequence[FrameMeta]):
             else:
                 k = MANY_KINDS  # past 65,534 distinct kinds, the frame itself says
         self._kind.append(k)
+        if recent:
+            self._remember(f.id, loc, f)
 
     def replace(self, f: FrameMeta) -> None:
         """The new metadata of frame ``f.id`` (same frame, payload moved)."""

@@ -96,7 +96,7 @@ class FrameTable:
         self.commits.append(CommitInfo(rec.seq, rec.time, offset, rec.rewind, rec.rules))
         self.commit_times.append(rec.time)
         for f in rec.frames:
-            self._add(f, offset)
+            self._add(f, offset, recent=True)
 
     def relocate(self, rec: RelocateRecord, offset: int) -> None:
         """Point frames at the blocks a codec upgrade wrote [F-16]. Content is unchanged
@@ -126,7 +126,7 @@ class FrameTable:
                 raise CorruptionError(f"frame {f.id} names future commit {f.seq}", offset=offset)
             self._add(f, offset)
 
-    def _add(self, f: FrameMeta, offset: int) -> None:
+    def _add(self, f: FrameMeta, offset: int, *, recent: bool = False) -> None:
         if f.id != len(self.frames):
             raise CorruptionError(f"frame id {f.id} is not dense", offset=offset)
         (key, check), head, clash = self._find(f.uri) if f.uri is not None else ((0, 0), None, False)
@@ -146,7 +146,7 @@ class FrameTable:
             raise CorruptionError(f"frame {f.id} shadows live {f.uri!r}", offset=offset)
         elif f.uri is not None:
             self.live_uris += f.op == PUT
-        self.frames.append(f)
+        self.frames.append(f, recent=recent)
         self._previous.append(-1 if head is None else head)
         self._uri_check.append(check)
         self._ended_by.append(-1)

@@ -224,9 +224,11 @@ def test_uri_lookups_hold_even_when_every_hash_clashes(monkeypatch, clashing):
 
 def test_the_frame_table_costs_about_an_eighth_of_a_kilobyte_a_frame(tmp_path, monkeypatch):
     """The memory behind issue 5: Python-side bytes per frame (tracemalloc: exact, not
-    RSS). Columns are ~113 B a frame; the rest is array slack and the fixed buffers
-    (the spill tail, here 64 KiB, and the maps' recent sets). It was ~540 B as objects."""
+    RSS). Columns are ~115 B a frame; the rest is array slack and the fixed buffers
+    (the spill tail, here 64 KiB, the decoded-frame cache, here 64 frames, and the maps'
+    recent sets). It was ~540 B as objects."""
     monkeypatch.setattr(framestore, "FLUSH_BYTES", 1 << 16)
+    monkeypatch.setattr(framestore, "CACHE_FRAMES", 64)  # a fixed ~2.5 MB by default: not per frame
     t = FrameTable(str(tmp_path))
     try:
         def commit(first: int, n: int) -> None:
