@@ -259,3 +259,20 @@ def test_a_capsule_keeps_no_spill_file_after_close(path):
     assert any("(deleted)" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                if os.path.exists(f"/proc/self/fd/{fd}"))
     cap.close()  # the autouse leak check fails the test if the spill file stays open
+
+
+def test_an_encrypted_capsule_spills_its_frames_to_ram_backed_storage_only(path):
+    """Frame metadata (URIs, titles, tags) is plaintext in the spill file: for an
+    encrypted capsule it goes where its decrypted indexes go, never to the disk cache."""
+    from engine.embed import cache_root
+    from engine.search import ram_root
+
+    def spill_of(cap) -> str:
+        return os.readlink(f"/proc/self/fd/{cap._table.frames._fd}")  # noqa: SLF001
+
+    with engine.create(path, model=None) as cap:
+        cap.put("plain", uri="mem://a")
+        assert spill_of(cap).startswith(str(cache_root()))
+    with engine.create(path + "e", model=None, passphrase="pw", kdf=engine.KdfParams(memory_cost=1024, iterations=1)) as cap:
+        cap.put("secret", uri="mem://secret")
+        assert spill_of(cap).startswith(str(ram_root()))
