@@ -408,7 +408,7 @@ class Capsule:
         self._expiry = retention.Expiry()
         self.clock = time.time  # what "now" is for expiry (tests move it)
         self._retired: list[CapsuleFile] = []  # files replaced by compaction, still being read
-        self._retired_tables: list[FrameTable] = []  # and their frame tables
+        self._retired_tables: list[FrameTable] = []  # the frame table a compaction replaced
         self._table: FrameTable | None = None
         try:
             self._load()
@@ -434,7 +434,12 @@ class Capsule:
 
     def _load(self) -> None:
         if self._table is not None:
-            self._retired_tables.append(self._table)  # a compaction switched files
+            # A compaction switched files. Table readers hold the lock, which the switch
+            # holds too, so only the previous table can still be in use (by a prefetch
+            # that read self._table just before): older ones give back their spill files.
+            for old in self._retired_tables:
+                old.close()
+            self._retired_tables = [self._table]
         ckpt, table = load_checkpoint(self._file, self._header, self._spill_dir())
         self._table = table
         self._dicts = Dictionaries(self._file, table)
