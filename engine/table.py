@@ -1,4 +1,4 @@
-"""The frame table: the in-memory view of every committed frame and its validity.
+"""The frame table: every committed frame, its validity, and the lookups over them.
 
 It owns the version model [F-20 .. F-23]. A frame is valid from the commit that created
 it until the commit that superseded or tombstoned it (``ended``), so "visible at commit
@@ -34,7 +34,7 @@ def uri_key(uri: str) -> tuple[int, int]:
 
 class FrameTable:
     """Frames and commits, with the lookups the engine needs. Per frame, memory holds only
-    fixed-width columns (~115 B a frame in all): the metadata itself is in a FrameStore,
+    fixed-width columns (~125 B a frame in all): the metadata itself is in a FrameStore,
     and lookups by URI go through a 128-bit digest, half key and half check."""
 
     def __init__(self, spill_dir: str | None = None) -> None:
@@ -45,8 +45,8 @@ class FrameTable:
         self._ended_by = array("q")  # frame id -> frame id that ended it, -1 while valid
         self._previous = array("q")  # frame id -> the previous frame of its URI, -1 for none
         self._uri_check = array("q")  # frame id -> the check half of its URI's digest
-        self._heads = KeyMap()  # hash(uri) -> the newest frame of that URI (see _head)
-        self._clashes: dict[str, int] = {}  # uri -> newest frame, for URIs whose hash is taken
+        self._heads = KeyMap()  # uri_key()[0] -> the newest frame of that URI (see _find)
+        self._clashes: dict[str, int] = {}  # uri -> newest frame, for URIs whose key is taken
         self._children = KeyMap()  # hash((parent, chunk)) -> newest frame (a prefetch hint)
         # (timestamp, id) of PUT frames, sorted, as two columns (16 B a frame, not ~80)
         self.times = array("d")
