@@ -25,7 +25,7 @@ from .errors import (
     WrongPassphrase,
 )
 from .format import READ_VERSION, WRITE_VERSION
-from .keymap import KeyMap
+from .keymap import KeyMap, halves
 from .search import Hit, Hits
 from .verify import Report, doctor, verify
 
@@ -35,5 +35,5 @@ __all__ = [
     "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
     "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",
     "Report", "StorageError", "create", "doctor", "open", "verify", "KdfParams", "WrongPassphrase",
-    "read_passphrase", "Cancelled", "KeyMap",
+    "read_passphrase", "Cancelled", "KeyMap", "halves",
 ]

@@ -1838,9 +1838,11 @@ class Capsule:
             return
         t = self._table
         # Columns only, no frame read: this runs on every get.
-        siblings = [t.child(m.parent, c) for c in (m.chunk + 1, m.chunk + 2)]
-        todo = [fid for fid in siblings if fid is not None and t.frames.block_of(fid) >= 0
-                and not self._blocks.peek(t.frames.block_of(fid))]
+        todo = []
+        for c in (m.chunk + 1, m.chunk + 2):
+            fid = t.child(m.parent, c)
+            if fid is not None and (block := t.frames.block_of(fid)) >= 0 and not self._blocks.peek(block):
+                todo.append(fid)
         if todo:
             self._background().submit(self._warm_blocks, todo)
 
@@ -1980,7 +1982,7 @@ class _Spool:
 
     def flush(self) -> None:
         if self._buf:
-            self._file.pwrite(self._at, bytes(self._buf))
+            self._file.pwrite(self._at, self._buf)  # type: ignore[arg-type] - replaced, never changed after
             self._at += len(self._buf)
             self._buf = bytearray()
 

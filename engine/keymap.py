@@ -18,6 +18,11 @@ import numpy as np
 MERGE_MIN = 4096  # recent entries below which a merge is never worth it
 
 
+def halves(digest: bytes) -> tuple[int, int]:
+    """A 128-bit digest as two signed 64-bit keys: one to map by, one to check with."""
+    return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:16], "little", signed=True)
+
+
 class KeyMap:
     def __init__(self) -> None:
         self._cols = (np.empty(0, np.int64), np.empty(0, np.int64))  # (sorted keys, values)

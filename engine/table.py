@@ -20,7 +20,7 @@ import msgspec
 from .errors import CorruptionError
 from .format import PURGED, PUT, TOMBSTONE, CommitInfo, CommitRecord, FrameMeta, RelocateRecord
 from .framestore import FrameStore
-from .keymap import KeyMap
+from .keymap import KeyMap, halves
 
 FOREVER = 1 << 62  # "ended" of a frame that is still valid
 
@@ -28,8 +28,7 @@ FOREVER = 1 << 62  # "ended" of a frame that is still valid
 def uri_key(uri: str) -> tuple[int, int]:
     """A URI's 128-bit digest as (key in the lookup map, check kept per frame): a lookup
     needs no frame read, and is as exact as the payload digests (blake2b-128)."""
-    d = hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True)
+    return halves(hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=16).digest())
 
 
 class FrameTable:
@@ -142,7 +141,7 @@ class FrameTable:
             self.live_count -= 1
             if f.op == TOMBSTONE and f.uri is not None:
                 self.live_uris -= 1
-        elif head is not None and self._ended[head] == FOREVER and self.frames.op_of(head) == PUT:
+        elif head is not None and self.is_valid(head):
             raise CorruptionError(f"frame {f.id} shadows live {f.uri!r}", offset=offset)
         elif f.uri is not None:
             self.live_uris += f.op == PUT

@@ -121,24 +121,20 @@ class DigestMap:
         self._fid = engine.KeyMap()  # first half -> frame id (-1: forgotten)
         self._rest = engine.KeyMap()  # first half -> second half
 
-    @staticmethod
-    def _halves(d: bytes) -> tuple[int, int]:
-        return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:16], "little", signed=True)
-
     def get(self, d: bytes) -> int | None:
-        head, rest = self._halves(d)
+        head, rest = engine.halves(d)
         fid = self._fid.get(head)
         return fid if fid is not None and fid >= 0 and self._rest.get(head) == rest else None
 
     def set(self, d: bytes, fid: int) -> None:
-        head, rest = self._halves(d)
+        head, rest = engine.halves(d)
         self._fid.set(head, fid)
         self._rest.set(head, rest)
 
     def forget(self, d: bytes, fid: int) -> None:
         """``d`` no longer leads to ``fid`` (that frame was never committed)."""
         if self.get(d) == fid:
-            self._fid.set(self._halves(d)[0], -1)
+            self._fid.set(engine.halves(d)[0], -1)
 
 
 def file_uri(path: str | Path) -> str:
