@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import math
 import os
@@ -295,6 +296,38 @@ def read_payload(
     return payload
 
 
+class View:
+    """One consistent way to read frames: a frame table and the file its locations
+    point into, with that file's block cache and dictionaries.
+
+    A compaction's switch makes a new file, a new table and new caches, and replaces the
+    capsule's view with one assignment. A reader pins the view current when it starts
+    (``Capsule._pin``) and reads every location through it, so a location from one
+    file never meets the bytes of another, however the threads interleave. A replaced
+    view stays open until its last reader lets go, then gives back its table's spill
+    file and the old file's descriptor (and with it the old file's disk space)."""
+
+    __slots__ = ("table", "file", "blocks", "dicts", "pins", "retired")
+
+    def __init__(self, table: FrameTable, f: CapsuleFile, blocks: LRUCache, dicts: Dictionaries) -> None:
+        self.table = table
+        self.file = f
+        self.blocks = blocks
+        self.dicts = dicts
+        self.pins = 0  # readers using it (guarded by Capsule._pin_lock)
+        self.retired = False  # a compaction replaced it: close when pins reach 0
+
+    def payload(self, m: fmt.FrameMeta) -> bytes:
+        return read_payload(self.file, m, self.blocks, self.dicts)
+
+    def text(self, m: fmt.FrameMeta) -> str:
+        return self.payload(m).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        self.table.close()
+        self.file.close()
+
+
 def _vec_binding(model: str) -> dict[str, Any]:
     return {"model": model, "dim": MODELS[model].dim}
 
@@ -373,6 +406,9 @@ class Capsule:
         self._file = f
         self._header = header
         self.path = f.path
+        # Compaction writes the file the path named at open: through a symlink, its
+        # target, which must stay a symlink's target, not be replaced by a copy.
+        self._real_path = os.path.realpath(f.path)
         self.readonly = readonly
         self._opts = opts
         self._lock = threading.RLock()
@@ -407,20 +443,78 @@ class Capsule:
         self._new_rules: dict[str, Any] | None = None  # set while a rule change is written
         self._expiry = retention.Expiry()
         self.clock = time.time  # what "now" is for expiry (tests move it)
-        self._retired: list[CapsuleFile] = []  # files replaced by compaction, still being read
-        self._retired_tables: list[FrameTable] = []  # the frame table a compaction replaced
+        self._view: View | None = None  # what readers pin; replaced by compaction's switch
+        self._retired: list[View] = []  # views a compaction replaced, still pinned by a reader
+        self._pin_lock = threading.Lock()
         self._table: FrameTable | None = None
         try:
             self._load()
-            if self._embedder is not None and self._vec is not None:
-                if self._embedder.dim != self._vec["dim"]:
-                    raise InvalidArgument(f"embedder gives {self._embedder.dim} dims, capsule wants {self._vec['dim']}")
-                if not readonly:
-                    self._queue_unembedded(0)
+            if embedder is not None:
+                self._embedder = None
+                self.attach_embedder(embedder)
         except BaseException:
             if self._table is not None:
                 self._table.close()  # its spill file; the caller closes the capsule file
             raise
+
+    @property
+    def model(self) -> str | None:
+        """The embedding model this capsule is bound to (None: lexical search only)."""
+        return self._vec["model"] if self._vec is not None else None
+
+    def attach_embedder(self, embedder: Embedder) -> None:
+        """Embed with ``embedder`` from now on: queries, and (writers) every text frame
+        without a vector yet, in the background. Lets a caller learn ``model`` first
+        without opening the capsule twice."""
+        with self._lock:
+            self._check_open()
+            if self._embedder is not None:
+                raise InvalidArgument("this capsule has an embedder already")
+            if self._vec is not None and embedder.dim != self._vec["dim"]:
+                raise InvalidArgument(f"embedder gives {embedder.dim} dims, capsule wants {self._vec['dim']}")
+            self._embedder = embedder
+            if self._vec is not None and not self.readonly:
+                self._queue_unembedded(0)
+
+    # -- the reader's view [F-17] ------------------------------------------------------
+
+    def _pin(self) -> View:
+        """The current view, kept open until ``_unpin``. Callers hold the capsule lock,
+        so the view matches the table they just read from."""
+        with self._pin_lock:
+            view = self._view
+            assert view is not None
+            view.pins += 1
+        return view
+
+    def _unpin(self, view: View) -> None:
+        with self._pin_lock:
+            view.pins -= 1
+            last = view.retired and view.pins == 0
+            if last:
+                self._retired.remove(view)
+        if last:
+            view.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[View]:
+        """Pin the current view for a read that does not hold the capsule lock."""
+        with self._lock:
+            view = self._pin()
+        try:
+            yield view
+        finally:
+            self._unpin(view)
+
+    def _retire(self, view: View) -> None:
+        """A compaction replaced ``view``: close it now, or when its last reader is done."""
+        with self._pin_lock:
+            view.retired = True
+            idle = view.pins == 0
+            if not idle:
+                self._retired.append(view)
+        if idle:
+            view.close()
 
     # -- opening ----------------------------------------------------------------------
 
@@ -433,19 +527,14 @@ class Capsule:
         return str((Path(self._opts.index_dir) if self._opts.index_dir else cache_root()) / "frames")
 
     def _load(self) -> None:
-        if self._table is not None:
-            # A compaction switched files. Table readers hold the lock, which the switch
-            # holds too, so only the previous table can still be in use (by a prefetch
-            # that read self._table just before): older ones give back their spill files.
-            for old in self._retired_tables:
-                old.close()
-            self._retired_tables = [self._table]
         ckpt, table = load_checkpoint(self._file, self._header, self._spill_dir())
         self._table = table
         self._dicts = Dictionaries(self._file, table)
         # Fresh small puts use the newest dictionary [F-16]
         self._fresh_dict = (max(table.dicts), self._dicts(max(table.dicts))) if table.dicts else None
-        self._store = (self._file, self._blocks, self._dicts)  # swapped as one by compaction
+        old, self._view = self._view, View(table, self._file, self._blocks, self._dicts)
+        if old is not None:
+            self._retire(old)
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
@@ -869,14 +958,17 @@ class Capsule:
             self._tail_frames >= self._opts.checkpoint_frames
             or self._log_end - self._ckpt_end >= self._opts.checkpoint_bytes
         ):
-            try:
-                self._checkpoint()
-            except StorageError:
-                # The commit is durable already; a checkpoint only speeds up opening,
-                # so its failure must not be reported as a failed commit. It is
-                # retried after the next commit and counted in stats.
-                self._checkpoint_failures += 1
+            self._try_checkpoint()
         return seq
+
+    def _try_checkpoint(self) -> None:
+        """Checkpoint when the commits it covers are durable already: a checkpoint only
+        speeds up opening, so its failure (a full disk) fails nothing else. It is tried
+        again later (after the next commit; at the next open) and counted in stats."""
+        try:
+            self._checkpoint()
+        except StorageError:
+            self._checkpoint_failures += 1
 
     def rollback(self) -> None:
         """Discard every staged, uncommitted frame."""
@@ -913,7 +1005,9 @@ class Capsule:
             if self._table.seq > self._ckpt.seq:
                 self._checkpoint()
 
-    def _checkpoint(self, *, force_lex: bool = False) -> None:
+    def _checkpoint(self, *, lex: str = "due") -> None:
+        """Fold the tail into segments and write a checkpoint. ``lex``: copy the lexical
+        index when its growth makes it "due", "now", or "keep" the copy named so far."""
         t = self._table
         segments = list(self._ckpt.segments)
         # Each segment holds a run of frames and of the commits after its predecessor's.
@@ -948,7 +1042,8 @@ class Capsule:
             start = out.pos
             self._checkpoint_vectors(extra, out)
             folded = out.pos - start
-            dead += self._checkpoint_lexical(extra, out, force=force_lex)
+            if lex != "keep":
+                dead += self._checkpoint_lexical(extra, out, force=lex == "now")
             pos = out.pos
         except BaseException:
             self._rollback()  # what was written is garbage past the end: cut it
@@ -1213,13 +1308,15 @@ class Capsule:
         self._check_writable()
         if not isinstance(self._file, OsFile):
             raise InvalidArgument("compaction needs a capsule on a real file")
-        directory = os.path.dirname(os.path.abspath(self.path))
+        real = self._real_path
+        directory = os.path.dirname(real)
         with self._upgrade_lock:
             before = self._log_end
             out = unnamed(directory)
             try:
                 with self._lock:
                     self._check_writable()
+                    out.keep_mode_of(self._file)
                     # The same capsule (id, key slot, data key): only the bytes change.
                     out.sealer = self._file.sealer
                     h = self._header
@@ -1232,17 +1329,26 @@ class Capsule:
                 w.copy(snapshot, level=level, cancel=cancel)
                 with self._quiet():
                     w.copy(self._table.seq, level=level)
+                    lex = w.copy_lexfiles(self._ckpt.extra.get("lex"))
                     w.finish()
-                    link_unnamed(out, self.path + ".compacting", replace=self.path)
+                    if not self._file.still_at(real):
+                        raise StorageError("compact", real, OSError(
+                            errno.ESTALE, "the capsule file was moved or replaced while open; not compacting"))
+                    link_unnamed(out, real + ".compacting", replace=real)
                     fsync_dir(directory)
-                    had_lex = "lex" in self._ckpt.extra
+                    rewritten = out.size()
                     self._switch(out)
-                    self._checkpoint(force_lex=had_lex and self._indexes is not None)
+                    if lex is not None:  # the same commits, at new offsets
+                        self._ckpt.extra["lex"] = {**lex, "fingerprint": fingerprint(self._table, lex["seq"])}
+                    # Only what indexes the frames for a fast open: copying the lexical
+                    # index is the next checkpoint's business, not a compaction's.
+                    self._checkpoint(lex="keep")
             except BaseException:
                 if out is not self._file:
                     out.close()
                 raise
-            return {"bytes_before": before, "bytes_after": self._log_end, **w.stats}
+            return {"bytes_before": before, "bytes_after": self._log_end,
+                    "checkpoint_bytes": self._log_end - rewritten, **w.stats}
 
     def branch(
         self, path: str | os.PathLike[str], *, as_of: Any = None, passphrase: str | bytes | None = None,
@@ -1301,11 +1407,10 @@ class Capsule:
 
     def _switch(self, f: OsFile) -> None:
         """Continue on the rewritten file ``f`` (lock held). Readers still using the old
-        file finish on it; it is closed with the capsule."""
-        old, indexes = self._file, self._indexes
+        file finish on it through the view they pinned; it closes when they are done."""
+        indexes = self._indexes
         f.path = self.path
         self._file = f
-        self._retired.append(old)
         self._header = read_header(f)
         self._indexes = None  # the same frames: keep them, but do not feed them the replay
         self._blocks = LRUCache(self._opts.block_cache_bytes, size=len)
@@ -1345,8 +1450,12 @@ class Capsule:
                 raise NotFound(f"frame {fid} has expired under the capsule's retention rules")
             meta = t.frames[fid]
             info = self._info(meta)
-        payload = self._payload(meta)
-        self._prefetch_next(meta)
+            view = self._pin()
+        try:
+            payload = view.payload(meta)
+            self._prefetch_next(meta, view.table)
+        finally:
+            self._unpin(view)
         return Frame(**msgspec.structs.asdict(info), payload=payload)
 
     def timeline(
@@ -1395,8 +1504,11 @@ class Capsule:
             self._expire_due()
             metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT and not self._expired(m.id)]
             infos = [self._info(m) for m in metas]
-        return [Frame(**msgspec.structs.asdict(i), payload=self._payload(m))
-                for i, m in zip(infos, metas)]
+            view = self._pin()
+        try:
+            return [Frame(**msgspec.structs.asdict(i), payload=view.payload(m)) for i, m in zip(infos, metas)]
+        finally:
+            self._unpin(view)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -1550,6 +1662,7 @@ class Capsule:
                 return None  # type: ignore[return-value]
             ix = self._open_indexes()
             generation = (self._table.seq, len(ix.vec) if ix.vec else 0, len(self._expiry.expired))
+            view = None if cached_only else self._pin()
         finally:
             self._lock.release()
         used = self._resolve_mode(mode, ix)
@@ -1559,11 +1672,14 @@ class Capsule:
         if hit is not None:
             ix.recent[key] += 1
             return Hits(list(hit), mode=used, seq=seq, warnings=hit.warnings, cached=True)
-        if cached_only:
+        if view is None:
             return None  # type: ignore[return-value]
-        if not query.strip() or k == 0:
-            return Hits([], mode=used, seq=seq, warnings=warnings + (["empty query"] if not query.strip() else []))
-        hits = self._search(query, k, used, filters, seq, snippet_chars, all_versions, warnings)
+        try:
+            if not query.strip() or k == 0:
+                return Hits([], mode=used, seq=seq, warnings=warnings + (["empty query"] if not query.strip() else []))
+            hits = self._search(ix, view, query, k, used, filters, seq, snippet_chars, all_versions, warnings)
+        finally:
+            self._unpin(view)
         ix.results.put((key, generation), hits)
         ix.recent[key] += 1
         return hits
@@ -1580,12 +1696,12 @@ class Capsule:
         return mode
 
     def _search(
-        self, query: str, k: int, mode: str, filters: Filters, seq: int, snippet_chars: int,
-        all_versions: bool, warnings: list[str],
+        self, ix: Indexes, view: View, query: str, k: int, mode: str, filters: Filters, seq: int,
+        snippet_chars: int, all_versions: bool, warnings: list[str],
     ) -> Hits:
-        ix = self._indexes
-        assert ix is not None
-        t = self._table
+        """Run a query on ``ix`` and read its hits through ``view``: both taken under the
+        lock by ``find`` (a compaction's switch replaces what ``self`` names meanwhile)."""
+        t = view.table
         head = seq >= t.seq
         depth = k if mode != "hybrid" else max(2 * k, 40)  # fusion needs more than k from each list
         lex_hits: list[tuple[float, int]] = []
@@ -1614,7 +1730,7 @@ class Capsule:
                     return False
                 return ok and (not filters or filters.match(t.frames[fid]))
 
-            vec_hits = ix.semantic(self._query_vector(query), depth, accept)
+            vec_hits = ix.semantic(self._query_vector(ix, query), depth, accept)
         if hidden:
             warnings = warnings + [f"{len(hidden)} matching frames are hidden: expired under the retention rules"]
         if mode == "lex":
@@ -1629,7 +1745,7 @@ class Capsule:
         make_snippet = ix.lex.snippets(parsed, snippet_chars) if parsed is not None and snippet_chars and lex_ids else None  # type: ignore[union-attr]
         for score, fid in ranked[:k]:
             m = t.frames[fid]
-            text = self._text_of(m) if snippet_chars else ""
+            text = view.text(m) if snippet_chars else ""
             if make_snippet is not None and fid in lex_ids:
                 snippet, spans = make_snippet(text)
             else:
@@ -1643,9 +1759,8 @@ class Capsule:
             ))
         return Hits(hits, mode=mode, seq=seq, warnings=warnings)
 
-    def _query_vector(self, query: str) -> np.ndarray:
-        ix = self._indexes
-        assert ix is not None and self._embedder is not None
+    def _query_vector(self, ix: Indexes, query: str) -> np.ndarray:
+        assert self._embedder is not None
         v = ix.query_vectors.get(query)
         if v is None:
             v = self._embedder.embed([query[:4096]])[0]
@@ -1678,7 +1793,7 @@ class Capsule:
                 self._indexes = None
             self._ckpt.extra.pop("lex", None)
             ix = self._open_indexes(fresh=True)
-            self._checkpoint(force_lex=True)
+            self._checkpoint(lex="now")
             return dict(ix.origin)
 
     def _open_indexes(self, *, fresh: bool = False) -> Indexes:
@@ -1703,22 +1818,10 @@ class Capsule:
             self._indexes = ix
         return self._indexes
 
-    def _payload(self, m: fmt.FrameMeta) -> bytes:
-        """``m``'s payload. File, block cache and dictionaries are taken together, and a
-        frame's location taken before a compaction switched files fails its digest (or
-        names no block) in the new file: it is read again where the frame is now."""
-        f, blocks, dicts = self._store
-        try:
-            return read_payload(f, m, blocks, dicts)
-        except CorruptionError:
-            now = self._table.frames[m.id] if m.id < self._table.next_id else m
-            if (now.block, now.start) == (m.block, m.start):
-                raise  # not a stale location: real damage
-            f, blocks, dicts = self._store
-            return read_payload(f, now, blocks, dicts)
-
     def _text_of(self, m: fmt.FrameMeta) -> str:
-        return self._payload(m).decode("utf-8", errors="replace")
+        """``m``'s text through the current view (callers hold the lock)."""
+        assert self._view is not None
+        return self._view.text(m)
 
     def _read_lexfile(self, offset: int, length: int) -> bytes:
         _, body = read_record(self._file, offset, fmt.LEXFILE)
@@ -1790,14 +1893,17 @@ class Capsule:
                     self._embed_wake.clear()
                     continue
                 self._embedding_inflight = len(batch)
+                view = self._pin()
             try:
                 t0 = time.perf_counter()
-                texts = [f"{m.title}\n{self._text_of(m)}" if m.title else self._text_of(m) for m in batch]
+                texts = [f"{m.title}\n{view.text(m)}" if m.title else view.text(m) for m in batch]
                 vectors = self._embedder.embed(texts)
             except Exception as e:  # keep the capsule usable; the error shows in stats
                 self._embed_error = f"{type(e).__name__}: {e}"
                 self._embed_stats["errors"] += 1
                 return
+            finally:
+                self._unpin(view)
             with self._lock:
                 if self._closed:
                     return
@@ -1832,11 +1938,11 @@ class Capsule:
             self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memvidd-bg")
         return self._bg
 
-    def _prefetch_next(self, m: fmt.FrameMeta) -> None:
-        """Warm the block cache with the next chunks of the document just read."""
+    def _prefetch_next(self, m: fmt.FrameMeta, t: FrameTable) -> None:
+        """Warm the block cache with the next chunks of the document just read (``t``:
+        the pinned table ``m`` came from)."""
         if m.parent is None or m.chunk is None or self._closed:
             return
-        t = self._table
         # Columns only, no frame read: this runs on every get.
         todo = []
         for c in (m.chunk + 1, m.chunk + 2):
@@ -1847,11 +1953,12 @@ class Capsule:
             self._background().submit(self._warm_blocks, todo)
 
     def _warm_blocks(self, ids: list[int]) -> None:
-        for fid in ids:
-            try:
-                self._payload(self._table.frames[fid])
-            except (EngineError, OSError, ValueError, IndexError):
-                return  # a closed file or damage: the real read will report it
+        try:
+            with self._reading() as view:
+                for fid in ids:
+                    view.payload(view.table.frames[fid])
+        except (EngineError, OSError, ValueError, IndexError):
+            return  # a closed capsule or damage: the real read will report it
 
     def _rewarm(self) -> None:
         """After commits, once writes pause, re-run the most frequent recent queries so
@@ -1937,16 +2044,13 @@ class Capsule:
                 if not self.readonly and not self._broken:
                     self._commit()  # staged frames and vectors embedded so far
                     if self._tail_frames >= self._opts.close_checkpoint_frames:
-                        self._checkpoint()
+                        self._try_checkpoint()
             finally:
                 if self._indexes is not None:
                     self._indexes.close(None if self.readonly or self._broken else self._table)
                     self._indexes = None
-                self._file.close()
-                for f in self._retired:
-                    f.close()
-                for t in (self._table, *self._retired_tables):
-                    t.close()
+                for view in (self._view, *self._retired):
+                    view.close()  # its table and file: the current one is self._file
 
     def __enter__(self) -> Capsule:
         return self

@@ -5,9 +5,16 @@ sees yet (``O_TMPFILE``): the same frames (ids, versions, validity, event and co
 times) and the same stored vectors, but payloads regrouped into upgraded blocks (frames
 that a codec upgrade already moved keep their block, copied as it is) and none of the
 dead bytes: superseded segments and checkpoints, old copies of the lexical index,
-blocks an upgrade replaced. The new file holds only COMMIT, BLOCK, VECTORS, DICT and
-RELOCATE records, so it is valid by the same rules as any capsule [F-17]; commits name
-no blocks there, because the file is complete and synced before it gets a name.
+blocks an upgrade replaced. The new file holds only COMMIT, BLOCK, VECTORS, DICT,
+RELOCATE and LEXFILE records, so it is valid by the same rules as any capsule [F-17];
+commits name no blocks there, because the file is complete and synced before it gets a
+name.
+
+A rewrite must never be bigger than what it replaces, so it writes each thing once in
+its final shape: the vectors of a window of commits go into one VECTORS record (small
+records would be folded again by the next checkpoint, doubling their bytes), and the
+lexical index copy that the source's checkpoint names is carried over as it is (a fresh
+copy of the working index may be larger, and a capsule without one must rebuild it).
 
 ``Capsule.compact`` and ``Capsule.branch`` (``engine/capsule.py``) drive it.
 """
@@ -23,7 +30,7 @@ import msgspec
 from . import codecs
 from . import format as fmt
 from .errors import Cancelled, StorageError
-from .fileio import OsFile
+from .fileio import CAPSULE_MODE, OsFile
 from .log import read_meta, read_record
 from .retention import PURGED
 
@@ -58,6 +65,8 @@ class Rewriter:
         self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
         self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
         self.tainted: set[int] = set()
+        self._vec_ids: list[int] = []  # vectors of the window's commits, written with its last
+        self._vec_rows: list[bytes] = []
 
     def _put(self, kind: int, body: bytes) -> int:
         """Append a record (sealed at its offset when encrypted); returns the offset and
@@ -132,7 +141,7 @@ class Rewriter:
             frames = t.frames[self.next_id : end_id]
             where = self._payloads(frames, level)
             for s in range(self.seq + 1, hi + 1):
-                self._commit(s, where)
+                self._commit(s, where, last=s == hi)
         _check(cancel)
 
     def _payloads(self, frames: list[fmt.FrameMeta], level: int) -> dict[int, tuple[int, int]]:
@@ -177,7 +186,8 @@ class Rewriter:
             where[m.id] = (at, m.start)
         return where
 
-    def _commit(self, seq: int, where: dict[int, tuple[int, int]]) -> None:
+    def _commit(self, seq: int, where: dict[int, tuple[int, int]], *, last: bool) -> None:
+        """Copy commit ``seq``; its vectors wait for the window's ``last`` commit."""
         src = self.src
         info = src._table.commits[seq - 1]
         rec = read_meta(src._file, info.offset, fmt.COMMIT, fmt.CommitRecord)
@@ -192,19 +202,20 @@ class Rewriter:
                 continue
             block, start = where.get(m.id, (-1, 0))
             frames.append(msgspec.structs.replace(m, block=block, start=start))
-        vectors = []
         for ref in rec.vectors:
             rh, body = read_record(src._file, ref.offset, fmt.VECTORS)
             stored = fmt.meta_body(rh, body, fmt.VectorsRecord, offset=ref.offset)
-            if any(i in expired for i in stored.ids):
-                keep = [n for n, i in enumerate(stored.ids) if i not in expired]
-                if not keep:
-                    continue
+            if stored.ids:
                 width = len(stored.data) // len(stored.ids)
-                body = fmt.pack(fmt.VectorsRecord([stored.ids[n] for n in keep],
-                                                  b"".join(stored.data[n * width : (n + 1) * width] for n in keep)))
-            at = self._put(fmt.VECTORS, body)
+                for n, fid in enumerate(stored.ids):
+                    if fid not in expired:
+                        self._vec_ids.append(fid)
+                        self._vec_rows.append(stored.data[n * width : (n + 1) * width])
+        vectors = []
+        if last and self._vec_ids:
+            at = self._put(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(self._vec_ids, b"".join(self._vec_rows))))
             vectors.append(fmt.BlockRef(at, self.last_crc))
+            self._vec_ids, self._vec_rows = [], []
         if not frames and not vectors and rec.rewind is None and rec.rules is None:
             vectors = self._keep_commit()
         out = fmt.CommitRecord(seq, info.time, self.last_commit, frames, [], vectors, rec.rewind, rec.rules)
@@ -219,6 +230,17 @@ class Rewriter:
         the format forbids [F-10]: it keeps its place in history with an empty VECTORS."""
         at = self._put(fmt.VECTORS, fmt.pack(fmt.VectorsRecord([], b"")))
         return [fmt.BlockRef(at, self.last_crc)]
+
+    def copy_lexfiles(self, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Carry the source checkpoint's copy of the lexical index over (``stored``: its
+        ``extra["lex"]``); returns the same entry with the offsets here."""
+        if not stored:
+            return None
+        files = {}
+        for name, (offset, length) in stored["files"].items():
+            _, body = read_record(self.src._file, offset, fmt.LEXFILE)
+            files[name] = [self._put(fmt.LEXFILE, body), length]
+        return {**stored, "files": files}
 
     def finish(self) -> int:
         """Mark every frame as considered by upgrades, flush and fsync; returns the size."""
@@ -236,7 +258,7 @@ def _check(cancel: threading.Event | None) -> None:
 def unnamed(directory: str) -> OsFile:
     """A new, locked file in ``directory`` with no name yet (see ``OsFile.create``)."""
     try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, CAPSULE_MODE)
     except OSError as e:
         raise StorageError("create", directory, e) from e
     f = OsFile(os.path.join(directory, "(unnamed)"), fd)

@@ -22,11 +22,13 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
 from typing import Any, Protocol
 
 from .errors import CapsuleExists, CapsuleLocked, StorageError
 
+CAPSULE_MODE = 0o600  # a capsule holds what its owner wrote: nobody else reads it
 PID_LOCK_BYTE = 1 << 62  # POSIX locks may cover bytes past EOF; the file never gets there
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux (x86-64 and aarch64)
 
@@ -69,14 +71,14 @@ class OsFile:
         if os.path.lexists(path):
             raise CapsuleExists(f"{path} already exists")
         try:
-            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, CAPSULE_MODE)
             anonymous = True
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise StorageError("create", path, e) from e
             anonymous = False  # filesystem without O_TMPFILE: plain exclusive create
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, CAPSULE_MODE)
             except FileExistsError:
                 raise CapsuleExists(f"{path} already exists") from None
         f = cls(path, fd)
@@ -134,6 +136,25 @@ class OsFile:
     def identity(self) -> tuple[int, int]:
         st = os.fstat(self.fd)
         return st.st_dev, st.st_ino
+
+    def keep_mode_of(self, other: OsFile) -> None:
+        """Give this file ``other``'s permission bits and, where allowed, its group and
+        owner: a rewrite must not widen (or narrow) who may read a capsule."""
+        try:
+            st = os.fstat(other.fd)
+            os.fchmod(self.fd, stat.S_IMODE(st.st_mode))
+        except OSError as e:
+            raise StorageError("chmod", self.path, e) from e
+        with contextlib.suppress(PermissionError):
+            os.fchown(self.fd, st.st_uid, st.st_gid)
+
+    def still_at(self, path: str) -> bool:
+        """Whether ``path`` still names this file (not moved, not replaced)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity()
 
     def lock(self) -> None:
         """Take the writer lock or raise ``CapsuleLocked`` naming the holder."""

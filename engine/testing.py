@@ -167,7 +167,5 @@ class CrashFile(_Wrapper):
 def process_death(cap: Any) -> None:
     """Release what the kernel releases when a process dies (descriptors: the capsule
     file, the frame tables' spill files) and nothing a close would write."""
-    for f in (cap._file, *cap._retired):  # noqa: SLF001 - a test seam into the capsule
-        f.close()
-    for t in (cap._table, *cap._retired_tables):  # noqa: SLF001
-        t.close()
+    for view in (cap._view, *cap._retired):  # noqa: SLF001 - a test seam into the capsule
+        view.close()

@@ -77,9 +77,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the daemon lands: ingest a few source files, then show history and time travel."""
+    """Ingest the engine's own source files into a new capsule, then show history and
+    time travel. An existing file is never discarded without ``--replace``."""
     path = Path(args.capsule)
-    if path.exists():
+    if os.path.lexists(path):
+        if not args.replace:
+            raise SystemExit(f"{path} exists: the demo builds a new capsule. Choose another --capsule, "
+                             "or pass --replace to discard it")
         path.unlink()
     src = sorted(Path(engine.__file__).parent.glob("*.py"))
     with engine.create(path) as cap:
@@ -359,9 +363,13 @@ def cmd_compact(args: argparse.Namespace) -> int:
                   f"{report['saved']} bytes saved (reclaimed by the next compaction); "
                   f"file {before} -> {after} bytes" + (" (stopped: puts were arriving)" if report.get("busy") else ""))
         else:
-            share = (f" ({(before - after) / before:.0%} reclaimed)" if after <= before else
-                     " (nothing to reclaim: the rewritten indexes and checkpoint are a little larger)")
-            print(f"compacted: {before} -> {after} bytes{share}; "
+            ckpt = report.get("checkpoint_bytes")
+            if after <= before:
+                share = f"{before - after} bytes ({(before - after) / before:.0%}) reclaimed"
+            else:  # nothing was dead: what grew is the checkpoint that makes opening fast
+                share = (f"{after - before} bytes more: nothing was dead, and the new checkpoint "
+                         f"({ckpt} bytes) indexes every frame so the capsule opens without replaying its log")
+            print(f"compacted: {before} -> {after} bytes, {share}; "
                   f"{report.get('frames', '?')} frames, {report.get('commits', '?')} commits kept")
 
     _emit(args, report, human)
@@ -671,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     m = sub.add_parser("demo", help="build a small capsule and show history and time travel")
-    m.add_argument("--capsule", default="demo.mv2")
+    m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
+    m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")
     m.set_defaults(func=cmd_demo)
     return p
 

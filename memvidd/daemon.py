@@ -18,6 +18,7 @@ acknowledged was durable already; a put staged but not yet acknowledged is commi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -133,21 +134,38 @@ def _open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | Non
         block_cache_bytes=cfg.cache.block_bytes,
     )
     if not os.path.exists(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(Path(path).parent)
         model = None if cfg.embedding.model == "none" else cfg.embedding.model
         log.info("creating capsule name=%s path=%s model=%s", c.name, path, model)
         cap = engine.create(path, model=model, embedder=embedder, passphrase=passphrase, **options)
     else:
+        # Opened once and nothing written before the first put: a daemon starts (and
+        # serves reads) on a full disk.
         cap = engine.open(path, passphrase=passphrase, **options)
-        model = (cap.stats()["vectors"] or {}).get("model")
-        cap.close()
-        if embedder is not None and model != embedder.model:
-            log.warning("capsule name=%s is bound to model=%s, not %s: semantic search off for it",
-                        c.name, model, embedder.model)
-            embedder = None
-        cap = engine.open(path, embedder=embedder, passphrase=passphrase, **options)
+        try:
+            if embedder is not None and cap.model == embedder.model:
+                cap.attach_embedder(embedder)
+            elif embedder is not None:
+                log.warning("capsule name=%s is bound to model=%s, not %s: semantic search off for it",
+                            c.name, cap.model, embedder.model)
+        except BaseException:
+            cap.close()
+            raise
     cap.find("", k=0)  # attach the search indexes now, so the first query is fast
     return cap
+
+
+def private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700: what they will hold (capsules,
+    their names) is nobody else's business. Existing directories are left as they are."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)  # the umask may have narrowed what mkdir gave
 
 
 class Daemon:
