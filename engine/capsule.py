@@ -1665,21 +1665,22 @@ class Capsule:
             view = None if cached_only else self._pin()
         finally:
             self._lock.release()
-        used = self._resolve_mode(mode, ix)
-        # Live queries are keyed by "now" (None) so re-warming can find them after a commit.
-        key = (query, k, used, filters.key(), None if as_of is None else seq, snippet_chars, all_versions)
-        hit = ix.results.get((key, generation))
-        if hit is not None:
-            ix.recent[key] += 1
-            return Hits(list(hit), mode=used, seq=seq, warnings=hit.warnings, cached=True)
-        if view is None:
-            return None  # type: ignore[return-value]
         try:
+            used = self._resolve_mode(mode, ix)
+            # Live queries are keyed by "now" (None) so re-warming can find them after a commit.
+            key = (query, k, used, filters.key(), None if as_of is None else seq, snippet_chars, all_versions)
+            hit = ix.results.get((key, generation))
+            if hit is not None:
+                ix.recent[key] += 1
+                return Hits(list(hit), mode=used, seq=seq, warnings=hit.warnings, cached=True)
+            if view is None:
+                return None  # type: ignore[return-value]
             if not query.strip() or k == 0:
                 return Hits([], mode=used, seq=seq, warnings=warnings + (["empty query"] if not query.strip() else []))
             hits = self._search(ix, view, query, k, used, filters, seq, snippet_chars, all_versions, warnings)
         finally:
-            self._unpin(view)
+            if view is not None:
+                self._unpin(view)
         ix.results.put((key, generation), hits)
         ix.recent[key] += 1
         return hits

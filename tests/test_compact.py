@@ -474,3 +474,13 @@ def test_a_pinned_view_outlives_compactions_then_gives_its_file_back(tmp_path):
             assert view.text(before) == "pinned 7 " * 40
         assert old_files() == 0
         assert cap.get(ids[8]).text == "pinned 8 " * 40
+        # Every way a read ends gives its pin back: a cache hit, a bad argument, an error.
+        cap.find("pinned", mode="lex")
+        assert cap.find("pinned", mode="lex").cached
+        with pytest.raises(engine.InvalidArgument):
+            cap.find("pinned", mode="vec")
+        with pytest.raises(engine.NotFound):
+            cap.get(uri="p://nothing")
+        cap.changes(0)
+        cap.timeline()
+        assert cap._view.pins == 0
