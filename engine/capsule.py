@@ -1724,10 +1724,14 @@ class Capsule:
             if fresh:
                 ix.discard_working_copies()
             lex = self._ckpt.extra.get("lex")
-            ix.attach(
-                self._table, self._text_of, lex, self._read_lexfile,
-                self._all_vectors, self._vectors_since,
-            )
+            try:
+                ix.attach(
+                    self._table, self._text_of, lex, self._read_lexfile,
+                    self._all_vectors, self._vectors_since,
+                )
+            except BaseException:
+                ix.close(None)  # gives back its hold on the working copies
+                raise
             for fid, v in self._ready_vectors.items():  # embedded, not yet committed
                 ix.add_vectors([fid], v[None, :])
             self._indexes = ix
