@@ -22,8 +22,10 @@ from .errors import (
     NotFound,
     ReadOnlyError,
     StorageError,
+    UnsafeDirectory,
     WrongPassphrase,
 )
+from .fileio import private_dir
 from .format import READ_VERSION, WRITE_VERSION
 from .keymap import KeyMap, halves
 from .search import Hit, Hits
@@ -35,5 +37,5 @@ __all__ = [
     "CapsuleExists", "CapsuleLocked", "CorruptionError", "EngineError", "FormatVersionError",
     "Frame", "FrameInfo", "InvalidArgument", "NotACapsule", "NotFound", "ReadOnlyError",
     "Report", "StorageError", "create", "doctor", "open", "verify", "KdfParams", "WrongPassphrase",
-    "read_passphrase", "Cancelled", "KeyMap", "halves",
+    "read_passphrase", "Cancelled", "KeyMap", "halves", "UnsafeDirectory", "private_dir",
 ]

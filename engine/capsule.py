@@ -59,6 +59,15 @@ from .table import FOREVER, FrameTable
 from .vectors import as_vector, pack_vectors, unpack_vectors
 
 MAX_PAYLOAD = 256 << 20
+# Frame metadata limits, in UTF-8 bytes (docs/format.md [F-09]): a put past one is refused
+# before anything is written. Generous for real input (a percent-encoded PATH_MAX path
+# fits a URI), small enough that no frame can make its metadata or index entries huge.
+MAX_URI_BYTES = 16 << 10  # also the parent URI
+MAX_TITLE_BYTES = 4 << 10
+MAX_KIND_BYTES = 256
+MAX_TAGS = 256
+MAX_TAG_KEY_BYTES = 256
+MAX_TAG_VALUE_BYTES = 4 << 10
 MUTABLE_LEX_FILES = {"meta.json", ".managed.json"}  # Tantivy rewrites these in place
 LEX_COPY_MIN_FRAMES = 2048  # copy the lexical index into the capsule after this much growth
 SMALL_VECTOR_RECORD = 64  # VECTORS records with fewer vectors are folded at checkpoints
@@ -381,6 +390,26 @@ def _utf8(name: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidArgument(f"{name} is not valid Unicode text (character {e.start})") from None
+
+
+def _check_sizes(meta: Mapping[str, Any]) -> None:
+    """Refuse frame metadata past the limits (``MAX_URI_BYTES`` and the others)."""
+    for name, limit in (("uri", MAX_URI_BYTES), ("parent", MAX_URI_BYTES), ("title", MAX_TITLE_BYTES),
+                        ("kind", MAX_KIND_BYTES)):
+        _fits(name, meta[name], limit)
+    tags = meta["tags"]
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"{len(tags)} tags exceed the limit of {MAX_TAGS} tags")
+    for k, v in tags.items():
+        _fits("a tag key", k, MAX_TAG_KEY_BYTES)
+        _fits(f"tag {k!r}", v, MAX_TAG_VALUE_BYTES)
+
+
+def _fits(name: str, value: str | None, limit: int) -> None:
+    if value is not None and len(value) * 4 > limit:  # only long text can be too long
+        size = len(value.encode("utf-8"))
+        if size > limit:
+            raise InvalidArgument(f"{name} of {size} bytes exceeds the limit of {limit} bytes")
 
 
 def _tags(value: Any) -> dict[str, str]:
@@ -725,6 +754,7 @@ class Capsule:
             expires=None if expires is None else (
                 time.time() + expires.total_seconds() if isinstance(expires, _dt.timedelta) else _timestamp(expires)),
         )
+        _check_sizes(meta_args)
         vec = None
         if vector is not None:
             if self._vec is None:
@@ -1810,10 +1840,14 @@ class Capsule:
             if fresh:
                 ix.discard_working_copies()
             lex = self._ckpt.extra.get("lex")
-            ix.attach(
-                self._table, self._text_of, lex, self._read_lexfile,
-                self._all_vectors, self._vectors_since,
-            )
+            try:
+                ix.attach(
+                    self._table, self._text_of, lex, self._read_lexfile,
+                    self._all_vectors, self._vectors_since,
+                )
+            except BaseException:
+                ix.close(None)  # gives back its hold on the working copies
+                raise
             for fid, v in self._ready_vectors.items():  # embedded, not yet committed
                 ix.add_vectors([fid], v[None, :])
             self._indexes = ix

@@ -121,5 +121,16 @@ class StorageError(EngineError, OSError):
         return f"{text} (hint: {self.hint})" if self.hint else text
 
 
+class UnsafeDirectory(StorageError):
+    """A directory memvidd keeps private things in (index copies, sockets) could be read or
+    changed by another user: it is refused, never used."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.op, self.cause, self.retryable = "use", PermissionError(_errno.EPERM, reason), False
+        OSError.__init__(self, _errno.EPERM, f"refusing {path}: it {reason}, so another user could read or "
+                                             "replace what memvidd keeps there")
+        self.hint = "remove it, or set XDG_RUNTIME_DIR to a directory of your own (mode 0700)"
+
+
 class CapsuleBroken(EngineError):
     """A write failed and the engine could not restore a clean tail; reopen the capsule."""

@@ -24,9 +24,10 @@ import fcntl
 import os
 import stat
 import struct
+from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CapsuleExists, CapsuleLocked, StorageError
+from .errors import CapsuleExists, CapsuleLocked, StorageError, UnsafeDirectory
 
 CAPSULE_MODE = 0o600  # a capsule holds what its owner wrote: nobody else reads it
 PID_LOCK_BYTE = 1 << 62  # POSIX locks may cover bytes past EOF; the file never gets there
@@ -223,3 +224,45 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(path: str | os.PathLike[str], top: str | os.PathLike[str] | None = None) -> Path:
+    """``path``, a directory only this user can use, and so is each one from ``top``
+    (default: ``path`` itself) down to it; missing ones are made 0700.
+
+    memvidd keeps there what no one else may read or replace (decrypted index copies,
+    sockets), and its fallbacks sit in world-writable /tmp and /dev/shm, where another
+    user could have made the directory first. Each one must be a real directory (not a
+    symlink) owned by this user that no one else can write in (else ``UnsafeDirectory``);
+    one only others' read bits open (as older versions left them) is tightened to 0700.
+    """
+    path, top = Path(path), Path(top if top is not None else path)
+    d = top
+    for name in ("", *path.relative_to(top).parts):
+        d = d / name
+        try:
+            os.mkdir(d, 0o700)  # O_EXCL-like: made here, or checked below like any other
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StorageError("mkdir", str(d), e) from e
+        _check_private(d)
+    return path
+
+
+def _check_private(d: Path) -> None:
+    try:
+        st = os.lstat(d)
+    except OSError as e:
+        raise StorageError("stat", str(d), e) from e
+    uid = os.getuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDirectory(str(d), "is a symbolic link")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(str(d), "is not a directory")
+    if st.st_uid != uid:
+        raise UnsafeDirectory(str(d), f"is owned by uid {st.st_uid}, not by this user (uid {uid})")
+    if st.st_mode & 0o022:
+        raise UnsafeDirectory(str(d), f"has mode {stat.S_IMODE(st.st_mode):04o} (others may write in it)")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)  # ours, and no one else could write in it: nothing there is theirs

@@ -13,6 +13,7 @@ rebuilt.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +25,23 @@ from tantivy import Document, FieldType, Occur, Query
 from .format import FrameMeta
 from .table import FOREVER
 
-SCHEMA_VERSION = 2  # 2: title folded into the text field
+SCHEMA_VERSION = 3  # 2: title folded into the text field; 3: URI prefixes capped, URI blocks
 MAX_QUERY_CHARS = 4096  # a longer query is cut here (and says so): BM25 gains nothing past it
 # The title is indexed as the first line of the text, not as a field of its own: BM25 over
 # separate title and body fields scored ~0.02 nDCG@10 worse on SciFact and Cranfield than
 # one field (bench/search_bench.py), and one field matches the usual BM25 baselines.
 TEXT_FIELDS = ["text"]
 _BOUNDARY = re.compile(r"[/#:?]")
+# URI scopes cost at most linear index space in the URI's length (one long URI once took
+# a daemon to GBs: every prefix of it was a term). A scope ending at a boundary is one
+# term of `uri_pfx`, which holds a URI's first PREFIXES boundary prefixes of at most
+# PREFIX_CHARS characters: every scope of a normal URI, at the cost of one term lookup.
+# Any other scope is matched exactly on `uri_blk`, the URI cut into BLOCK_CHARS-character
+# blocks: a term per whole block of the scope, and a regex for its last, partial block
+# (Tantivy refuses a regex of more than 1000 states, ~250 four-byte characters).
+PREFIXES = 64
+PREFIX_CHARS = 1024
+BLOCK_CHARS = 128
 # Characters Tantivy's query parser reads as syntax (field:, -exclusion, ranges, boosts,
 # fuzziness, grouping). People and agents type questions, not queries: "what's C++?" must
 # search for its words, not fail or exclude. Phrases in "double quotes" and the operators
@@ -52,15 +63,32 @@ def _schema() -> tantivy.Schema:
     sb.add_integer_field("end", indexed=True, fast=True)
     sb.add_float_field("ts", indexed=True, fast=True)
     sb.add_text_field("text", stored=False, tokenizer_name="en_stem")
-    sb.add_text_field("uri", tokenizer_name="raw")
-    sb.add_text_field("uri_pfx", tokenizer_name="raw")  # every prefix ending at / # : ?
+    sb.add_text_field("uri_pfx", tokenizer_name="raw")  # the first prefixes ending at / # : ?
+    sb.add_text_field("uri_blk", tokenizer_name="raw")  # "i:block i of the URI"
     sb.add_text_field("tags", tokenizer_name="raw")  # "key=value" terms
     sb.add_text_field("kind", tokenizer_name="raw")
     return sb.build()
 
 
 def uri_prefixes(uri: str) -> list[str]:
-    return [uri[: m.end()] for m in _BOUNDARY.finditer(uri)] + [uri]
+    """The prefixes of ``uri`` that ``uri_pfx`` holds (see ``PREFIXES``)."""
+    return [uri[: m.end()] for m in itertools.islice(_BOUNDARY.finditer(uri, 0, PREFIX_CHARS), PREFIXES)]
+
+
+def uri_blocks(uri: str) -> list[str]:
+    return [f"{i // BLOCK_CHARS}:{uri[i : i + BLOCK_CHARS]}" for i in range(0, len(uri), BLOCK_CHARS)]
+
+
+def _scope_query(schema: tantivy.Schema, scope: str) -> Any:
+    """The URIs starting with ``scope``, exactly (see ``PREFIXES``)."""
+    if _BOUNDARY.match(scope[-1:]) and len(scope) <= PREFIX_CHARS and len(_BOUNDARY.findall(scope)) <= PREFIXES:
+        return Query.term_query(schema, "uri_pfx", scope)  # one of the URI's indexed prefixes
+    whole, rest = divmod(len(scope), BLOCK_CHARS)
+    blocks = uri_blocks(scope)
+    must = [Query.term_query(schema, "uri_blk", b) for b in blocks[:whole]]
+    if rest:  # (?s): a URI may hold a newline, which a plain "." does not match
+        must.append(Query.regex_query(schema, "uri_blk", re.escape(blocks[whole]) + "(?s:.*)"))
+    return must[0] if len(must) == 1 else Query.boolean_query([(Occur.Must, q) for q in must])
 
 
 class Filters:
@@ -124,7 +152,7 @@ class LexIndex:
         text = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         doc = Document(
             frame_id=m.id, seq=m.seq, end=end, ts=m.timestamp, text=f"{m.title}\n{text}" if m.title else text,
-            uri=m.uri or "", uri_pfx=uri_prefixes(m.uri) if m.uri else [],
+            uri_pfx=uri_prefixes(m.uri) if m.uri else [], uri_blk=uri_blocks(m.uri) if m.uri else [],
             tags=[f"{k}={v}" for k, v in m.tags.items()], kind=m.kind or "",
         )
         self.writer.add_document(doc)
@@ -172,11 +200,8 @@ class LexIndex:
                 must.append(Query.term_query(s, "end", FOREVER))
             else:
                 must.append(Query.range_query(s, "end", FieldType.Integer, seq + 1, FOREVER))
-        if f.scope is not None:
-            if _BOUNDARY.match(f.scope[-1:]):  # ends at a boundary: one indexed prefix term
-                must.append(Query.term_query(s, "uri_pfx", f.scope))
-            else:
-                must.append(Query.regex_query(s, "uri", re.escape(f.scope) + ".*"))
+        if f.scope:  # "" is a prefix of everything, as in ``Filters.match``
+            must.append(_scope_query(s, f.scope))
         for k, v in f.tags.items():
             must.append(Query.term_query(s, "tags", f"{k}={v}"))
         if f.kind is not None:

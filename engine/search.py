@@ -5,7 +5,8 @@ capsule current, and answers ``find``. Both are derived data:
 
 - their working copies live in a cache directory keyed by the capsule id and path, with
   a ``state.json`` recording which commit each one covers and that commit's fingerprint,
-  so a copy from another history is never trusted;
+  so a copy from another history is never trusted; the lexical one in RAM-backed
+  storage, held and reclaimed as ``engine/ramcopies.py`` says;
 - the lexical index's files are also copied into the capsule at checkpoints, so a lost
   working copy is restored, not rebuilt; vectors are stored in the capsule as they are
   committed and the graph is rebuilt from them when its working copy is missing;
@@ -33,11 +34,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from . import ramcopies
 from .cache import LRUCache
 from .embed import cache_root
 from .errors import InvalidArgument
 from .format import PUT, FrameMeta
 from .lexical import SCHEMA_VERSION, Filters, LexIndex
+from .ramcopies import Claim, ram_root
 from .table import FrameTable
 from .vectors import VecIndex
 
@@ -72,34 +75,7 @@ class Hits(list):  # type: ignore[type-arg]
         self.cached = cached
 
 
-def ram_root() -> Path:
-    """Where RAM-backed working copies go: the user's runtime dir, else /dev/shm, else
-    the cache dir (disk) when neither is there."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "memvidd"
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return Path("/dev/shm") / f"memvidd-{os.getuid()}"
-    return cache_root()
-
-
 _serial = itertools.count()
-
-
-def _reap(base: Path) -> None:
-    """Remove the ephemeral copies (``<key>-<pid>-<n>``) of processes that are gone."""
-    if not base.is_dir():
-        return
-    for d in base.iterdir():
-        try:
-            pid = int(d.name.rsplit("-", 2)[1])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, another user's
 
 
 def fingerprint(table: FrameTable, seq: int) -> list[Any]:
@@ -128,16 +104,19 @@ class Indexes:
         self.ephemeral = ephemeral
         key = f"{capsule_id.hex()}-{sha1(os.path.realpath(path).encode()).hexdigest()[:10]}"
         self.root = Path(cache_dir) if cache_dir else cache_root() / "index"
+        self._ram = ram_root()
+        self._in_ram = in_ram = self._ram != cache_root()
+        # Readers' private copies: in RAM-backed storage, beside (not among) shared ones.
+        self._private_root = self._ram / ramcopies.PRIVATE if in_ram and (ephemeral or not cache_dir) \
+            else Path(cache_dir or self.root) / "tmp"
         if ephemeral:
             # Encrypted capsules [F-19]: their decrypted index files live in RAM-backed
             # storage only, only while open (this process's own copy, removed on close;
-            # copies left by a killed process are removed by the next open).
-            base = ram_root()
-            if base == cache_root():
+            # copies left by a killed process are removed by the next reclaim).
+            if not in_ram:
                 raise InvalidArgument("an encrypted capsule needs RAM-backed storage for its search "
                                       "indexes ($XDG_RUNTIME_DIR or /dev/shm); found neither")
-            cache_dir = str(base / "sealed")
-            _reap(Path(cache_dir))
+            cache_dir = str(self._ram / ramcopies.SEALED)
             self.root = Path(cache_dir)
             key = f"{key}-{os.getpid()}-{next(_serial)}"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -147,10 +126,14 @@ class Indexes:
         # searchable against ~4 ms in RAM; losing it on reboot costs a restore from the
         # capsule's own copy, not a rebuild. The vector graph stays on disk: rebuilding
         # it is the expensive one.
-        self.ram_root = Path(cache_dir) if cache_dir else ram_root() / "index"
+        self.ram_root = Path(cache_dir) if cache_dir else self._ram / ramcopies.SHARED
         self.ram_root.mkdir(mode=0o700, parents=True, exist_ok=True)  # index files show content
         self.lex_home = self.ram_root / key
+        # Held while open, so that no reclaim removes it; a shared copy names its capsule,
+        # so that one whose capsule moved away is reclaimed.
+        self._claim = Claim(self.lex_home, None if ephemeral else os.path.realpath(path))
         self._private: Path | None = None  # a reader's own copy, when the shared one lags
+        self._private_claim: Claim | None = None
         self._stored_lex: tuple[dict[str, Any] | None, Callable[[int, int], bytes]] = (None, lambda o, n: b"")
         self.lex: LexIndex | None = None
         self.vec: VecIndex | None = None
@@ -163,8 +146,13 @@ class Indexes:
         self.recent: Counter[tuple[Any, ...]] = Counter()
         self.timings: dict[str, float] = {}
         self.origin: dict[str, str] = {}  # per index: "working-copy", "capsule" or "rebuilt"
+        self._reclaim()
 
     # -- working copies ---------------------------------------------------------------
+
+    def _reclaim(self) -> None:
+        if self._in_ram:  # (else there is no RAM-backed storage, and nothing of ours there)
+            ramcopies.reclaim_all(self._ram)
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -173,8 +161,12 @@ class Indexes:
             return {}
 
     def discard_working_copies(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
-        shutil.rmtree(self.lex_home, ignore_errors=True)
+        for d in (self.home, self.lex_home):  # all but the lock and owner files: still held
+            for p in d.iterdir() if d.is_dir() else ():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.name not in (ramcopies.LOCK, ramcopies.OWNER):
+                    p.unlink(missing_ok=True)
 
     def _write_state(self, table: FrameTable) -> None:
         if self.readonly:
@@ -236,8 +228,7 @@ class Indexes:
         if self.readonly and seq != table.seq:
             # Readers never write the shared copy (a writer may own it, and copying it
             # while Tantivy merges would race): build a private one from the capsule.
-            self._private = Path(tempfile.mkdtemp(prefix="lex-", dir=self._tmp_root()))
-            target = self._private / "lex"
+            target = self._new_private()
             seq = None
         else:
             target = shared
@@ -256,10 +247,12 @@ class Indexes:
         self.lex_seq = seq
         self._catch_up_lex(table, text_of)
 
-    def _tmp_root(self) -> Path:
-        d = self.ram_root / "tmp"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def _new_private(self) -> Path:
+        """A new private copy's directory, held (the index goes in its ``lex``)."""
+        self._private_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._private = Path(tempfile.mkdtemp(prefix="lex-", dir=self._private_root))
+        self._private_claim = Claim(self._private)
+        return self._private / "lex"
 
     def _catch_up_lex(self, table: FrameTable, text_of: Callable[[FrameMeta], str]) -> None:
         lex, since = self.lex, self.lex_seq
@@ -323,8 +316,7 @@ class Indexes:
     def _go_private(self, table: FrameTable, text_of: Callable[[FrameMeta], str]) -> None:
         """A reader's index must change: leave the shared copy, which it may not write,
         for a private one restored from the capsule and caught up."""
-        self._private = Path(tempfile.mkdtemp(prefix="lex-", dir=self._tmp_root()))
-        target = self._private / "lex"
+        target = self._new_private()
         target.mkdir()
         stored, read_file = self._stored_lex
         self.lex_seq = 0
@@ -365,16 +357,22 @@ class Indexes:
         self._write_state(table)
 
     def close(self, table: FrameTable | None) -> None:
-        if table is not None and not self.readonly:
-            self.save(table)
-        if self.lex is not None:
-            self.lex.close()
-            self.lex = None
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
-        if self.ephemeral:
-            self.discard_working_copies()
+        try:
+            if table is not None and not self.readonly:
+                self.save(table)
+            if self.lex is not None:
+                self.lex.close()
+                self.lex = None
+            if self._private is not None:
+                shutil.rmtree(self._private, ignore_errors=True)
+                self._private = None
+            if self.ephemeral:
+                self.discard_working_copies()
+        finally:
+            for claim in (self._claim, self._private_claim):
+                if claim is not None:
+                    claim.release()
+        self._reclaim()
 
     # -- querying ---------------------------------------------------------------------
 
@@ -393,6 +391,8 @@ class Indexes:
     def stats(self) -> dict[str, Any]:
         return {
             "lexical": {"working_copy": str(self.lex.directory) if self.lex else None, "covers_seq": self.lex_seq},
+            # All working copies in RAM-backed storage (this process's and others'): memory.
+            "ram_copies": {"dir": str(self._ram), **ramcopies.usage(self._ram)} if self._in_ram else None,
             "semantic": {"vectors": len(self.vec) if self.vec else 0, "dim": self.dim},
             "caches": {
                 "results": self.results.stats(),

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from engine import MODELS
+from engine import MODELS, private_dir
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -110,11 +110,32 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
+TMP = "/tmp"
+
+
+def runtime_dir() -> str:
+    """``$XDG_RUNTIME_DIR``, else memvidd's fallback ``/tmp/memvidd-$UID``."""
+    return os.environ.get("XDG_RUNTIME_DIR") or os.path.join(TMP, f"memvidd-{os.getuid()}")
+
+
+def private_socket_dir(path: str) -> None:
+    """Make the directory of socket ``path`` one only this user can use (missing parts
+    made 0700), else ``ConfigError``: another user able to write there could replace the
+    socket. Under the runtime directory, that directory and each one down to the
+    socket's are checked (the fallback in /tmp is where a neighbour could make it first)."""
+    parent, runtime = os.path.dirname(os.path.abspath(path)), os.path.abspath(runtime_dir())
+    top = runtime if os.path.commonpath([parent, runtime]) == runtime else parent
+    try:
+        private_dir(parent, top=top)
+    except OSError as e:  # UnsafeDirectory (a StorageError), or a failed mkdir
+        raise ConfigError(f"socket {path}: {e}") from None
+
+
 def expand(value: str) -> str:
     """``~`` and ``$VARS`` expanded, with the XDG base directories' documented fallbacks."""
     home = os.path.expanduser("~")
     env = {
-        "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memvidd-{os.getuid()}",
+        "XDG_RUNTIME_DIR": runtime_dir(),
         "XDG_DATA_HOME": os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"),
         "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
         "XDG_CONFIG_HOME": os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),

@@ -36,7 +36,7 @@ import trio
 import engine
 
 from . import __version__, systemd
-from .config import CapsuleConfig, Config, ConfigError, expand, load
+from .config import CapsuleConfig, Config, ConfigError, expand, load, private_socket_dir
 from .events import EventServer
 from .indexer import Indexer
 from .memory import fix_mmap_threshold, serve_trim
@@ -63,8 +63,7 @@ def raise_fd_limit() -> None:
 def unix_listener(path: str) -> trio.SocketListener:
     """Bind ``path`` (directory 0700, socket 0600), replacing a stale socket, never a file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(p.parent, 0o700)
+    private_socket_dir(path)
     try:
         if stat.S_ISSOCK(os.lstat(p).st_mode):
             probe = socket.socket(socket.AF_UNIX)
@@ -353,7 +352,7 @@ def run(cfg: Config) -> int:
         return trio.run(Daemon(cfg).run)
     except BaseException as raised:  # noqa: BLE001 - re-raised unless it is a start-up refusal
         e = _sole(raised)
-        if isinstance(e, ConfigError):
+        if isinstance(e, (ConfigError, engine.UnsafeDirectory)):
             log.error("%s", e)
             return 2
         if isinstance(e, engine.CapsuleLocked):
