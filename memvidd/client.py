@@ -64,7 +64,7 @@ class _Requests:
     def __init__(self, max_frame: int) -> None:
         self._ids = itertools.count(1)
         self.max_frame = max_frame  # of a reply this client reads
-        self.server: p.HelloReply | None = None
+        self.server = p.HelloReply()  # the protocol's defaults until hello says more (max_put 0: unchecked)
 
     def _id(self) -> int:
         return next(self._ids)
@@ -73,11 +73,11 @@ class _Requests:
         """``req`` as a frame, unless the daemon would refuse it by the bounds of the
         protocol and the limits it announced at hello: then its error, raised here (a frame
         over ``max_frame`` would also cost the connection)."""
-        why = p.problem(req, self.server.max_put if self.server is not None else 0)
+        why = p.problem(req, self.server.max_put)
         if why is not None:
             raise RemoteError(p.Error(id=req.id, code=p.BAD_REQUEST, message=why))
         body = p.encoder.encode(req)
-        if self.server is not None and len(body) > self.server.max_frame:
+        if len(body) > self.server.max_frame:
             raise RemoteError(p.Error(id=req.id, code=p.FRAME_TOO_LARGE,
                                       message=str(FrameTooLarge(len(body), self.server.max_frame))))
         return pack(body)
