@@ -2,7 +2,9 @@
 
 Both have the same methods; each builds a request, sends it, and returns the reply's
 useful part (or raises ``RemoteError``). ``tail`` yields frames until the connection is
-closed::
+closed. Both refuse a socket that another user serves (``ForeignPeer``) before sending
+anything, and refuse a request the daemon would refuse for its size (from the limits it
+announced at hello) with the daemon's own error, without sending it::
 
     with Client("/run/user/1000/memvidd/memvidd.sock") as c:
         c.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
@@ -18,10 +20,14 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgspec
 import trio
 
 from . import protocol as p
-from .framing import FrameReader, pack, recv_frame, send_frame
+from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack, recv_frame
+from .peer import ForeignPeer, check_server
+
+__all__ = ["AsyncClient", "Client", "ConnectionLost", "ForeignPeer", "RemoteError", "default_socket"]
 
 
 class RemoteError(Exception):
@@ -35,7 +41,11 @@ class RemoteError(Exception):
 
 
 class ConnectionLost(Exception):
-    """The daemon closed the connection before replying."""
+    """The daemon closed the connection before replying (or sent what cannot be read: the
+    connection is closed then, as nothing after it could be trusted)."""
+
+
+UNREADABLE = (FrameTooLarge, TruncatedFrame, msgspec.DecodeError, msgspec.ValidationError)
 
 
 def default_socket() -> str:
@@ -51,11 +61,31 @@ def default_socket() -> str:
 class _Requests:
     """Request construction shared by both clients: each method returns (request, unwrap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int) -> None:
         self._ids = itertools.count(1)
+        self.max_frame = max_frame  # of a reply this client reads
+        self.server = p.HelloReply()  # the protocol's defaults until hello says more (max_put 0: unchecked)
 
     def _id(self) -> int:
         return next(self._ids)
+
+    def _frame(self, req: Any) -> bytes:
+        """``req`` as a frame, unless the daemon would refuse it by the bounds of the
+        protocol and the limits it announced at hello: then its error, raised here (a frame
+        over ``max_frame`` would also cost the connection)."""
+        why = p.problem(req, self.server.max_put)
+        if why is not None:
+            raise RemoteError(p.Error(id=req.id, code=p.BAD_REQUEST, message=why))
+        body = p.encoder.encode(req)
+        if len(body) > self.server.max_frame:
+            raise RemoteError(p.Error(id=req.id, code=p.FRAME_TOO_LARGE,
+                                      message=str(FrameTooLarge(len(body), self.server.max_frame))))
+        return pack(body)
+
+    def _greeted(self, hello: p.HelloReply) -> p.HelloReply:
+        self.server = hello
+        self.max_frame = max(self.max_frame, hello.max_frame)  # the daemon's replies stay within it
+        return hello
 
     def _put(self, text: str | bytes, **kw: Any) -> p.Put:
         if isinstance(text, bytes):
@@ -66,9 +96,17 @@ class _Requests:
         return p.PutMany(id=self._id(), capsule=capsule, items=[p.PutItem(**i) for i in items])
 
 
-def _check(reply: Any) -> Any:
+def _decode(body: bytes) -> Any:
+    """A reply, or its ``RemoteError``."""
+    reply = p.reply_decoder.decode(body)
     if isinstance(reply, p.Error):
         raise RemoteError(reply)
+    return reply
+
+
+def _expected(reply: Any) -> Any:
+    if reply is None:
+        raise ConnectionLost("the daemon closed the connection")
     return reply
 
 
@@ -76,27 +114,41 @@ class Client(_Requests):
     """A blocking client over one connection. Not thread-safe: one per thread."""
 
     def __init__(self, path: str | None = None, *, timeout: float | None = 30.0, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
-        super().__init__()
+        super().__init__(max_frame)
         self.path = path or default_socket()
-        self.max_frame = max_frame
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
-        except OSError:
+            check_server(self.sock, self.path)
+            self.hello()
+        except BaseException:
             self.sock.close()
             raise
-        self.server = self.hello()
+
+    def _send(self, req: Any) -> None:
+        try:
+            self.sock.sendall(self._frame(req))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon hung up: its last word (the error why) may still be there to read
+
+    def _reply(self) -> Any:
+        """The next message from the daemon; ``None`` when it closed the connection."""
+        try:
+            body = recv_frame(self.sock, self.max_frame)
+            return None if body is None else _decode(body)
+        except ConnectionResetError:
+            return None
+        except UNREADABLE as e:
+            self.close()
+            raise ConnectionLost(f"unreadable reply from the daemon: {e}") from e
 
     def _call(self, req: Any) -> Any:
-        send_frame(self.sock, p.encoder.encode(req))
-        body = recv_frame(self.sock, self.max_frame)
-        if body is None:
-            raise ConnectionLost("the daemon closed the connection")
-        return _check(p.reply_decoder.decode(body))
+        self._send(req)
+        return _expected(self._reply())
 
     def hello(self) -> p.HelloReply:
-        return self._call(p.Hello(id=self._id(), client="memvidd.client"))
+        return self._greeted(self._call(p.Hello(id=self._id(), client="memvidd.client")))
 
     def put(self, text: str | bytes, **kw: Any) -> int:
         return self._call(self._put(text, **kw)).frame_ids[0]
@@ -155,13 +207,12 @@ class Client(_Requests):
     def tail(self, **kw: Any) -> Iterator[p.FrameOut]:
         """Frames as they are committed, until the daemon ends the stream or the
         connection is closed. The connection is used up by this call."""
-        send_frame(self.sock, p.encoder.encode(p.Tail(id=self._id(), **kw)))
+        self._send(p.Tail(id=self._id(), **kw))
         self.sock.settimeout(None)
         while True:
-            body = recv_frame(self.sock, self.max_frame)
-            if body is None:
+            msg = self._reply()
+            if msg is None:
                 return
-            msg = _check(p.reply_decoder.decode(body))
             if isinstance(msg, p.TailEnd):
                 raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
             if isinstance(msg, p.TailEvent) and msg.frame is not None:
@@ -181,29 +232,51 @@ class AsyncClient(_Requests):
     """The same methods, for trio: ``async with await AsyncClient.connect(path) as c``."""
 
     def __init__(self, stream: trio.SocketStream, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
-        super().__init__()
+        super().__init__(max_frame)
         self.stream = stream
         self.reader = FrameReader(stream, max_frame)
         self.lock = trio.Lock()
-        self.server: p.HelloReply | None = None
 
     @classmethod
     async def connect(cls, path: str | None = None) -> AsyncClient:
-        stream = await trio.open_unix_socket(path or default_socket())
-        c = cls(stream)
-        c.server = await c.hello()
+        path = path or default_socket()
+        stream = await trio.open_unix_socket(path)
+        try:
+            check_server(stream.socket, path)  # type: ignore[arg-type]
+            c = cls(stream)
+            await c.hello()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return c
+
+    async def _send(self, req: Any) -> None:
+        frame = self._frame(req)
+        try:
+            await self.stream.send_all(frame)
+        except trio.BrokenResourceError:
+            pass  # the daemon hung up: its last word (the error why) may still be there to read
+
+    async def _reply(self) -> Any:
+        """The next message from the daemon; ``None`` when it closed the connection."""
+        try:
+            body = await self.reader.read()
+            return None if body is None else _decode(body)
+        except trio.BrokenResourceError:
+            return None
+        except UNREADABLE as e:
+            await trio.aclose_forcefully(self.stream)
+            raise ConnectionLost(f"unreadable reply from the daemon: {e}") from e
 
     async def _call(self, req: Any) -> Any:
         async with self.lock:
-            await self.stream.send_all(pack(p.encoder.encode(req)))
-            body = await self.reader.read()
-        if body is None:
-            raise ConnectionLost("the daemon closed the connection")
-        return _check(p.reply_decoder.decode(body))
+            await self._send(req)
+            return _expected(await self._reply())
 
     async def hello(self) -> p.HelloReply:
-        return await self._call(p.Hello(id=self._id(), client="memvidd.client/async"))
+        hello = self._greeted(await self._call(p.Hello(id=self._id(), client="memvidd.client/async")))
+        self.reader.limit = self.max_frame
+        return hello
 
     async def put(self, text: str | bytes, **kw: Any) -> int:
         return (await self._call(self._put(text, **kw))).frame_ids[0]
@@ -253,12 +326,11 @@ class AsyncClient(_Requests):
         return await self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
 
     async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
-        await self.stream.send_all(pack(p.encoder.encode(p.Tail(id=self._id(), **kw))))
+        await self._send(p.Tail(id=self._id(), **kw))
         while True:
-            body = await self.reader.read()
-            if body is None:
+            msg = await self._reply()
+            if msg is None:
                 return
-            msg = _check(p.reply_decoder.decode(body))
             if isinstance(msg, p.TailEnd):
                 raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
             if isinstance(msg, p.TailEvent) and msg.frame is not None:

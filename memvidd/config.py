@@ -41,7 +41,8 @@ class Durability(Base):
 class Limits(Base):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 16 << 20
     max_put_bytes: Annotated[int, msgspec.Meta(ge=1, le=256 << 20)] = 8 << 20
-    max_connections: Positive = 1024
+    max_connections: Positive = 1024  # on each socket
+    max_buffer_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 34)] = 256 << 20  # all clients' bytes held
     tail_buffer: Positive = 1024  # events queued for one tail subscriber before it is dropped
 
 

@@ -214,6 +214,7 @@ class Daemon:
                 self.services, cfg.default_capsule.name, max_frame=cfg.limits.max_frame_bytes,
                 max_put=cfg.limits.max_put_bytes, max_connections=cfg.limits.max_connections,
                 tail_buffer=cfg.limits.tail_buffer, version=f"memvidd {__version__}",
+                max_buffer=cfg.limits.max_buffer_bytes,
             )
             queries = self.queries
 

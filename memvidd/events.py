@@ -9,6 +9,10 @@ else is read as length-prefixed msgpack ``put``/``put_many`` messages and answer
 protocol replies. Events on one connection are staged in order and acknowledged in order;
 a bad line gets an error line (``{"ok":false,"line":N,"error":...}``) and the stream goes
 on; nothing after a bad line is lost.
+
+Resource handling: at most ``max_connections`` connections (a refused one gets one error
+line); lines and frames are held in the daemon's shared budget of client bytes, and a
+line that does not fit gets a retryable error line and is skipped without being kept.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import aclosing
-import os
 from typing import Any, NoReturn
 
 import msgspec
@@ -25,9 +28,11 @@ import trio
 import engine
 
 from . import protocol as p
-from .framing import FrameReader, pack
+from .budget import OverBudget, Share
+from .framing import FrameReader
 from .service import WriteOp
-from .server import Connection, QueryServer, connection_ended, error_reply, peer_uid, put_item, ready, requests
+from .server import (Connection, QueryServer, check, connection_ended, error_reply, put_item, ready, refuse, requests,
+                     unaffordable)
 
 log = logging.getLogger("memvidd.events")
 EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "expires", "capsule"}
@@ -39,39 +44,74 @@ class LineTooLong(Exception):
 
 
 class LineReader:
-    def __init__(self, stream: trio.abc.ReceiveStream, limit: int, initial: bytes = b"") -> None:
+    """Lines from a stream, each at most ``limit`` bytes. The buffer is covered by the
+    connection's ``share`` of the budget as it grows; a line returned stays held there
+    (``last`` bytes) until its acknowledgement is ready. A line too long or over the
+    budget raises at once (so that its error line is sent at once), and the next ``read``
+    first drops the rest of it, up to its newline, without keeping it."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int, share: Share, initial: bytes = b"") -> None:
         self.stream = stream
         self.limit = limit
+        self.share = share
         self.buf = bytearray(initial)
+        self.last = 0
+        self._scanned = 0  # no newline before this offset of buf: each byte is searched once
+        self._skipping = False  # the rest of a refused line is still to be dropped
 
     async def read(self) -> bytes | None:
         """The next line (without its newline); ``None`` at the end of the stream."""
+        if self._skipping:
+            await self._skip_line()
+        self.share.trim(len(self.buf))
         while True:
-            i = self.buf.find(b"\n")
+            try:
+                self.share.cover(len(self.buf))  # what came in is kept only if the budget allows
+            except OverBudget:
+                self._refuse_line()
+                raise
+            i = self.buf.find(b"\n", self._scanned)
             if i >= 0:
-                line = bytes(self.buf[:i])
-                del self.buf[: i + 1]
-                if len(line) > self.limit:
-                    raise LineTooLong(f"line longer than {self.limit} bytes")
-                return line
+                return self._take(i, i + 1)
+            self._scanned = len(self.buf)
             if len(self.buf) > self.limit:
-                await self._skip_line()
+                self._refuse_line()
                 raise LineTooLong(f"line longer than {self.limit} bytes")
             chunk = await self.stream.receive_some(65536)
             if not chunk:
-                if self.buf:
-                    line, self.buf = bytes(self.buf), bytearray()
-                    return line
-                return None
+                return self._take(len(self.buf), len(self.buf)) if self.buf else None
             self.buf += chunk
 
+    def _take(self, end: int, used: int) -> bytes:
+        line = bytes(self.buf[:end])
+        del self.buf[:used]
+        self._scanned = 0
+        if len(line) > self.limit:
+            self.share.trim(len(self.buf))
+            raise LineTooLong(f"line longer than {self.limit} bytes")
+        self.last = self.share.hand_on(used)
+        return line
+
+    def _refuse_line(self) -> None:
+        """Drop what is buffered of the current line; what is not here yet goes next time."""
+        i = self.buf.find(b"\n")
+        if i >= 0:
+            del self.buf[: i + 1]
+        else:
+            self.buf.clear()
+            self._skipping = True
+        self.share.trim(len(self.buf))
+        self._scanned = 0
+
     async def _skip_line(self) -> None:
+        self._skipping = False
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
                 del self.buf[: i + 1]
                 return
             self.buf.clear()
+            self.share.trim(0)
             chunk = await self.stream.receive_some(65536)
             if not chunk:
                 return
@@ -88,6 +128,8 @@ def parse_event(line: bytes) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise engine.InvalidArgument(f"not JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # the json module's guard against a hostile nesting depth
+        raise engine.InvalidArgument("not an event: nested too deeply") from None
     if not isinstance(obj, dict):
         raise engine.InvalidArgument("an event must be a JSON object")
     unknown = set(obj) - EVENT_KEYS
@@ -115,27 +157,34 @@ class EventServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
-            uid = peer_uid(stream.socket)  # type: ignore[arg-type]
-            if uid is not None and uid != os.getuid():
-                await stream.send_all(b'{"ok":false,"error":"connections from other users are refused"}\n')
+            refusal = self.q.events.refusal(stream.socket)  # type: ignore[arg-type]
+            if refusal is not None:  # said before the producer's format is known: as a JSON line
+                why, retryable = refusal
+                await refuse(stream, _ack.encode({"ok": False, "error": why, "code": p.UNAVAILABLE,
+                                                  "retryable": retryable}) + b"\n")
                 return
-            first = await stream.receive_some(65536)
-            if not first:
-                return
-            if first[:1] in b"{[ \t\r\n":
-                await self._json_lines(stream, first)
-            else:
-                await self._frames(stream, first)
+            share = Share(self.q.budget)
+            try:
+                with self.q.events.inside():
+                    first = await stream.receive_some(65536)
+                    if not first:
+                        return
+                    if first[:1] in b"{[ \t\r\n":
+                        await self._json_lines(stream, first, share)
+                    else:
+                        await self._frames(stream, first, share)
+            finally:
+                share.close()
         except BaseException as e:  # noqa: BLE001 - the producer left, or a bug: never the server's end
             connection_ended(e)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _json_lines(self, stream: trio.SocketStream, first: bytes) -> None:
-        reader = LineReader(stream, self.q.max_put + 4096, first)
+    async def _json_lines(self, stream: trio.SocketStream, first: bytes, share: Share) -> None:
+        reader = LineReader(stream, self.q.max_put + 4096, share, first)
         async with trio.open_nursery() as nursery:
-            conn = Connection(stream, nursery)
-            nursery.start_soon(conn.serve_replies, lambda ack: _ack.encode(ack) + b"\n")
+            conn = Connection(stream, nursery, lambda ack: _ack.encode(ack) + b"\n", share)  # small acks
+            nursery.start_soon(conn.serve_replies)
             n = 0
             try:
                 while True:
@@ -145,24 +194,33 @@ class EventServer:
                     except LineTooLong as e:
                         await self._bad(conn, n, str(e))
                         continue
+                    except OverBudget as e:
+                        await self._bad(conn, n, str(e), code=p.UNAVAILABLE, retryable=e.retryable)
+                        continue
                     if line is None:
                         break
+                    conn.held = reader.last  # until its acknowledgement is ready
                     if not line.strip():
                         n -= 1
+                        conn.settle()
                         continue
                     await self._event(conn, n, line)
             finally:
                 conn.slots_send.close()
 
-    async def _bad(self, conn: Connection, n: int, why: str) -> None:
+    async def _bad(self, conn: Connection, n: int, why: str, code: str = p.BAD_REQUEST,
+                   retryable: bool = False) -> None:
         self.bad_events += 1
-        await conn.read(ready({"ok": False, "line": n, "error": why}), lambda e: None)
+        await conn.read(ready({"ok": False, "line": n, "error": why, "code": code, "retryable": retryable}),
+                        lambda e: None)
 
     async def _event(self, conn: Connection, n: int, line: bytes) -> None:
         try:
             obj = parse_event(line)
             svc = self.q.service(obj.pop("capsule", None))
-            item = put_item(msgspec.convert(obj, p.PutItem), self.q.max_put)
+            req = msgspec.convert(obj, p.PutItem)
+            check(req, self.q.max_put)
+            item = put_item(req)
         except (engine.InvalidArgument, LookupError, msgspec.ValidationError) as e:
             await self._bad(conn, n, str(e.args[0] if isinstance(e, LookupError) else e))
             return
@@ -178,13 +236,13 @@ class EventServer:
 
         await conn.write(WriteOp([item]), svc, acked, failed)
 
-    async def _frames(self, stream: trio.SocketStream, first: bytes) -> None:
+    async def _frames(self, stream: trio.SocketStream, first: bytes, share: Share) -> None:
         """Length-prefixed msgpack producers: the query protocol, limited to puts."""
-        reader = FrameReader(stream, self.q.max_frame)
+        reader = FrameReader(stream, self.q.max_frame, share)
         reader.feed(first)  # what was peeked to choose the format
         async with trio.open_nursery() as nursery:
-            conn = Connection(stream, nursery)
-            nursery.start_soon(conn.serve_replies, lambda m: pack(p.encoder.encode(m)))
+            conn = Connection(stream, nursery, self.q.reply_frame, share, unaffordable)
+            nursery.start_soon(conn.serve_replies)
             try:
                 async with aclosing(requests(reader, conn)) as incoming:
                     async for req in incoming:

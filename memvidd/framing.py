@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian unsigned body length followed by the body. The length is
 checked against the limit *before* the body is read, so a bogus prefix (say 4 GiB) costs
-nothing and cannot exhaust memory.
+nothing and cannot exhaust memory. In the daemon, a reader also takes each frame's bytes
+from the shared budget (``budget.Share``) before reading its body.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import socket
 import struct
 
 import trio
+
+from .budget import Share
 
 PREFIX = struct.Struct(">I")
 
@@ -31,11 +34,18 @@ def pack(body: bytes) -> bytes:
 
 
 class FrameReader:
-    """Reads whole frames from a trio stream, buffering what arrives early (pipelining)."""
+    """Reads whole frames from a trio stream, buffering what arrives early (pipelining).
 
-    def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
+    With a ``share`` (the daemon), the buffer and the frame being read are covered by the
+    budget (``OverBudget`` when they cannot be), and the frame returned stays held there
+    (``last`` bytes) until the connection says it is answered.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int, share: Share | None = None) -> None:
         self.stream = stream
         self.limit = limit
+        self.share = share
+        self.last = 0  # bytes of the frame last returned, handed on to the connection
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -48,10 +58,14 @@ class FrameReader:
             if not chunk:
                 return False
             self._buf += chunk
+            if self.share is not None:
+                self.share.cover(len(self._buf))
         return True
 
     async def read(self) -> bytes | None:
         """The next frame body; ``None`` at a clean end of stream."""
+        if self.share is not None:
+            self.share.trim(len(self._buf))  # a whole frame's cover beyond what came of it
         if not await self._fill(PREFIX.size):
             if self._buf:
                 raise TruncatedFrame(f"stream ended inside a length prefix ({len(self._buf)} bytes)")
@@ -59,10 +73,15 @@ class FrameReader:
         (length,) = PREFIX.unpack_from(self._buf)
         if length > self.limit:
             raise FrameTooLarge(length, self.limit)
+        if self.share is not None:
+            self.share.cover(PREFIX.size + length)  # before the body costs anything
         if not await self._fill(PREFIX.size + length):
             raise TruncatedFrame(f"stream ended {PREFIX.size + length - len(self._buf)} bytes short of a frame")
-        body = bytes(self._buf[PREFIX.size : PREFIX.size + length])
+        with memoryview(self._buf) as view:  # one copy of the body, not two
+            body = bytes(view[PREFIX.size : PREFIX.size + length])
         del self._buf[: PREFIX.size + length]
+        if self.share is not None:
+            self.last = self.share.hand_on(PREFIX.size + length)
         return body
 
 

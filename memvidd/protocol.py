@@ -20,6 +20,21 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
             # version 2
             "expires", "compact", "rewind", "rules", "set_rules")
 
+# Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
+# brings to the engine, its caches and the replies stays small whatever a client sends.
+MAX_URI = 4096  # put/get/remove uri: a path fits (PATH_MAX)
+MAX_TITLE = 4096
+MAX_NAME = 256  # kind, capsule, a tag key
+MAX_TAG_VALUE = 4096
+MAX_TAGS = 64  # pairs in one tags map
+MAX_SCOPE = 512  # find/tail URI prefix: Tantivy refuses the regex of one near 1000 bytes
+MAX_QUERY = 16384  # the engine searches the first 4096 characters anyway
+MAX_SNIPPET_CHARS = 4096
+MAX_TIMELINE = 10_000  # entries of one timeline reply
+MAX_RULES = 65536  # set_rules rules, as msgpack
+_STRINGS = {"uri": MAX_URI, "title": MAX_TITLE, "kind": MAX_NAME, "capsule": MAX_NAME, "scope": MAX_SCOPE,
+            "query": MAX_QUERY}
+
 
 def _snake(name: str) -> str:
     """The wire tag of a message class: ``PutMany`` -> ``put_many``."""
@@ -232,6 +247,7 @@ class HelloReply(Msg):
     capsules: list[str] = []
     default_capsule: str = ""
     max_frame: int = DEFAULT_MAX_FRAME
+    max_put: int = 0  # bytes of one payload (limits.max-put-bytes); 0: not announced (older servers)
 
 
 class PutReply(Msg):
@@ -340,3 +356,48 @@ INTERNAL = "internal"
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
 encoder = msgspec.msgpack.Encoder()
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))  # a lone surrogate is the engine's to refuse
+
+
+def problem(req: Any, max_put: int = 0) -> str | None:
+    """What puts a request (or a ``PutItem``) outside the bounds above and ``max_put`` (the
+    payload limit; 0: unchecked), or ``None``. The daemon answers it with ``bad_request``;
+    the clients raise the same error without sending the request."""
+    for name, limit in _STRINGS.items():
+        value = getattr(req, name, None)
+        if isinstance(value, str) and _size(value) > limit:
+            return f"{name} of {_size(value)} bytes exceeds the limit of {limit}"
+    tags = getattr(req, "tags", None)
+    if tags:
+        if len(tags) > MAX_TAGS:
+            return f"{len(tags)} tags exceed the limit of {MAX_TAGS}"
+        for key, value in tags.items():
+            if _size(key) > MAX_NAME or _size(value) > MAX_TAG_VALUE:
+                return f"tag {key[:40]!r} exceeds the limits of {MAX_NAME} bytes (key) and {MAX_TAG_VALUE} (value)"
+    match req:
+        case Put() | PutItem():
+            if (req.text is None) == (req.data is None):
+                return "a put needs exactly one of text or data"
+            size = len(req.data) if req.data is not None else _size(req.text)  # type: ignore[arg-type]
+            if max_put and size > max_put:
+                return f"payload of {size} bytes exceeds the limit of {max_put}"
+        case PutMany():
+            for i, item in enumerate(req.items):
+                why = problem(item, max_put)
+                if why is not None:
+                    return f"item {i}: {why}"
+        case Find() if req.snippet_chars > MAX_SNIPPET_CHARS:
+            return f"snippet_chars {req.snippet_chars} exceeds the limit of {MAX_SNIPPET_CHARS}"
+        case Timeline() if req.limit > MAX_TIMELINE:
+            return f"limit {req.limit} exceeds the limit of {MAX_TIMELINE} (page with since/until)"
+        case SetRules():
+            try:
+                size = len(encoder.encode(req.rules))
+            except RecursionError:  # a client's own hostile nesting
+                return "rules nested too deeply"
+            if size > MAX_RULES:
+                return f"rules of {size} bytes exceed the limit of {MAX_RULES}"
+    return None

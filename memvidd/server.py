@@ -6,21 +6,23 @@ fsync in the background, so a client that pipelines puts gets them group-committ
 a read waits only for the writes sent before it on the same connection (read your
 writes), and runs in parallel with everything else.
 
-Resource handling: at most ``max_connections`` connections; at most ``PIPELINE`` requests
-in flight per connection (the reader stops reading when the window is full, which is
-the backpressure a fast client feels). Error handling: a request that fails gets an
-``error`` reply and the connection goes on; a frame that cannot be decoded (or is too
-large) gets an ``error`` reply and closes that connection only.
+Resource handling: at most ``max_connections`` connections on each socket (``Door``); at
+most ``PIPELINE`` requests in flight per connection (the reader stops reading when the
+window is full, which is the backpressure a fast client feels); the bytes read from
+clients and not answered yet, across all connections of both sockets, within one
+``Budget`` (``limits.max-buffer-bytes``). Error handling: a request
+that fails gets an ``error`` reply and the connection goes on; a frame that cannot be
+decoded, is too large or does not fit in the budget gets an ``error`` reply and closes that
+connection only.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 import os
 import socket
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
@@ -29,20 +31,43 @@ import trio
 import engine
 
 from . import protocol as p
+from .budget import Budget, OverBudget, Share
 from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack
+from .peer import peer_uid
 from .service import CapsuleService, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
 PIPELINE = 64
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
-def peer_uid(sock: socket.socket) -> int | None:
-    try:
-        _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    except OSError:
+class Door:
+    """Who gets in on one socket: peers of our own uid, at most ``limit`` at a time."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit = limit
+        self.name = name
+        self.open = 0
+        self.refused = 0
+
+    def refusal(self, sock: socket.socket) -> tuple[str, bool] | None:
+        """Why this new connection is turned away (and whether retrying helps), or ``None``."""
+        uid = peer_uid(sock)
+        if uid is not None and uid != os.getuid():
+            log.warning("refused connection socket=%s peer_uid=%s", self.name, uid)
+            self.refused += 1
+            return "connections from other users are refused", False
+        if self.open >= self.limit:
+            self.refused += 1
+            return f"too many connections (limit {self.limit})", True
         return None
-    return uid
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 def error_reply(req_id: int, e: BaseException) -> p.Error:
@@ -61,6 +86,17 @@ def error_reply(req_id: int, e: BaseException) -> p.Error:
         return p.Error(id=req_id, code=p.NO_SUCH_CAPSULE, message=str(e.args[0] if e.args else e))
     log.exception("internal error", exc_info=e)
     return p.Error(id=req_id, code=p.INTERNAL, message=f"{type(e).__name__}: {e}")
+
+
+def unaffordable(reply: Any, why: OverBudget) -> p.Error:
+    """What a client gets instead of a reply the budget cannot hold (its replies unread)."""
+    return p.Error(id=reply.id, code=p.UNAVAILABLE, message=str(why), retryable=why.retryable)
+
+
+async def refuse(stream: trio.SocketStream, message: bytes) -> None:
+    """Tell a connection turned away at the door why (if it listens within a second)."""
+    with trio.move_on_after(1):
+        await stream.send_all(message)
 
 
 def frame_out(f: engine.Frame | engine.FrameInfo) -> p.FrameOut:
@@ -82,13 +118,15 @@ def hit_out(h: engine.Hit) -> p.HitOut:
     )
 
 
-def put_item(item: p.PutItem | p.Put, max_bytes: int) -> dict[str, Any]:
-    """A protocol put as engine ``put`` keywords, size-checked."""
-    if (item.text is None) == (item.data is None):
-        raise engine.InvalidArgument("a put needs exactly one of text or data")
-    size = len(item.data) if item.data is not None else len(item.text.encode("utf-8", errors="surrogatepass"))  # type: ignore[union-attr]
-    if size > max_bytes:
-        raise engine.InvalidArgument(f"payload of {size} bytes exceeds the limit of {max_bytes}")
+def check(req: Any, max_put: int) -> None:
+    """``bad_request`` for a request outside the protocol's bounds (``protocol.problem``)."""
+    why = p.problem(req, max_put)
+    if why is not None:
+        raise engine.InvalidArgument(why)
+
+
+def put_item(item: p.PutItem | p.Put) -> dict[str, Any]:
+    """A checked protocol put as engine ``put`` keywords."""
     out: dict[str, Any] = {"text": item.text} if item.text is not None else {"data": item.data}
     for key in ("uri", "title", "tags", "kind", "timestamp", "expires"):
         value = getattr(item, key)
@@ -133,13 +171,17 @@ def ready(reply: Any) -> Callable[[], Awaitable[Any]]:
 
 
 async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Request]:
-    """Decoded requests until the stream ends; a bad or oversized frame gets its error
-    reply (after the replies already promised) and ends the connection."""
+    """Decoded requests until the stream ends; a bad, oversized or over-budget frame gets
+    its error reply (after the replies already promised) and ends the connection. Each
+    request's bytes stay held in the budget until its reply is ready."""
     while True:
         try:
             body = await reader.read()
         except FrameTooLarge as e:
             await final_error(conn, p.FRAME_TOO_LARGE, str(e))
+            return
+        except OverBudget as e:
+            await final_error(conn, p.UNAVAILABLE, str(e), retryable=e.retryable)
             return
         except TruncatedFrame:
             return
@@ -150,38 +192,75 @@ async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Req
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             await final_error(conn, p.BAD_FRAME, f"cannot decode request: {e}")
             return
+        except RecursionError:  # msgspec's guard against a hostile nesting depth
+            await final_error(conn, p.BAD_FRAME, "cannot decode request: nested too deeply")
+            return
+        conn.held = reader.last
         yield req
+        conn.settle()
 
 
-async def final_error(conn: Connection, code: str, message: str) -> None:
+async def final_error(conn: Connection, code: str, message: str, *, retryable: bool = False) -> None:
     """Queue the error that ends a connection (after the replies already promised)."""
     slot = Slot()
-    slot.set(p.Error(code=code, message=message))
+    slot.set(conn.encode(p.Error(code=code, message=message, retryable=retryable)))
     await conn.slots_send.send(slot)
 
 
 class Slot:
-    """One reply-to-be, kept in request order."""
+    """One reply-to-be, kept in request order, as the bytes to send (``None``: nothing).
 
-    def __init__(self) -> None:
+    ``held`` is what the slot holds of the budget: its request's bytes until the reply is
+    ready, then the reply's until it is sent (a read's; a write's acknowledgement is small).
+    """
+
+    def __init__(self, share: Share | None = None, held: int = 0) -> None:
         self.done = trio.Event()
-        self.reply: Any = None
+        self.data: bytes | None = None
+        self.share = share
+        self.held = held
 
-    def set(self, reply: Any) -> None:
-        self.reply = reply
+    def release(self) -> None:
+        if self.share is not None:
+            self.share.answered(self.held)
+        self.held = 0
+
+    def set(self, data: bytes | None, held: int = 0) -> None:
+        self.release()
+        self.data, self.held = data, held
         self.done.set()
 
 
 class Connection:
-    """The ordered request/reply pipeline of one connection (shared with the event socket)."""
+    """The ordered request/reply pipeline of one connection (shared with the event socket).
 
-    def __init__(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
+    ``encode`` makes a reply's bytes. With ``refuse``, a read's reply is held in the budget
+    until it is sent, and one the budget cannot hold is replaced by ``refuse(reply, why)``:
+    a client that asks and does not read its replies cannot pile them up in the daemon.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, nursery: trio.Nursery, encode: Callable[[Any], bytes],
+                 share: Share | None = None, refuse: Callable[[Any, OverBudget], Any] | None = None) -> None:
         self.stream = stream
         self.nursery = nursery
+        self.encode = encode
+        self.share = share
+        self.refuse = refuse
+        self.held = 0  # budget bytes of the request being dispatched, for its slot
         self.send_lock = trio.Lock()
         self.slots_send, self.slots_recv = trio.open_memory_channel[Slot](PIPELINE)
         self.last_write = trio.Event()  # done when the last write queued here is settled
         self.last_write.set()
+
+    def _slot(self) -> Slot:
+        slot, self.held = Slot(self.share, self.held), 0
+        return slot
+
+    def settle(self) -> None:
+        """The request just dispatched made no reply slot (``tail``): give its bytes back."""
+        if self.share is not None and self.held:
+            self.share.answered(self.held)
+        self.held = 0
 
     async def send_raw(self, data: bytes) -> None:
         async with self.send_lock:
@@ -190,7 +269,7 @@ class Connection:
     async def send(self, msg: Any) -> None:
         await self.send_raw(pack(p.encoder.encode(msg)))
 
-    async def serve_replies(self, encode: Callable[[Any], bytes]) -> None:
+    async def serve_replies(self) -> None:
         """Send replies in request order, each as soon as it and those before it are ready.
 
         If the peer is gone, the replies are dropped but the requests it sent are still
@@ -200,54 +279,72 @@ class Connection:
         gone = False
         async for slot in self.slots_recv:
             await slot.done.wait()
-            if slot.reply is not None and not gone:
+            if slot.data is not None and not gone:
                 try:
-                    await self.send_raw(encode(slot.reply))
+                    await self.send_raw(slot.data)
                 except VANISHED:
                     gone = True
+            slot.release()
+
+    def _answer(self, slot: Slot, reply: Any, *, afford: bool) -> None:
+        """Fill ``slot`` with ``reply``; ``afford``: hold it in the budget until it is sent."""
+        if reply is None:
+            slot.set(None)
+            return
+        slot.release()  # the request's bytes first: its reply may need them
+        data, held = self.encode(reply), 0
+        if afford and self.share is not None and self.refuse is not None:
+            try:
+                self.share.hold(len(data))
+                held = len(data)
+            except OverBudget as e:
+                data = self.encode(self.refuse(reply, e))
+        slot.set(data, held)
 
     async def write(self, op: WriteOp, svc: CapsuleService, reply: Callable[[WriteOp], Any],
                     on_error: Callable[[BaseException], Any]) -> None:
         """Queue a write now (in request order); reply when its commit is done."""
-        slot = Slot()
+        slot = self._slot()
         await self.slots_send.send(slot)
         svc.submit(op)
         self.last_write = op.done
 
         async def complete() -> None:
             await op.done.wait()
-            slot.set(on_error(op.error) if op.error is not None else reply(op))
+            self._answer(slot, on_error(op.error) if op.error is not None else reply(op), afford=False)
 
         self.nursery.start_soon(complete)
 
     async def read(self, run: Callable[[], Awaitable[Any]], on_error: Callable[[BaseException], Any]) -> None:
         """Run a read after the writes sent before it are durable; reply in order."""
-        slot = Slot()
+        slot = self._slot()
         await self.slots_send.send(slot)
         after = self.last_write
 
         async def complete() -> None:
             await after.wait()
             try:
-                slot.set(await run())
+                reply = await run()
             except Exception as e:
-                slot.set(on_error(e))
+                reply = on_error(e)
+            self._answer(slot, reply, afford=True)
 
         self.nursery.start_soon(complete)
 
 
 class QueryServer:
     def __init__(self, services: dict[str, CapsuleService], default: str, *, max_frame: int,
-                 max_put: int, max_connections: int, tail_buffer: int, version: str) -> None:
+                 max_put: int, max_connections: int, tail_buffer: int, version: str,
+                 max_buffer: int = 256 << 20) -> None:
         self.services = services
         self.default = default
         self.max_frame = max_frame
         self.max_put = max_put
-        self.max_connections = max_connections
         self.tail_buffer = tail_buffer
         self.version = version
-        self.connections = 0
-        self.refused = 0
+        self.door = Door(max_connections, "agent")
+        self.events = Door(max_connections, "events")  # the event socket's own count
+        self.budget = Budget(max_buffer)  # shared with the event socket
         self.served = 0
 
     def service(self, name: str | None) -> CapsuleService:
@@ -262,38 +359,41 @@ class QueryServer:
         raise AssertionError("serve_listeners returned")
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        uid = peer_uid(stream.socket)  # type: ignore[arg-type]
         try:
-            if uid is not None and uid != os.getuid():
-                log.warning("refused connection peer_uid=%s", uid)
-                self.refused += 1
-                await self._refuse(stream, "connections from other users are refused")
+            refusal = self.door.refusal(stream.socket)  # type: ignore[arg-type]
+            if refusal is not None:
+                why, retryable = refusal
+                await refuse(stream, pack(p.encoder.encode(p.Error(code=p.UNAVAILABLE, message=why,
+                                                                    retryable=retryable))))
                 return
-            if self.connections >= self.max_connections:
-                self.refused += 1
-                await self._refuse(stream, f"too many connections (limit {self.max_connections})", retryable=True)
-                return
-            self.connections += 1
+            share = Share(self.budget)
             try:
-                await self._serve_connection(stream)
+                with self.door.inside():
+                    await self._serve_connection(stream, share)
             finally:
-                self.connections -= 1
+                share.close()
         except BaseException as e:  # noqa: BLE001 - sorted out by `connection_ended`
             connection_ended(e)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, stream: trio.SocketStream, why: str, retryable: bool = False) -> None:
-        with trio.move_on_after(1):
-            await stream.send_all(pack(p.encoder.encode(p.Error(code=p.UNAVAILABLE, message=why, retryable=retryable))))
+    def reply_frame(self, msg: Any) -> bytes:
+        """A reply as a frame; one larger than ``max_frame`` (which the client may not be
+        able to read) becomes a ``bad_request`` error instead."""
+        body = p.encoder.encode(msg)
+        if len(body) > self.max_frame:
+            body = p.encoder.encode(p.Error(id=getattr(msg, "id", 0), code=p.BAD_REQUEST, message=(
+                f"the reply of {len(body)} bytes exceeds max_frame ({self.max_frame}): ask for less "
+                "(a lower limit, k or snippet_chars)")))
+        return pack(body)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        reader = FrameReader(stream, self.max_frame)
+    async def _serve_connection(self, stream: trio.SocketStream, share: Share) -> None:
+        reader = FrameReader(stream, self.max_frame, share)
         async with trio.open_nursery() as nursery:
-            conn = Connection(stream, nursery)
+            conn = Connection(stream, nursery, self.reply_frame, share, unaffordable)
 
             async def replies_then_stop() -> None:
-                await conn.serve_replies(lambda m: pack(p.encoder.encode(m)))
+                await conn.serve_replies()
                 nursery.cancel_scope.cancel()  # all replies sent: end tail streams too
 
             nursery.start_soon(replies_then_stop)
@@ -312,11 +412,13 @@ class QueryServer:
             return error_reply(rid, e)
 
         try:
+            check(req, self.max_put)
             match req:
                 case p.Hello():
                     reply = p.HelloReply(
                         id=rid, server=self.version, features=list(p.FEATURES),
                         capsules=list(self.services), default_capsule=self.default, max_frame=self.max_frame,
+                        max_put=self.max_put,
                     )
                     if not p.MIN_PROTOCOL_VERSION <= req.version <= p.PROTOCOL_VERSION:
                         reply = p.Error(id=rid, code=p.VERSION, message=(
@@ -327,8 +429,7 @@ class QueryServer:
                     await conn.read(ready(reply), fail)
                 case p.Put() | p.PutMany():
                     svc = self.service(req.capsule)
-                    items = [put_item(req, self.max_put)] if isinstance(req, p.Put) else \
-                        [put_item(i, self.max_put) for i in req.items]
+                    items = [put_item(req)] if isinstance(req, p.Put) else [put_item(i) for i in req.items]
 
                     def put_reply(op: WriteOp) -> p.PutReply:
                         svc.acked_puts += len(op.ids)
@@ -382,8 +483,10 @@ class QueryServer:
 
                     async def stats() -> p.StatsReply:
                         s = await svc.read_quietly(svc.cap.stats)
-                        s["daemon"] = {"connections": self.connections, "requests": self.served,
-                                       "refused": self.refused, "commits": svc.commits, "acked_puts": svc.acked_puts,
+                        s["daemon"] = {"connections": self.door.open, "requests": self.served,
+                                       "refused": self.door.refused, "commits": svc.commits, "acked_puts": svc.acked_puts,
+                                       "event_connections": self.events.open, "event_refused": self.events.refused,
+                                       "buffers": self.budget.stats(),
                                        "upgrades": dict(svc.upgrades), "compactions": dict(svc.compactions)}
                         if svc.indexer is not None:
                             s["indexer"] = svc.indexer.stats()

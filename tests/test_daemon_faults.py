@@ -47,21 +47,23 @@ class DaemonDied(AssertionError):
 
 
 class LimitedDaemon(DaemonProc):
-    """A DaemonProc whose configuration also sets ``limits.max-connections``.
+    """A DaemonProc whose configuration also sets ``limits.max-connections`` and, given,
+    ``limits.max-buffer-bytes``.
 
     (DaemonProc.write_config only takes max_put/max_frame/tail_buffer.)
     """
 
-    def __init__(self, tmp: Path, *, max_connections: int, **kw: Any) -> None:
-        self.max_connections = max_connections
+    def __init__(self, tmp: Path, *, max_connections: int = 1024, max_buffer: int | None = None, **kw: Any) -> None:
+        self.extra = f"max-connections = {max_connections}\n"
+        if max_buffer is not None:
+            self.extra += f"max-buffer-bytes = {max_buffer}\n"
         super().__init__(tmp, **kw)
 
     def write_config(self, capsules: tuple[str, ...], **limits: int) -> None:
         super().write_config(capsules, **limits)
         text = self.config.read_text()
         assert "[limits]\n" in text
-        limit = f"[limits]\nmax-connections = {self.max_connections}\n"
-        self.config.write_text(text.replace("[limits]\n", limit, 1))
+        self.config.write_text(text.replace("[limits]\n", "[limits]\n" + self.extra, 1))
 
 
 def connect(path: str, timeout: float = TIMEOUT) -> socket.socket:
