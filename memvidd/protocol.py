@@ -22,12 +22,15 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
-MAX_URI = 4096  # put/get/remove uri: a path fits (PATH_MAX)
-MAX_TITLE = 4096
+# The engine's own limits on frame metadata (engine/capsule.py, docs/format.md [F-09];
+# tests/test_limits.py keeps the two equal), checked here so that a client learns them
+# before sending and the daemon answers bad_request before any work.
+MAX_URI = 16 << 10  # put/get/remove uri, and a find/tail scope (a URI prefix)
+MAX_TITLE = 4 << 10
 MAX_NAME = 256  # kind, capsule, a tag key
-MAX_TAG_VALUE = 4096
-MAX_TAGS = 64  # pairs in one tags map
-MAX_SCOPE = 512  # find/tail URI prefix: Tantivy refuses the regex of one near 1000 bytes
+MAX_TAG_VALUE = 4 << 10
+MAX_TAGS = 256  # pairs in one tags map
+MAX_SCOPE = MAX_URI
 MAX_QUERY = 16384  # the engine searches the first 4096 characters anyway
 MAX_SNIPPET_CHARS = 4096
 MAX_TIMELINE = 10_000  # entries of one timeline reply

@@ -366,13 +366,13 @@ def test_deeply_nested_msgpack_is_bad_frame(daemon):
 BIG = "x" * MiB
 OUT_OF_BOUNDS = {
     "find-scope-1MB": p.Find(query="seed", scope=BIG),
-    "find-scope-600-bytes": p.Find(query="seed", scope="u://" + "\u00e9" * 300),  # Tantivy's regex gives up
+    "find-scope-past-the-limit": p.Find(query="seed", scope="u://" + "\u00e9" * (p.MAX_SCOPE // 2)),  # bytes, not chars
     "find-query": p.Find(query="seed " * 4000),
     "find-snippet-chars": p.Find(query="seed", snippet_chars=10**9),
-    "find-tags": p.Find(query="seed", tags={f"k{i}": "v" for i in range(100)}),
+    "find-tags": p.Find(query="seed", tags={f"k{i}": "v" for i in range(p.MAX_TAGS + 1)}),
     "find-kind": p.Find(query="seed", kind=BIG),
     "tail-scope": p.Tail(scope=BIG),
-    "put-uri": p.Put(text="t", uri="u://" + "a" * 5000),
+    "put-uri": p.Put(text="t", uri="u://" + "a" * p.MAX_URI),
     "put-title": p.Put(text="t", title=BIG),
     "put-tag-value": p.Put(text="t", tags={"k": BIG}),
     "put-tag-key": p.Put(text="t", tags={"k" * 300: "v"}),
@@ -419,12 +419,13 @@ def test_bounds_at_their_limits_are_served(daemon):
 def test_event_lines_with_fields_out_of_bounds_are_error_lines(daemon):
     acked = seed(daemon)
     with connect(daemon.events) as sock:
-        sock.sendall(json.dumps({"text": "t", "uri": "u://" + "a" * 5000}).encode() + b"\n"
-                     + json.dumps({"text": "t", "tags": {f"k{i}": "v" for i in range(100)}}).encode() + b"\n"
+        sock.sendall(json.dumps({"text": "t", "uri": "u://" + "a" * p.MAX_URI}).encode() + b"\n"
+                     + json.dumps({"text": "t", "tags": {f"k{i}": "v" for i in range(p.MAX_TAGS + 1)}}).encode() + b"\n"
                      + b'{"text": "within bounds"}\n')
         acks = [read_line(sock) for _ in range(3)]
     assert [a["ok"] for a in acks] == [False, False, True], acks
-    assert "uri of 5004 bytes exceeds" in acks[0]["error"] and "100 tags exceed" in acks[1]["error"], acks
+    assert f"uri of {p.MAX_URI + 4} bytes exceeds" in acks[0]["error"], acks
+    assert f"{p.MAX_TAGS + 1} tags exceed" in acks[1]["error"], acks
     acked[acks[2]["id"]] = "within bounds"
     check_healthy(daemon, acked)
 
@@ -484,7 +485,7 @@ def test_sync_client_refuses_what_the_daemon_would_refuse(daemon):
         assert e.value.code == p.FRAME_TOO_LARGE and frame > 5 * (MiB - 100), e.value
         assert e.value.message == str(FrameTooLarge(frame, 4 * MiB)), e.value  # the daemon's words
         with pytest.raises(RemoteError) as e:
-            c.find("x", scope="s" * 600)
+            c.find("x", scope="s" * (p.MAX_SCOPE + 1))
         assert e.value.code == p.BAD_REQUEST and "scope" in e.value.message
         fid = c.put("still connected")  # nothing was sent: the connection is fine
         acked[fid] = "still connected"

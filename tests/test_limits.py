@@ -142,3 +142,16 @@ def test_the_daemon_answers_bad_request_to_a_uri_past_the_limit(tmp_path):
             assert [e.uri for e in c.timeline()] == ["ok:2"]
     finally:
         d.close()
+
+
+def test_the_protocol_checks_the_engines_own_limits():
+    """The daemon refuses at the protocol what the engine would refuse, with the same
+    numbers: one set of limits, whichever door a frame comes through."""
+    from engine import capsule
+    from memvidd import protocol
+
+    assert protocol.MAX_URI == capsule.MAX_URI_BYTES
+    assert protocol.MAX_TITLE == capsule.MAX_TITLE_BYTES
+    assert protocol.MAX_NAME == capsule.MAX_KIND_BYTES == capsule.MAX_TAG_KEY_BYTES
+    assert protocol.MAX_TAG_VALUE == capsule.MAX_TAG_VALUE_BYTES
+    assert protocol.MAX_TAGS == capsule.MAX_TAGS
