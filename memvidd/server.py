@@ -556,7 +556,10 @@ class QueryServer:
                     svc = self.service(req.capsule)
                     # Subscribed before the next request is read: a reply to any later
                     # request on this connection means the subscription is in place.
-                    sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags))
+                    share = conn.share
+                    sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags),
+                                                hold=share.hold if share else None,
+                                                release=share.answered if share else None)
                     conn.nursery.start_soon(self._tail, svc, req, conn, sub, events)
         except Exception as e:  # refused before anything was staged: answer in order
             await conn.read(ready(error_reply(rid, e)), fail)
@@ -565,9 +568,15 @@ class QueryServer:
                     events: trio.MemoryReceiveChannel[Any]) -> None:
         try:
             async with events:
-                async for batch in events:
-                    for frame in batch:
-                        await conn.send(p.TailEvent(id=req.id, frame=frame_out(frame)))
+                async for batch, size in events:
+                    if sub.dropped:
+                        break  # its queue was given back when it was dropped
+                    sub.taken(size)
+                    try:
+                        for frame in batch:
+                            await conn.send(p.TailEvent(id=req.id, frame=frame_out(frame)))
+                    finally:
+                        sub.release(size)
             if sub.dropped:
                 await conn.send(p.TailEnd(id=req.id, reason=p.SLOW_CONSUMER))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -35,14 +35,59 @@ import trio
 
 import engine
 
+from .budget import OverBudget
+
 log = logging.getLogger("memvidd.service")
 
 
 class Subscriber:
-    def __init__(self, send: trio.MemorySendChannel[Any], accept: Callable[[engine.Frame], bool]) -> None:
+    """A tail stream's queue of commits, bounded in count (the channel's buffer) and in
+    bytes: ``hold(n)`` charges a queued batch to the subscriber's connection (the daemon's
+    buffer budget, ``OverBudget`` when it does not fit), ``release(n)`` gives it back. A
+    subscriber that falls behind either bound is dropped, and its queue given back at once:
+    a reader that stopped reading holds at most the batch it is sending."""
+
+    def __init__(self, send: trio.MemorySendChannel[Any], accept: Callable[[engine.Frame], bool],
+                 hold: Callable[[int], None] | None = None, release: Callable[[int], None] | None = None) -> None:
         self.send = send
         self.accept = accept
-        self.dropped = False
+        self._hold = hold or (lambda n: None)
+        self.release = release or (lambda n: None)
+        self.dropped: str | None = None  # why it was dropped
+        self.queued = 0  # bytes of batches charged and queued, not yet taken by the stream
+
+    def offer(self, batch: list[engine.Frame]) -> bool:
+        """Queue ``batch``; False when it does not fit (the subscriber is dropped)."""
+        size = batch_bytes(batch)
+        try:
+            self._hold(size)
+        except OverBudget:
+            return self._drop("over-budget")
+        try:
+            self.send.send_nowait((batch, size))
+        except trio.WouldBlock:
+            self.release(size)
+            return self._drop("buffer-full")
+        except BaseException:
+            self.release(size)
+            raise
+        self.queued += size
+        return True
+
+    def taken(self, size: int) -> None:
+        """The stream took a batch off the queue; it releases the bytes once sent."""
+        self.queued -= size
+
+    def _drop(self, reason: str) -> bool:
+        self.dropped = reason
+        self.release(self.queued)
+        self.queued = 0
+        return False
+
+
+def batch_bytes(frames: list[engine.Frame]) -> int:
+    """What a batch of frames costs to hold: payloads plus a little for each frame's metadata."""
+    return sum(len(f.payload) + 256 for f in frames)
 
 
 class WriteOp:
@@ -313,9 +358,15 @@ class CapsuleService:
 
     # -- tail -------------------------------------------------------------------------
 
-    def subscribe(self, buffer: int, accept: Callable[[engine.Frame], bool]) -> tuple[Subscriber, trio.MemoryReceiveChannel[Any]]:
+    def subscribe(self, buffer: int, accept: Callable[[engine.Frame], bool], *,
+                  hold: Callable[[int], None] | None = None,
+                  release: Callable[[int], None] | None = None) -> tuple[Subscriber, trio.MemoryReceiveChannel[Any]]:
+        """A tail stream: batches of frames (one per commit, those ``accept`` takes) on the
+        channel returned, at most ``buffer`` of them queued and, through ``hold``, no more
+        bytes than the daemon's buffer budget allows; past either, the subscriber is
+        dropped (``dropped``), never waited for."""
         send, receive = trio.open_memory_channel[Any](buffer)
-        sub = Subscriber(send, accept)
+        sub = Subscriber(send, accept, hold, release)
         self._subscribers.append(sub)
         return sub, receive
 
@@ -341,14 +392,11 @@ class CapsuleService:
             if not batch:
                 continue
             try:
-                # One item per commit, however many frames it holds: the buffer bounds
-                # how many commits a reader may lag, not how big a commit may be.
-                sub.send.send_nowait(batch)
-            except trio.WouldBlock:
-                # Never slow the writer (or other subscribers) for one slow reader.
-                sub.dropped = True
-                log.warning("tail subscriber dropped capsule=%s reason=buffer-full", self.name)
-                self.unsubscribe(sub)
+                # One item per commit, however many frames it holds. Never slow the
+                # writer (or other subscribers) for one slow reader: drop it.
+                if not sub.offer(batch):
+                    log.warning("tail subscriber dropped capsule=%s reason=%s", self.name, sub.dropped)
+                    self.unsubscribe(sub)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.unsubscribe(sub)
 

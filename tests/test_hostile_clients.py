@@ -316,6 +316,50 @@ def test_unread_replies_stay_within_the_buffer_budget(tmp_path, capsys):
         d.close()
 
 
+def test_tail_streams_never_read_stay_within_the_buffer_budget(tmp_path, capsys):
+    """Tail subscribers that never read while 1 MiB puts go on: the commits queued for
+    them are charged to the budget; past it a subscriber is dropped and its queue given
+    back at once, so puts keep their room. Before, every subscriber could queue up to
+    tail-buffer (1024) commits of any size (+150 MiB of RSS here)."""
+    budget, subs, puts = 16 * MiB, 4, 150
+    d = LimitedDaemon(tmp_path, max_buffer=budget, max_put=MiB, max_frame=4 * MiB)
+    socks: list[socket.socket] = []
+    try:
+        d.start()
+        socks = [connect(d.socket) for _ in range(subs)]
+        for sock in socks:
+            sock.sendall(pack(p.encoder.encode(p.Tail(id=1))) + pack(p.encoder.encode(p.Stats(id=2))))
+            assert recv(sock).id == 2  # answered after the subscription is in place
+        rss_before = vm_rss_kib(d.proc.pid)  # type: ignore[union-attr]
+        acked = {}
+        with Client(d.socket) as c:
+            for i in range(puts):
+                text = os.urandom(450_000).hex()
+                acked[c.put(text, uri=f"big://{i}")] = text
+        after = daemon_stats(d)
+        rss_after = vm_rss_kib(d.proc.pid)  # type: ignore[union-attr]
+        with capsys.disabled():
+            print(f"\n{subs} tail streams never read, {puts} puts of 0.9 MB, budget {budget >> 20} MiB: daemon RSS "
+                  f"{rss_before >> 10} -> {rss_after >> 10} MiB (+{(rss_after - rss_before) >> 10} MiB), "
+                  f"buffers {after['buffers']}")
+        assert after["buffers"]["peak"] <= budget
+        assert after["buffers"]["refused"] >= subs  # each stream was dropped once over budget
+        assert (rss_after - rss_before) << 10 < 3 * budget, (rss_before, rss_after)
+        ends = []
+        for sock in socks:  # a stream read at last: what it held, then the reason it ended
+            while isinstance(reply := recv(sock), p.TailEvent):
+                pass
+            ends.append(reply)
+        assert all(isinstance(e, p.TailEnd) and e.reason == p.SLOW_CONSUMER for e in ends), ends
+        for sock in socks:
+            sock.close()
+        check_healthy(d, {fid: acked[fid] for fid in list(acked)[-3:]})
+    finally:
+        for sock in socks:
+            sock.close()
+        d.close()
+
+
 def recv_frame_body(sock: socket.socket) -> bytes:
     body = recv_frame(sock, 1 << 30)
     assert body is not None
