@@ -21,7 +21,7 @@ from . import format as fmt
 from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, open as open_capsule, read_payload, unlock
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
-from .log import LogCursor, opened
+from .log import LogCursor, later_proof, opened
 from .table import FrameTable
 
 MAX_LISTED = 50  # errors listed in a report; the count is always exact
@@ -117,7 +117,7 @@ def _scan(f: OsFile, report: Report) -> _Scan:
                 intact = (
                     rec.seq == s.table.seq + 1
                     and rec.prev == s.last_commit
-                    and all(blocks.get(b.offset) == b.body_crc for b in (*rec.blocks, *rec.vectors))
+                    and all(blocks.get(b.offset) == b.body_crc for b in rec.named())
                 )
                 if intact:
                     try:
@@ -146,8 +146,7 @@ def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, 
     except CorruptionError as e:
         report.error(str(e))
         return
-    named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
-    if mv.seq != s.table.seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
+    if mv.seq != s.table.seq or not all(blocks.get(b.offset) == b.body_crc for b in mv.named()):
         s.stuck_moves.append(pos)
         return
     for m in mv.moves:
@@ -164,28 +163,34 @@ def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, 
 
 
 def _classify(s: _Scan, f: OsFile, report: Report) -> None:
-    """Damage after the last applied commit is a torn tail, unless a later commit exists."""
+    """Damage after the last applied commit is a torn tail, unless a record past it proves
+    the damaged one was durable: the test replay makes ([F-07], ``later_proof``)."""
     header = _newest_header(f)
     if header is not None:
         # A checkpoint written after the last commit is part of the log, not its tail.
         ck_end = header.checkpoint_offset + header.checkpoint_length
         if ck_end <= s.size:
             s.end = max(s.end, ck_end)
-    later = [(off, seq) for off, seq in s.stuck if seq > s.table.seq]
+    problems = (*(start for start, _ in s.damage), *(off for off, _ in s.stuck), *s.stuck_moves)
+    tail = [off for off in problems if off >= s.end]
+    proof = later_proof(LogCursor(f, s.size), min(tail), s.table.seq, s.table.upgraded_upto) if tail else None
+    if proof is not None:
+        report.error(f"{proof[1]} at offset {proof[0]} was written after the damage listed next had been "
+                     "made durable: this is not a torn tail")
     for start, stop in s.damage:
-        if start < s.end or later:
+        if start < s.end or proof:
             report.error(f"damaged bytes {start}..{stop} (after commit {s.table.seq})")
     for off, seq in s.stuck:
-        if off < s.end or later:
+        if off < s.end or proof:
             report.error(f"commit {seq} at offset {off} cannot be applied")
     for off in s.stuck_moves:
-        if off < s.end or later:
+        if off < s.end or proof:
             report.error(f"codec upgrade at offset {off} cannot be applied")
     for off, kind in s.derived:
         if off < s.end:
             report.warnings.append(f"damaged {kind} record at offset {off} (derived data)")
     s.torn = s.size - s.end
-    if s.torn and not later:
+    if s.torn and not proof:
         report.warnings.append(
             f"torn tail: {s.torn} bytes after commit {s.table.seq} (a crash leaves these; "
             "the next writer open or `doctor` cuts them)"
