@@ -5,6 +5,11 @@ checkpoint: it checks every checksum, replays every commit into a fresh frame ta
 (which enforces the version invariants), decodes every payload against its digest, and
 then checks that the checkpoint the header points at agrees with that replay.
 
+A writer may be appending while ``verify`` reads (readers take no lock [F-13]), so it
+checks one snapshot: the header as read first and the file up to the size read just
+after it. The header names only bytes that were durable before it was written, so the
+snapshot holds its checkpoint; whatever is appended later is not looked at.
+
 ``doctor`` fixes what can be fixed without guessing: it cuts a torn tail, and when a
 header slot, the checkpoint or its segments are damaged it points the header back at the
 genesis checkpoint and writes a fresh one from a full replay. Damage to committed
@@ -47,6 +52,7 @@ class Report(msgspec.Struct, kw_only=True):
 
 
 class _Scan(msgspec.Struct):
+    slots: bytes  # the header region as read first: the snapshot's header
     table: FrameTable
     end: int  # just past the last applied commit (or the live checkpoint after it)
     last_commit: int
@@ -75,9 +81,12 @@ def _next_record(cur: LogCursor, pos: int, size: int) -> int:
 
 
 def _scan(f: OsFile, report: Report) -> _Scan:
+    """Replay the whole log of the snapshot: the header first, then the size (see the
+    module docstring)."""
+    slots = f.pread(0, fmt.LOG_START)
     size = f.size()
     cur = LogCursor(f, size)
-    s = _Scan(FrameTable(), fmt.LOG_START, 0, size, [], [], [], [])
+    s = _Scan(slots, FrameTable(), fmt.LOG_START, 0, size, [], [], [], [])
     blocks: dict[int, int] = {}
     counts: dict[str, int] = {}
     pos = fmt.LOG_START
@@ -165,7 +174,7 @@ def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, 
 def _classify(s: _Scan, f: OsFile, report: Report) -> None:
     """Damage after the last applied commit is a torn tail, unless a record past it proves
     the damaged one was durable: the test replay makes ([F-07], ``later_proof``)."""
-    header = _newest_header(f)
+    header = _newest(s.slots)
     if header is not None:
         # A checkpoint written after the last commit is part of the log, not its tail.
         ck_end = header.checkpoint_offset + header.checkpoint_length
@@ -229,12 +238,14 @@ def _check_payloads(f: OsFile, table: FrameTable, report: Report) -> None:
 
 def _check_header_and_checkpoint(f: OsFile, s: _Scan, report: Report) -> bool:
     """Are the header slots and the checkpoint intact and true to the log? Reports why not."""
-    raw = f.pread(0, fmt.LOG_START)
+    raw = s.slots
     slots = []
     for i, off in enumerate(fmt.SLOT_OFFSETS):
         h = fmt.decode_header(raw[off : off + fmt.SLOT_SIZE])
         if h is None:
-            report.warnings.append(f"header slot {'AB'[i]} is damaged (the other slot is used)")
+            # A slot that changed since is one a live writer was writing, not damage.
+            if f.pread(off, fmt.SLOT_SIZE) == raw[off : off + fmt.SLOT_SIZE]:
+                report.warnings.append(f"header slot {'AB'[i]} is damaged (the other slot is used)")
         else:
             slots.append(h)
     if not slots:
@@ -360,8 +371,11 @@ def _repair(path: str, dry_run: bool, passphrase: str | bytes | None) -> Report:
 
 
 def _newest_header(f: OsFile) -> fmt.Header | None:
-    slots = fmt.decode_slots(f.pread(0, fmt.LOG_START))
-    return max(slots, key=lambda h: h.generation, default=None)
+    return _newest(f.pread(0, fmt.LOG_START))
+
+
+def _newest(raw: bytes) -> fmt.Header | None:
+    return max(fmt.decode_slots(raw), key=lambda h: h.generation, default=None)
 
 
 def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
