@@ -19,6 +19,8 @@ import pytest
 import engine
 from engine import format as fmt
 from engine import upgrade
+from engine.fileio import OsFile
+from engine.testing import CrashFile, SimulatedCrash, process_death
 from workload import Workload, power_cut_at, snapshot
 
 
@@ -217,9 +219,6 @@ def test_a_rolled_back_write_stays_cut_after_a_power_cut(tmp_path):
     """Rolled-back blocks are cut durably before the next write: were the cut lost in a
     power cut, intact records after a torn commit would pass for proof that it was
     durable [F-07], and a sound crashed capsule would not open."""
-    from engine.fileio import OsFile
-    from engine.testing import CrashFile, SimulatedCrash, process_death
-
     outcomes = set()
     for seed in range(100):
         path = str(tmp_path / f"c{seed}.mv2")
