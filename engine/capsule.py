@@ -609,7 +609,8 @@ class Capsule:
 
         for attempt in range(3):
             try:
-                r = replay(self._file, self._log_end, size, self._table.seq, self._last_commit, apply, relocate)
+                r = replay(self._file, self._log_end, size, self._table.seq, self._last_commit,
+                           self._table.upgraded_upto, apply, relocate)
                 break
             except CorruptionError:
                 # A reader can catch a writer mid-append and see later bytes before
@@ -1014,7 +1015,11 @@ class Capsule:
 
     def _cut_tail(self, end: int) -> None:
         try:
-            self._file.truncate(end)
+            if self._file.size() > end:
+                self._file.truncate(end)
+                # Durably, before anything new is written: cut records that came back after
+                # a crash would pass for proof that the write torn then was durable [F-07].
+                self._file.sync()
         except StorageError as e:
             # Stale bytes past the end could be misread by a later scan: refuse to go on.
             self._broken = f"could not cut the tail after a failed write: {e}"

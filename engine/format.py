@@ -67,6 +67,7 @@ KIND_NAMES = {
 DERIVED = (SEGMENT, CHECKPOINT, LEXFILE)  # rebuildable from the commits; replay skips them
 PAYLOAD = (BLOCK, VECTORS, DICT)  # named by a COMMIT or RELOCATE, intact only if they are
 APPLIED = (COMMIT, RELOCATE)  # the records replay applies, in log order
+CLOSING = (COMMIT, RELOCATE, CHECKPOINT)  # each ends a write; one fsync follows it [F-07]
 FLAG_ZSTD = 1  # record flag: the (msgpack) body is one zstd frame [F-04]
 COMPRESS_OVER = 512  # metadata bodies above this many bytes are compressed
 
@@ -245,6 +246,10 @@ class CommitRecord(msgspec.Struct, array_like=True, gc=False):
     rewind: int | None = None  # this commit restores the state as of that commit (version 4)
     rules: dict[str, Any] | None = None  # new retention rules from this commit on [F-24]
 
+    def named(self) -> tuple[BlockRef, ...]:
+        """The records this commit needs intact [F-07]."""
+        return (*self.blocks, *self.vectors)
+
 
 class VectorsRecord(msgspec.Struct, array_like=True):
     """Embeddings of frames: ``ids[i]`` owns row i of ``data`` (little-endian float16)."""
@@ -276,6 +281,10 @@ class RelocateRecord(msgspec.Struct, array_like=True):
     blocks: list[BlockRef]
     dicts: list[DictRef]  # dictionaries written for (and before) this record
     counters: dict[str, int]  # stats deltas (per-codec bytes, bytes saved, dead bytes)
+
+    def named(self) -> tuple[BlockRef, ...]:
+        """The records this upgrade needs intact, like a commit's blocks [F-16]."""
+        return (*self.blocks, *(BlockRef(d.offset, d.body_crc) for d in self.dicts))
 
 
 class CommitInfo(msgspec.Struct, array_like=True, gc=False):

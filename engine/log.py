@@ -4,13 +4,14 @@ The tail is everything after the last checkpoint: the embedded write-ahead log. 
 applies each COMMIT (and each RELOCATE of a codec upgrade) whose record and blocks are
 intact, in order, and stops at the first
 record that is torn, blank or garbage: that is the end of the log [F-06]. It then looks
-past that point for a *later* intact commit; finding one means the damage is not a torn
-tail but corruption in the middle of the log, which is reported, never skipped [F-07].
+past that point for an intact record that could only have been written once the damaged
+one was durable (``later_proof``); finding one means the damage is not a torn tail but
+corruption in the middle of the log, which is reported, never skipped [F-07].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -93,6 +94,7 @@ def replay(
     size: int,
     seq: int,
     last_commit: int,
+    upto: int,
     apply: Callable[[fmt.CommitRecord, int], None],
     relocate: Callable[[fmt.RelocateRecord, int], None],
 ) -> Replay:
@@ -131,10 +133,10 @@ def replay(
             result.last_commit = pos
         elif rh.kind == fmt.RELOCATE:
             mv = fmt.meta_body(rh, opened(file, pos, rh, body), fmt.RelocateRecord, offset=pos)
-            named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
-            if mv.seq != seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
+            if mv.seq != seq or not all(blocks.get(b.offset) == b.body_crc for b in mv.named()):
                 break  # an upgrade cut short by a crash: the old blocks stay in use
             relocate(mv, pos)
+            upto = max(upto, mv.upto)  # at least the table's (which caps it at its frame count)
         if rh.kind in fmt.APPLIED:
             result.end = pos + rec_len
             for k, v in pending_bytes.items():
@@ -143,9 +145,10 @@ def replay(
             blocks.clear()
         pos += rec_len
     result.torn_bytes = size - result.end
-    if pos < size and _later_commit(cur, pos + 1, size, seq):
+    if pos < size and (proof := later_proof(cur, pos, seq, upto)) is not None:
         raise CorruptionError(
-            f"damaged record after commit {seq}, but later commits exist", offset=pos
+            f"damaged record after commit {seq}; {proof[1]} at offset {proof[0]} was written after "
+            "it had been made durable, so this is not a torn tail", offset=pos,
         )
     return result
 
@@ -153,31 +156,83 @@ def replay(
 def _commit_intact(rec: fmt.CommitRecord, blocks: dict[int, int], seq: int, prev: int) -> bool:
     if rec.seq != seq + 1 or rec.prev != prev:
         return False
-    return all(blocks.get(b.offset) == b.body_crc for b in (*rec.blocks, *rec.vectors))
+    return all(blocks.get(b.offset) == b.body_crc for b in rec.named())
 
 
-def _later_commit(cur: LogCursor, pos: int, size: int, seq: int) -> bool:
-    """Is there an intact COMMIT, blocks included, numbered after ``seq`` past ``pos``?
+SCAN = 1 << 20  # bytes searched for a record header at a time, past damage
 
-    A crash can leave a commit record on disk whose blocks never landed; that commit
-    was never acknowledged, so it is a torn tail, not evidence of corruption.
+
+def later_proof(cur: LogCursor, pos: int, seq: int, upto: int) -> tuple[int, str] | None:
+    """``(offset, what)`` of an intact record that proves the damaged record at ``pos``
+    was durable, or ``None``: the damage is a torn tail [F-07]. ``seq`` is the last commit
+    before the damage and ``upto`` the codec upgrades' watermark there.
+
+    Each write (a commit, a codec upgrade, a checkpoint) ends with its closing record and
+    one fsync, and the next write starts only once that fsync returned, so a crash can
+    tear the last write only. Proof is therefore any intact record after the closing
+    record of the damaged write (the first record at or after ``pos`` whose header says it
+    closes one), or one naming what the log before the damage lacks (``_names_later``).
     """
-    chunk = 1 << 20
-    while pos < size:
-        window = cur.file.pread(pos, min(chunk + fmt.RECORD_SIZE, size - pos))
+    closed = False  # past the damaged write's closing record?
+    at = pos
+    while (found := _next_header(cur, at)) is not None:
+        q, rh = found
+        stop = q + fmt.RECORD_SIZE + rh.length
+        if stop > cur.end:
+            return None  # claims the rest of the file: the torn record itself
+        if q > pos and fmt.body_ok(rh, body := cur.read(q + fmt.RECORD_SIZE, rh.length)):
+            if closed:
+                return q, f"a {fmt.KIND_NAMES[rh.kind]} record"
+            if (what := _names_later(cur, q, rh, body, seq, upto)) is not None:
+                return q, what
+        closed = closed or rh.kind in fmt.CLOSING
+        at = stop
+    return None
+
+
+def _next_header(cur: LogCursor, pos: int) -> tuple[int, fmt.RecordHeader] | None:
+    """The first intact record header at or after ``pos``, searched byte by byte past damage."""
+    if (rh := fmt.decode_record_header(cur.read(pos, fmt.RECORD_SIZE))) is not None:
+        return pos, rh
+    pos += 1
+    while pos < cur.end:
+        window = cur.file.pread(pos, min(SCAN + fmt.RECORD_SIZE, cur.end - pos))
         i = window.find(fmt.RECORD_SYNC)
-        while 0 <= i < min(chunk, len(window)):
-            found = cur.record(pos + i)
-            if found is not None and found[0].kind == fmt.COMMIT:
-                try:
-                    rec = fmt.meta_body(found[0], opened(cur.file, pos + i, *found), fmt.CommitRecord, offset=pos + i)
-                except CorruptionError:
-                    rec = None
-                if rec is not None and rec.seq > seq and all(
-                    (b := cur.record(ref.offset)) is not None and b[0].body_crc == ref.body_crc
-                    for ref in (*rec.blocks, *rec.vectors)
-                ):
-                    return True
+        while 0 <= i < SCAN:
+            if (rh := fmt.decode_record_header(window, i)) is not None:
+                return pos + i, rh
             i = window.find(fmt.RECORD_SYNC, i + 1)
-        pos += chunk
-    return False
+        pos += SCAN
+    return None
+
+
+def _names_later(cur: LogCursor, q: int, rh: fmt.RecordHeader, body: bytes, seq: int, upto: int) -> str | None:
+    """What the intact record at ``q`` proves was durable past commit ``seq`` (and codec
+    upgrades up to frame ``upto``), if anything: a later commit, or an upgrade whose
+    records are all intact (it began after the damaged write had ended)."""
+    try:
+        plain = opened(cur.file, q, rh, body)
+        if rh.kind == fmt.COMMIT:
+            c = fmt.meta_body(rh, plain, fmt.CommitRecord, offset=q)
+            if c.seq > seq + 1 or (c.seq == seq + 1 and _intact(cur, c.named())):
+                return f"commit {c.seq}"
+        elif rh.kind == fmt.RELOCATE:
+            m = fmt.meta_body(rh, plain, fmt.RelocateRecord, offset=q)
+            if m.seq > seq or (m.seq == seq and _intact(cur, m.named())):
+                return f"a codec upgrade after commit {m.seq}"
+        elif rh.kind == fmt.CHECKPOINT:
+            k = fmt.meta_body(rh, plain, fmt.CheckpointRecord, offset=q)
+            if k.seq > seq or k.extra.get("codec", {}).get("upto", 0) > upto:
+                return f"a checkpoint of commit {k.seq}"
+        elif rh.kind == fmt.SEGMENT:
+            g = fmt.meta_body(rh, plain, fmt.SegmentRecord, offset=q)
+            if g.commits and g.commits[-1].seq > seq:
+                return f"a segment of commit {g.commits[-1].seq}"
+    except CorruptionError:
+        pass  # fails authentication or does not decode: proves nothing
+    return None
+
+
+def _intact(cur: LogCursor, refs: Iterable[fmt.BlockRef]) -> bool:
+    """Are all the records a COMMIT or RELOCATE names intact, with the CRCs it names?"""
+    return all((r := cur.record(ref.offset)) is not None and r[0].body_crc == ref.body_crc for ref in refs)

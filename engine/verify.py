@@ -5,6 +5,11 @@ checkpoint: it checks every checksum, replays every commit into a fresh frame ta
 (which enforces the version invariants), decodes every payload against its digest, and
 then checks that the checkpoint the header points at agrees with that replay.
 
+A writer may be appending while ``verify`` reads (readers take no lock [F-13]), so it
+checks one snapshot: the header as read first and the file up to the size read just
+after it. The header names only bytes that were durable before it was written, so the
+snapshot holds its checkpoint; whatever is appended later is not looked at.
+
 ``doctor`` fixes what can be fixed without guessing: it cuts a torn tail, and when a
 header slot, the checkpoint or its segments are damaged it points the header back at the
 genesis checkpoint and writes a fresh one from a full replay. Damage to committed
@@ -21,7 +26,7 @@ from . import format as fmt
 from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, open as open_capsule, read_payload, unlock
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
-from .log import LogCursor, opened
+from .log import LogCursor, later_proof, opened
 from .table import FrameTable
 
 MAX_LISTED = 50  # errors listed in a report; the count is always exact
@@ -47,6 +52,7 @@ class Report(msgspec.Struct, kw_only=True):
 
 
 class _Scan(msgspec.Struct):
+    slots: bytes  # the header region as read first: the snapshot's header
     table: FrameTable
     end: int  # just past the last applied commit (or the live checkpoint after it)
     last_commit: int
@@ -75,9 +81,12 @@ def _next_record(cur: LogCursor, pos: int, size: int) -> int:
 
 
 def _scan(f: OsFile, report: Report) -> _Scan:
+    """Replay the whole log of the snapshot: the header first, then the size (see the
+    module docstring)."""
+    slots = f.pread(0, fmt.LOG_START)
     size = f.size()
     cur = LogCursor(f, size)
-    s = _Scan(FrameTable(), fmt.LOG_START, 0, size, [], [], [], [])
+    s = _Scan(slots, FrameTable(), fmt.LOG_START, 0, size, [], [], [], [])
     blocks: dict[int, int] = {}
     counts: dict[str, int] = {}
     pos = fmt.LOG_START
@@ -117,7 +126,7 @@ def _scan(f: OsFile, report: Report) -> _Scan:
                 intact = (
                     rec.seq == s.table.seq + 1
                     and rec.prev == s.last_commit
-                    and all(blocks.get(b.offset) == b.body_crc for b in (*rec.blocks, *rec.vectors))
+                    and all(blocks.get(b.offset) == b.body_crc for b in rec.named())
                 )
                 if intact:
                     try:
@@ -146,8 +155,7 @@ def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, 
     except CorruptionError as e:
         report.error(str(e))
         return
-    named = (*mv.blocks, *(fmt.BlockRef(d.offset, d.body_crc) for d in mv.dicts))
-    if mv.seq != s.table.seq or not all(blocks.get(b.offset) == b.body_crc for b in named):
+    if mv.seq != s.table.seq or not all(blocks.get(b.offset) == b.body_crc for b in mv.named()):
         s.stuck_moves.append(pos)
         return
     for m in mv.moves:
@@ -164,28 +172,34 @@ def _relocate(s: _Scan, f: OsFile, pos: int, rh: fmt.RecordHeader, body: bytes, 
 
 
 def _classify(s: _Scan, f: OsFile, report: Report) -> None:
-    """Damage after the last applied commit is a torn tail, unless a later commit exists."""
-    header = _newest_header(f)
+    """Damage after the last applied commit is a torn tail, unless a record past it proves
+    the damaged one was durable: the test replay makes ([F-07], ``later_proof``)."""
+    header = _newest(s.slots)
     if header is not None:
         # A checkpoint written after the last commit is part of the log, not its tail.
         ck_end = header.checkpoint_offset + header.checkpoint_length
         if ck_end <= s.size:
             s.end = max(s.end, ck_end)
-    later = [(off, seq) for off, seq in s.stuck if seq > s.table.seq]
+    problems = (*(start for start, _ in s.damage), *(off for off, _ in s.stuck), *s.stuck_moves)
+    tail = [off for off in problems if off >= s.end]
+    proof = later_proof(LogCursor(f, s.size), min(tail), s.table.seq, s.table.upgraded_upto) if tail else None
+    if proof is not None:
+        report.error(f"{proof[1]} at offset {proof[0]} was written after the damage listed next had been "
+                     "made durable: this is not a torn tail")
     for start, stop in s.damage:
-        if start < s.end or later:
+        if start < s.end or proof:
             report.error(f"damaged bytes {start}..{stop} (after commit {s.table.seq})")
     for off, seq in s.stuck:
-        if off < s.end or later:
+        if off < s.end or proof:
             report.error(f"commit {seq} at offset {off} cannot be applied")
     for off in s.stuck_moves:
-        if off < s.end or later:
+        if off < s.end or proof:
             report.error(f"codec upgrade at offset {off} cannot be applied")
     for off, kind in s.derived:
         if off < s.end:
             report.warnings.append(f"damaged {kind} record at offset {off} (derived data)")
     s.torn = s.size - s.end
-    if s.torn and not later:
+    if s.torn and not proof:
         report.warnings.append(
             f"torn tail: {s.torn} bytes after commit {s.table.seq} (a crash leaves these; "
             "the next writer open or `doctor` cuts them)"
@@ -224,12 +238,14 @@ def _check_payloads(f: OsFile, table: FrameTable, report: Report) -> None:
 
 def _check_header_and_checkpoint(f: OsFile, s: _Scan, report: Report) -> bool:
     """Are the header slots and the checkpoint intact and true to the log? Reports why not."""
-    raw = f.pread(0, fmt.LOG_START)
+    raw = s.slots
     slots = []
     for i, off in enumerate(fmt.SLOT_OFFSETS):
         h = fmt.decode_header(raw[off : off + fmt.SLOT_SIZE])
         if h is None:
-            report.warnings.append(f"header slot {'AB'[i]} is damaged (the other slot is used)")
+            # A slot that changed since is one a live writer was writing, not damage.
+            if f.pread(off, fmt.SLOT_SIZE) == raw[off : off + fmt.SLOT_SIZE]:
+                report.warnings.append(f"header slot {'AB'[i]} is damaged (the other slot is used)")
         else:
             slots.append(h)
     if not slots:
@@ -355,8 +371,11 @@ def _repair(path: str, dry_run: bool, passphrase: str | bytes | None) -> Report:
 
 
 def _newest_header(f: OsFile) -> fmt.Header | None:
-    slots = fmt.decode_slots(f.pread(0, fmt.LOG_START))
-    return max(slots, key=lambda h: h.generation, default=None)
+    return _newest(f.pread(0, fmt.LOG_START))
+
+
+def _newest(raw: bytes) -> fmt.Header | None:
+    return max(fmt.decode_slots(raw), key=lambda h: h.generation, default=None)
 
 
 def _reset_to_genesis(f: OsFile, s: _Scan) -> None:
