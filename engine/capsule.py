@@ -53,7 +53,7 @@ from .embed import DEFAULT_MODEL, MODELS, Embedder, cache_root
 from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
-from .log import read_meta, read_record, replay
+from .log import Replay, read_meta, read_record, replay
 from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, ram_root, rrf
 from .table import FOREVER, FrameTable
 from .vectors import as_vector, pack_vectors, unpack_vectors
@@ -594,7 +594,7 @@ class Capsule:
     def _catch_up(self) -> int:
         """Apply commits that follow ``_log_end``; returns how many there were."""
         size = self._file.size()
-        counted: dict[str, int] = {}
+        commits = 0
 
         def apply(rec: fmt.CommitRecord, offset: int) -> None:
             self._table.apply(rec, offset)
@@ -611,16 +611,22 @@ class Capsule:
             try:
                 r = replay(self._file, self._log_end, size, self._table.seq, self._last_commit,
                            self._table.upgraded_upto, apply, relocate)
-                break
-            except CorruptionError:
+                return commits + self._replayed(r)
+            except CorruptionError as e:
+                # What was applied before the damage is applied: take it in, so a look
+                # again starts after it.
+                if (done := getattr(e, "replayed", None)) is not None:
+                    commits += self._replayed(done)
                 # A reader can catch a writer mid-append and see later bytes before
                 # earlier ones; look again before calling it corruption.
                 if not self.readonly or attempt == 2:
                     raise
                 size = self._file.size()
-        for kind, n in r.record_bytes.items():
-            counted[f"bytes.{kind}"] = n
-        self._add_counters(counted)
+        raise AssertionError("unreachable")
+
+    def _replayed(self, r: Replay) -> int:
+        """Take in what ``replay`` applied: counters, vectors, where the log ends."""
+        self._add_counters({f"bytes.{kind}": n for kind, n in r.record_bytes.items()})
         self._has_vec.extend(bytes(self._table.next_id - len(self._has_vec)))
         for offset in r.vectors:  # vectors committed after the checkpoint
             ids, vectors = self._read_vectors(offset)

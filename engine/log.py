@@ -98,7 +98,9 @@ def replay(
     apply: Callable[[fmt.CommitRecord, int], None],
     relocate: Callable[[fmt.RelocateRecord, int], None],
 ) -> Replay:
-    """Apply every intact commit after ``start``; see the module docstring."""
+    """Apply every intact commit after ``start``; see the module docstring. Damage that
+    a later record proves was not a torn tail raises ``CorruptionError`` whose
+    ``replayed`` is what was applied before it (the caller's state has moved that far)."""
     cur = LogCursor(file, size)
     result = Replay(end=start, last_commit=last_commit)
     blocks: dict[int, int] = {}  # offset -> body crc of intact blocks seen since `end`
@@ -146,10 +148,12 @@ def replay(
         pos += rec_len
     result.torn_bytes = size - result.end
     if pos < size and (proof := later_proof(cur, pos, seq, upto)) is not None:
-        raise CorruptionError(
+        err = CorruptionError(
             f"damaged record after commit {seq}; {proof[1]} at offset {proof[0]} was written after "
             "it had been made durable, so this is not a torn tail", offset=pos,
         )
+        err.replayed = result  # type: ignore[attr-defined]
+        raise err
     return result
 
 

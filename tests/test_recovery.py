@@ -438,3 +438,48 @@ def check_damage(path: str, passphrase: str | None, damaged: bytes, writes: list
         assert after == damaged, "the writer changed a damaged file"
     else:  # all commits there: the writer may cut a torn write, nothing else
         assert after == damaged[: len(after)], "the writer changed a damaged file"
+
+
+class HalfLandedFile(OsFile):
+    """A reader's view of a file a writer is appending to: the bytes in ``blind`` read as
+    zeros until they have been read ``misses`` times (the writer's pwrite landing while
+    the reader's pread copies pages)."""
+
+    blind: tuple[int, int] = (0, 0)
+    misses = 0
+
+    def pread(self, offset: int, n: int) -> bytes:
+        data = super().pread(offset, n)
+        lo, hi = self.blind
+        if self.misses and offset < hi and offset + n > lo:
+            HalfLandedFile.misses -= 1
+            a, b = max(lo, offset) - offset, min(hi, offset + n) - offset
+            data = data[:a] + bytes(b - a) + data[b:]
+        return data
+
+
+def test_a_reader_that_caught_a_write_half_landed_looks_again_after_what_it_applied(tmp_path):
+    """A reader's catch-up applies commit 4, then sees commit 5 half landed with commit 6
+    whole after it: that looks like damage proven by a later record. Looking again must
+    start after commit 4, which is applied already (it started over from before it, found
+    commit 4 a second time, and called the capsule corrupt three times in a row)."""
+    path = str(tmp_path / "r.mv2")
+    with engine.create(path, model=None) as w:
+        for i in range(3):
+            w.put(f"before {i}", uri=f"b://{i}")
+            w.commit()
+        r = engine.open(path, readonly=True, file_factory=HalfLandedFile.open)
+        try:
+            assert r.seq == 3
+            offsets = []
+            for i in range(3):
+                w.put(f"after {i}", uri=f"a://{i}")
+                w.commit()
+                offsets.append(os.path.getsize(path))
+            HalfLandedFile.blind, HalfLandedFile.misses = (offsets[0], offsets[1]), 1  # commit 5's bytes
+            assert r.refresh() == 3
+            assert r.seq == 6
+            assert [r.get(uri=f"a://{i}").text for i in range(3)] == ["after 0", "after 1", "after 2"]
+        finally:
+            HalfLandedFile.misses = 0
+            r.close()
