@@ -37,10 +37,10 @@ from . import format as fmt
 from . import retention, upgrade
 from .compact import Rewriter, unnamed
 from .errors import (
+    Cancelled,
     CapsuleBroken,
     CapsuleClosed,
     CapsuleExists,
-    CapsuleLocked,
     CorruptionError,
     EngineError,
     InvalidArgument,
@@ -110,7 +110,7 @@ class Frame(FrameInfo, frozen=True, kw_only=True):
         return self.payload.decode("utf-8", errors="replace")
 
 
-class Timeline(list):  # type: ignore[type-arg]
+class Timeline(list[FrameInfo]):
     """A timeline page (a list of ``FrameInfo``) that also says how many frames in its
     range retention rules hid [F-24]."""
 
@@ -184,11 +184,11 @@ def unlock(f: CapsuleFile, header: fmt.Header, passphrase: str | bytes | None) -
     passphrase does not open its key slot)."""
     if header.flags & fmt.HEADER_ENCRYPTED:
         if passphrase is None:
-            raise InvalidArgument(f"{f.path} is encrypted: open it with its passphrase")  # type: ignore[attr-defined]
+            raise InvalidArgument(f"{f.path} is encrypted: open it with its passphrase")
         data_key = crypto.unlock(crypto.decode_keyslot(header.keyslot), passphrase, header.capsule_id)
-        f.sealer = crypto.Sealer(data_key, header.capsule_id)  # type: ignore[attr-defined]
+        f.sealer = crypto.Sealer(data_key, header.capsule_id)
     elif passphrase is not None:
-        raise InvalidArgument(f"{f.path} is not encrypted: open it without a passphrase")  # type: ignore[attr-defined]
+        raise InvalidArgument(f"{f.path} is not encrypted: open it without a passphrase")
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -475,15 +475,15 @@ class Capsule:
         self._view: View | None = None  # what readers pin; replaced by compaction's switch
         self._retired: list[View] = []  # views a compaction replaced, still pinned by a reader
         self._pin_lock = threading.Lock()
-        self._table: FrameTable | None = None
+        self._table: FrameTable  # set by _load (and by each compaction's switch)
         try:
             self._load()
             if embedder is not None:
                 self._embedder = None
                 self.attach_embedder(embedder)
         except BaseException:
-            if self._table is not None:
-                self._table.close()  # its spill file; the caller closes the capsule file
+            if self._view is not None:
+                self._view.table.close()  # its spill file; the caller closes the capsule file
             raise
 
     @property
@@ -755,7 +755,7 @@ class Capsule:
             raise InvalidArgument("uri must not be empty")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
             raise InvalidArgument("chunk must be a non-negative int")
-        meta_args = dict(
+        meta_args: dict[str, Any] = dict(
             uri=uri, title=_opt_str("title", title), kind=_opt_str("kind", kind),
             tags=_tags(tags), timestamp=_timestamp(timestamp), parent=_opt_str("parent", parent),
             expires=None if expires is None else (
@@ -1102,7 +1102,8 @@ class Capsule:
         ckpt = fmt.CheckpointRecord(self.capsule_id, t.seq, t.next_id, self._last_commit, refs, counters, extra)
         # The checkpoint counts its own bytes: encode once to learn the size (the count
         # itself may change the size by a byte or two, which stats can live with).
-        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + len(self._meta_record(fmt.CHECKPOINT, ckpt, pos))
+        size = len(self._meta_record(fmt.CHECKPOINT, ckpt, pos))
+        counters["bytes.checkpoint"] = counters.get("bytes.checkpoint", 0) + size
         ck_raw = self._meta_record(fmt.CHECKPOINT, ckpt, pos)
         ck_off = pos
         try:
@@ -1160,7 +1161,8 @@ class Capsule:
                 i, v = self._read_vectors(offset)
                 ids += i
                 rows.append(v)
-            raw = self._record(fmt.VECTORS, fmt.pack(fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))), out.pos)
+            folded = fmt.VectorsRecord(ids, pack_vectors(np.concatenate(rows)))
+            raw = self._record(fmt.VECTORS, fmt.pack(folded), out.pos)
             tail = [r for r in tail if r[1] >= SMALL_VECTOR_RECORD] + [[out.pos, len(ids)]]
             out.write(raw)
         extra["vec"] = {**self._vec, "records": refs + tail, "bitmap": bytes(self._has_vec)}
@@ -1284,10 +1286,12 @@ class Capsule:
                 if upgrade.worth_keeping(candidate, samples, self._opts.level):
                     new_dict = (next_dict, trained, candidate)
                     zdict = (next_dict, candidate)
-        encoded = [e for g, data in zip(groups, payloads) if (e := upgrade.encode(g, data, zdict, level))]
+        encoded = [e for g, data in zip(groups, payloads, strict=True) if (e := upgrade.encode(g, data, zdict, level))]
         return new_dict, encoded
 
-    def _write_upgrade(self, upto: int, new_dict: tuple[int, bytes, Any] | None, encoded: list[upgrade.Encoded]) -> dict[str, int]:
+    def _write_upgrade(
+        self, upto: int, new_dict: tuple[int, bytes, Any] | None, encoded: list[upgrade.Encoded],
+    ) -> dict[str, int]:
         """Append the new blocks and the RELOCATE naming them, fsync, switch (lock held)."""
         pos = self._log_end
         out = bytearray()
@@ -1411,8 +1415,10 @@ class Capsule:
                 seq = self._resolve_as_of(as_of)
                 extra = genesis_extra(self._ckpt.extra)
                 if origin:
-                    extra["origin"] = {"capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
-                                       "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created}
+                    extra["origin"] = {
+                        "capsule_id": uuid.UUID(bytes=self.capsule_id).hex, "path": os.path.abspath(self.path),
+                        "seq": seq, "time": self._table.commit_times[seq - 1] if seq else self._header.created,
+                    }
             header, sealer, first = new_header(uuid.uuid4().bytes, extra, passphrase, kdf)  # Argon2id: unlocked
             with self._lock:
                 out = unnamed(os.path.dirname(os.path.abspath(path)))
@@ -1443,7 +1449,8 @@ class Capsule:
                     yield
                     return
             if time.monotonic() > deadline:
-                raise CapsuleLocked("compaction: staged puts were not committed within 30 s")
+                raise Cancelled("compaction gave up: staged puts were not committed within 30 s; "
+                                "the capsule is unchanged")
             time.sleep(0.001)
 
     def _switch(self, f: OsFile) -> None:
@@ -1547,7 +1554,8 @@ class Capsule:
             infos = [self._info(m) for m in metas]
             view = self._pin()
         try:
-            return [Frame(**msgspec.structs.asdict(i), payload=view.payload(m)) for i, m in zip(infos, metas)]
+            return [Frame(**msgspec.structs.asdict(i), payload=view.payload(m))
+                    for i, m in zip(infos, metas, strict=True)]
         finally:
             self._unpin(view)
 
@@ -1784,7 +1792,9 @@ class Capsule:
         lex_ids = {f for _, f in lex_hits}
         vec_ids = {f for _, f in vec_hits}
         hits = []
-        make_snippet = ix.lex.snippets(parsed, snippet_chars) if parsed is not None and snippet_chars and lex_ids else None  # type: ignore[union-attr]
+        make_snippet = None
+        if ix.lex is not None and parsed is not None and snippet_chars and lex_ids:
+            make_snippet = ix.lex.snippets(parsed, snippet_chars)
         for score, fid in ranked[:k]:
             m = t.frames[fid]
             text = view.text(m) if snippet_chars else ""
@@ -1819,7 +1829,7 @@ class Capsule:
             out = {fid: self._ready_vectors[fid] for fid in frame_ids if fid in self._ready_vectors}
             rest = [fid for fid in frame_ids if fid not in out and fid < len(self._has_vec) and self._has_vec[fid]]
             if rest and ix.vec is not None:
-                for fid, v in zip(rest, ix.vec.get(rest)):
+                for fid, v in zip(rest, ix.vec.get(rest), strict=True):
                     out[fid] = v
             return out
 
@@ -1930,7 +1940,7 @@ class Capsule:
             with self._lock:
                 if self._closed:
                     return
-                batch = []
+                batch: list[fmt.FrameMeta] = []
                 while self._embed_queue and len(batch) < self._opts.embed_batch:
                     fid = self._embed_queue.popleft()
                     if not self._has_vec[fid] and fid not in self._ready_vectors:
@@ -1955,7 +1965,7 @@ class Capsule:
                     return
                 self._embed_stats["embedded"] += len(batch)
                 self._embed_stats["seconds"] += time.perf_counter() - t0
-                for m, v in zip(batch, vectors):
+                for m, v in zip(batch, vectors, strict=True):
                     self._ready_vectors[m.id] = v
                 self._embedding_inflight = 0
                 if self._indexes is not None:
@@ -2095,8 +2105,9 @@ class Capsule:
                 if self._indexes is not None:
                     self._indexes.close(None if self.readonly or self._broken else self._table)
                     self._indexes = None
-                for view in (self._view, *self._retired):
-                    view.close()  # its table and file: the current one is self._file
+                for view in [self._view, *self._retired]:
+                    if view is not None:
+                        view.close()  # its table and file: the current one is self._file
 
     def __enter__(self) -> Capsule:
         return self
@@ -2132,7 +2143,7 @@ class _Spool:
 
     def flush(self) -> None:
         if self._buf:
-            self._file.pwrite(self._at, self._buf)  # type: ignore[arg-type] - replaced, never changed after
+            self._file.pwrite(self._at, self._buf)  # replaced below, never changed after
             self._at += len(self._buf)
             self._buf = bytearray()
 

@@ -61,7 +61,9 @@ def _dict_compressor(level: int, zdict: zstandard.ZstdCompressionDict) -> zstand
     return entry[1]
 
 
-def encode(raw: bytes, level: int = DEFAULT_LEVEL, zdict: zstandard.ZstdCompressionDict | None = None) -> tuple[int, bytes]:
+def encode(
+    raw: bytes, level: int = DEFAULT_LEVEL, zdict: zstandard.ZstdCompressionDict | None = None,
+) -> tuple[int, bytes]:
     """Pick the codec for a fresh block: zstd (with ``zdict`` when given), or raw when
     compression does not pay."""
     if zdict is not None:
@@ -91,7 +93,8 @@ def train(samples: list[bytes], size: int) -> bytes | None:
     """A zstd dictionary of at most ``size`` bytes trained on ``samples``; ``None`` when
     zstd cannot build one (too few samples, or samples too alike)."""
     try:
-        return zstandard.train_dictionary(size, samples).as_bytes()
+        buffers: list[bytes | bytearray | memoryview] = list(samples)
+        return zstandard.train_dictionary(size, buffers).as_bytes()
     except zstandard.ZstdError:
         return None
 

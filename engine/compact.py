@@ -176,14 +176,14 @@ class Rewriter:
         for m in frames:
             if m.block < 0 or m.id in where:
                 continue
-            at = self.blocks.get(m.block)
-            if at is None:  # a block already upgraded, or one not worth re-encoding
+            copied = self.blocks.get(m.block)
+            if copied is None:  # a block already upgraded, or one not worth re-encoding
                 _, body = read_record(src._file, m.block, fmt.BLOCK)
-                at = self.blocks[m.block] = self._put(fmt.BLOCK, body)
+                copied = self.blocks[m.block] = self._put(fmt.BLOCK, body)
                 codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
                 self._count(codec, raw_len, len(body) - fmt.BLOCK_HEADER.size)
                 self.stats["blocks_copied"] += 1
-            where[m.id] = (at, m.start)
+            where[m.id] = (copied, m.start)
         return where
 
     def _commit(self, seq: int, where: dict[int, tuple[int, int]], *, last: bool) -> None:

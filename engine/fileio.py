@@ -38,7 +38,8 @@ class CapsuleFile(Protocol):
     path: str
 
     def pread(self, offset: int, n: int) -> bytes: ...
-    def pwrite(self, offset: int, data: bytes) -> None: ...
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None: ...
+    sealer: Any  # how records are sealed (encrypted capsules), or None
     def sync(self) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
@@ -103,7 +104,7 @@ class OsFile:
         except OSError as e:
             raise StorageError("read", self.path, e) from e
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         try:
             while view:  # pwrite may be short on a nearly full disk
@@ -163,10 +164,8 @@ class OsFile:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CapsuleLocked(self.path, self._holder_pid()) from None
-        try:
+        with contextlib.suppress(OSError):  # only the pid advertisement; exclusion is ours already
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PID_LOCK_BYTE)
-        except OSError:
-            pass  # only the pid advertisement failed; exclusion is already ours
 
     def _holder_pid(self) -> int | None:
         probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PID_LOCK_BYTE, 1, 0)

@@ -52,8 +52,8 @@ class FrameStore(Sequence[FrameMeta]):
         if spill_dir is not None:
             try:
                 os.makedirs(spill_dir, mode=0o700, exist_ok=True)
-                self._fd = os.dup((spill := tempfile.TemporaryFile(dir=spill_dir)).fileno())
-                spill.close()
+                with tempfile.TemporaryFile(dir=spill_dir) as spill:
+                    self._fd = os.dup(spill.fileno())
             except OSError:
                 self._fd = None  # no spill space: memory it is
         # (file offset of its first byte, encodings not yet written): replaced, not

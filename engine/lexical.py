@@ -236,7 +236,7 @@ class LexIndex:
             found = searcher.search(full, k, count=False).hits
             if found:
                 ids = searcher.fast_field_values("frame_id", [a for _, a in found])
-                hits = [(score, int(fid)) for (score, _), fid in zip(found, ids)]
+                hits = [(score, int(fid)) for (score, _), fid in zip(found, ids, strict=True)]  # type: ignore[arg-type]
             query = q
             if len(hits) >= k:
                 break

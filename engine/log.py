@@ -35,7 +35,7 @@ class LogCursor:
     def read(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.end - offset))
         rel = offset - self._base
-        if 0 <= rel and rel + n <= len(self._buf):
+        if rel >= 0 and rel + n <= len(self._buf):
             return self._buf[rel : rel + n]
         if n > READ_AHEAD:
             return self.file.pread(offset, n)

@@ -82,7 +82,7 @@ def parse(obj: Any) -> Rules:
 
 
 def to_builtins(rules: Rules) -> dict[str, Any]:
-    return msgspec.to_builtins(rules)  # type: ignore[no-any-return]
+    return msgspec.to_builtins(rules)
 
 
 class Expiry:

@@ -64,7 +64,7 @@ class Hit(msgspec.Struct, frozen=True, kw_only=True):
     sources: tuple[str, ...]  # which lists it came from: "lex", "vec"
 
 
-class Hits(list):  # type: ignore[type-arg]
+class Hits(list[Hit]):
     """A ranked list of ``Hit`` that also says how it was made."""
 
     def __init__(self, hits: list[Hit], *, mode: str, seq: int, warnings: list[str], cached: bool = False) -> None:

@@ -154,10 +154,11 @@ class CrashFile(_Wrapper):
             if fate == "torn":
                 data = data[: self.rng.randrange(0, len(data) + 1, SECTOR) if len(data) > SECTOR else 0]
             elif fate == "garble":
-                data = bytearray(data)
+                garbled = bytearray(data)
                 start = self.rng.randrange(0, len(data), SECTOR) if len(data) > SECTOR else 0
                 for i in range(start, min(len(data), start + SECTOR)):
-                    data[i] = self.rng.randrange(256)
+                    garbled[i] = self.rng.randrange(256)
+                data = bytes(garbled)
             if len(image) < offset:
                 image.extend(bytes(offset - len(image)))  # a file may grow before data lands
             image[offset : offset + len(data)] = data

@@ -21,6 +21,7 @@ import hashlib
 from collections.abc import Sequence
 
 import msgspec
+import zstandard
 
 from . import codecs
 from . import format as fmt
@@ -86,31 +87,32 @@ def train(samples: Sequence[bytes]) -> bytes | None:
     return codecs.train(picked, size)
 
 
-def worth_keeping(zdict: object, samples: Sequence[bytes], level: int) -> bool:
+def worth_keeping(zdict: zstandard.ZstdCompressionDict, samples: Sequence[bytes], level: int) -> bool:
     """Does the dictionary shrink small frames compressed alone (as fresh puts are) by
     ``DICT_MIN_GAIN``? Grouped blocks rarely need it; fresh small frames do."""
     small = [p for p in samples if len(p) <= FRESH_DICT_MAX][:2000]
     if not small:
         return False
     plain = sum(len(codecs.encode(p, level)[1]) for p in small)
-    with_dict = sum(len(codecs.encode(p, level, zdict)[1]) for p in small)  # type: ignore[arg-type]
+    with_dict = sum(len(codecs.encode(p, level, zdict)[1]) for p in small)
     return with_dict <= (1 - DICT_MIN_GAIN) * plain
 
 
-def encode(group: Group, payloads: list[bytes], zdict: tuple[int, object] | None, level: int = LEVEL) -> Encoded | None:
+def encode(group: Group, payloads: list[bytes], zdict: tuple[int, zstandard.ZstdCompressionDict] | None,
+           level: int = LEVEL) -> Encoded | None:
     """The group's new block, verified; ``None`` when it would not save ``MIN_SAVING``."""
     raw = b"".join(payloads)
-    codec, stored = codecs.encode_best(raw, level, zdict[1] if zdict else None)  # type: ignore[arg-type]
+    codec, stored = codecs.encode_best(raw, level, zdict[1] if zdict else None)
     dict_id = zdict[0] if zdict and codec == codecs.ZSTD_DICT else 0
     body = fmt.BLOCK_HEADER.pack(codec, 0, 0, dict_id, len(raw)) + stored
     if len(body) + fmt.RECORD_SIZE > (1 - MIN_SAVING) * sum(group.old_blocks.values()):
         return None
     # Decode what will be written and compare, before any byte reaches the file.
-    back = codecs.decode(codec, stored, len(raw), zdict=zdict[1] if dict_id else None)  # type: ignore[index]
+    back = codecs.decode(codec, stored, len(raw), zdict=zdict[1] if zdict and dict_id else None)
     if back != raw:
         raise AssertionError("codec upgrade: re-encoded block does not decode to its input")
     pos = 0
-    for m, p in zip(group.frames, payloads):
+    for m in group.frames:
         if hashlib.blake2b(back[pos : pos + m.length], digest_size=16).digest() != m.digest:
             raise AssertionError(f"codec upgrade: frame {m.id} fails its digest after re-encoding")
         pos += m.length

@@ -35,7 +35,7 @@ class VecIndex:
             return None
         if index is None or index.ndim != dim:
             return None
-        index.expansion_search = EXPANSION_SEARCH
+        index.expansion_search = EXPANSION_SEARCH  # type: ignore[misc]  # settable; the stub says read-only
         return cls(dim, index)
 
     def __len__(self) -> int:
@@ -51,7 +51,7 @@ class VecIndex:
             self.dirty = True
 
     def get(self, ids: list[int]) -> np.ndarray:
-        out = self.index.get(np.asarray(ids, dtype=np.uint64))
+        out: Any = self.index.get(np.asarray(ids, dtype=np.uint64))
         return np.stack(out).astype(np.float32).reshape(len(ids), self.dim)
 
     def save(self, path: Path) -> None:
@@ -76,7 +76,7 @@ class VecIndex:
             m = self.index.search(query, want)
             keys = np.asarray(m.keys, dtype=np.int64)
             dists = np.asarray(m.distances, dtype=np.float32)
-            hits = [(1.0 - float(d), int(key)) for key, d in zip(keys, dists) if accept(int(key))]
+            hits = [(1.0 - float(d), int(key)) for key, d in zip(keys, dists, strict=True) if accept(int(key))]
             if len(hits) >= k or want >= n:
                 return hits[:k]
             if want >= 4096:  # a very selective filter: score the survivors exactly instead
