@@ -723,7 +723,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
 
     # Embedded run: full tree if the model would get through it within the budget.
     est = direct_embedding(probe, cache)
-    chunks_full = f["chunks_written"]
+    chunks_full = res["lexical_full"]["chunks_written"]
     est_s = chunks_full / est["chunks_per_s"]
     if embed_files == "full" or (embed_files == "auto" and est_s <= cfg["embed_budget_s"]):
         tree, which = full, {"tree": "full", "files": res["tree_full"]["files"], "mb": res["tree_full"]["mb"]}
