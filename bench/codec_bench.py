@@ -3,7 +3,7 @@
 
 Run::
 
-    cd /work/main && .venv/bin/python bench/codec_bench.py [--quick] [--out FILE]
+    cd /work/main && .venv/bin/python -m bench.codec_bench [--quick] [--out FILE]
 
 Three parts, each with its baselines measured in the same run on the same bytes:
 
@@ -26,33 +26,22 @@ Prints one JSON document and a one-line summary on stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import zstandard
 
-import engine  # noqa: E402
-import zstandard  # noqa: E402
-from benchstats import dist, loadavg, ratio  # noqa: E402
-from engine_bench import Corpus  # noqa: E402
+import engine
+
+from bench.common import Corpus, arg_parser, dist, loadavg, log, parse_args, ratio, result_head, write_result
 
 SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl")
 FULL = dict(corpus_max_bytes=None, events=100_000, get_samples=2000, days=30, day_corpus_bytes=8_000_000)
 QUICK = dict(corpus_max_bytes=2_000_000, events=10_000, get_samples=300, days=30, day_corpus_bytes=1_000_000)
-VERBOSE = False
-
-
-def log(msg: str) -> None:
-    if VERBOSE:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- baselines: zstandard alone on the same payloads ----------------------------------
@@ -70,9 +59,11 @@ def baselines(payloads: list[bytes]) -> dict[str, Any]:
     out = {
         "per_frame_zstd3": sum(len(z3.compress(p)) for p in payloads) / raw,
         "per_frame_zstd19": sum(len(z19.compress(p)) for p in payloads) / raw,
-        "per_frame_zstd3_dict64k": (sum(len(zd3.compress(p)) for p in payloads) + len(zdict.as_bytes())) / raw,
+        "per_frame_zstd3_dict64k":
+            (sum(len(zd3.compress(p)) for p in payloads) + len(zdict.as_bytes())) / raw,
         "groups32_zstd19": sum(len(z19.compress(g)) for g in groups) / raw,
-        "one_stream_zstd19": len(zstandard.ZstdCompressor(level=19, threads=-1).compress(b"".join(payloads))) / raw,
+        "one_stream_zstd19":
+            len(zstandard.ZstdCompressor(level=19, threads=-1).compress(b"".join(payloads))) / raw,
     }
     return {k: round(v, 4) for k, v in out.items()}
 
@@ -95,7 +86,8 @@ def cold_gets(cap: engine.Capsule, ids: list[int]) -> dict[str, Any]:
     return dist(times, "us")
 
 
-def upgrade_run(path: str, payloads: list[bytes], gets: int, *, texts: bool, batch: int = 256) -> dict[str, Any]:
+def upgrade_run(path: str, payloads: list[bytes], gets: int, *, texts: bool,
+                batch: int = 256) -> dict[str, Any]:
     with engine.create(path, model=None, checkpoint_frames=1 << 30) as cap:
         t0 = time.perf_counter()
         for i in range(0, len(payloads), batch):
@@ -117,7 +109,8 @@ def upgrade_run(path: str, payloads: list[bytes], gets: int, *, texts: bool, bat
         raw = sum(map(len, payloads))
         return {
             "frames": len(payloads), "raw_bytes": raw, "ingest_mb_per_s": round(raw / ingest_s / 1e6, 1),
-            "stored_over_raw_before": stored_over_raw(before), "stored_over_raw_after": stored_over_raw(after),
+            "stored_over_raw_before": stored_over_raw(before),
+            "stored_over_raw_after": stored_over_raw(after),
             "improvement": ratio(stored_over_raw(before), stored_over_raw(after), 2),
             "file_bytes_before": before["file_bytes"], "file_bytes_after": after["file_bytes"],
             "dead_bytes_after": after["bytes_by_kind"]["dead"],
@@ -165,11 +158,13 @@ def make_events(n: int, seed: int = 0) -> list[bytes]:
     for i in range(n):
         if sentences and rng.random() < 0.5:
             role = rng.choice(["user", "assistant"])
-            out.append(f'{{"t": {1_790_000_000 + i}, "role": "{role}", "text": "{rng.choice(sentences)}"}}'.encode())
+            text = rng.choice(sentences)
+            out.append(f'{{"t": {1_790_000_000 + i}, "role": "{role}", "text": "{text}"}}'.encode())
         else:
             out.append(
                 f"2026-11-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:"
-                f"{rng.randint(0, 59):02d}.{rng.randint(0, 999):03d}Z {rng.choice(['INFO', 'INFO', 'WARN', 'ERROR'])} "
+                f"{rng.randint(0, 59):02d}.{rng.randint(0, 999):03d}Z "
+                f"{rng.choice(['INFO', 'INFO', 'WARN', 'ERROR'])} "
                 f"{rng.choice(services)} method={rng.choice(['GET', 'POST'])} path={rng.choice(paths)} "
                 f"status={rng.choice([200, 200, 201, 304, 404, 500])} duration_ms={rng.randint(1, 2000)} "
                 f"request_id={rng.getrandbits(64):016x} user=u{rng.randint(1, 500)}".encode())
@@ -185,7 +180,8 @@ def days_run(tmp: str, corpus: Corpus, days: int) -> dict[str, Any]:
     texts = [corpus.text(i) for i in range(len(corpus))]
     with engine.create(path, model=None) as cap:
         for i in range(0, len(texts), 256):
-            cap.put_many({"text": texts[j], "uri": corpus.uris[j]} for j in range(i, min(i + 256, len(texts))))
+            batch = range(i, min(i + 256, len(texts)))
+            cap.put_many({"text": texts[j], "uri": corpus.uris[j]} for j in batch)
             cap.commit()
         sizes = [cap.stats()["file_bytes"]]
         live_raw = sum(len(t.encode("utf-8", "surrogateescape")) for t in texts)
@@ -215,9 +211,10 @@ def days_run(tmp: str, corpus: Corpus, days: int) -> dict[str, Any]:
         "compact_all_history": {**kept, "seconds": round(compact_s, 2),
                                 "reclaimed_bytes": kept["bytes_before"] - kept["bytes_after"],
                                 "file_over_live_raw": round(after_all["file_bytes"] / live_raw, 4)},
-        "compact_max_versions_2": {**pruned, "reclaimed_bytes": pruned["bytes_before"] - pruned["bytes_after"],
-                                   "file_over_live_raw": round(after_pruned["file_bytes"] / live_raw, 4),
-                                   "expired_frames": after_pruned["retention"]["expired_frames"]},
+        "compact_max_versions_2": {
+            **pruned, "reclaimed_bytes": pruned["bytes_before"] - pruned["bytes_after"],
+            "file_over_live_raw": round(after_pruned["file_bytes"] / live_raw, 4),
+            "expired_frames": after_pruned["retention"]["expired_frames"]},
     }
 
 
@@ -233,7 +230,8 @@ def encryption_run(tmp: str, corpus: Corpus, gets: int) -> dict[str, Any]:
         with engine.create(path, model=None, passphrase=passphrase, index_dir=f"{tmp}/ix-{name}") as cap:
             t0 = time.perf_counter()
             for i in range(0, len(texts), 256):
-                cap.put_many({"text": t, "uri": corpus.uris[j]} for j, t in enumerate(texts[i : i + 256], start=i))
+                batch = enumerate(texts[i : i + 256], start=i)
+                cap.put_many({"text": t, "uri": corpus.uris[j]} for j, t in batch)
                 cap.commit()
             ingest = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -258,11 +256,12 @@ def encryption_run(tmp: str, corpus: Corpus, gets: int) -> dict[str, Any]:
 
 
 def summary_line(r: dict[str, Any]) -> str:
-    s, e, d = r["stdlib"], r["events"], r["days"]
+    s, e, d, enc = r["stdlib"], r["events"], r["days"], r["encryption"]
+    sb = s["baselines"]
     return (
         f"stdlib stored/raw {s['stored_over_raw_before']} -> {s['stored_over_raw_after']} "
-        f"(zstd3/chunk {s['baselines']['per_frame_zstd3']}, dict {s['baselines']['per_frame_zstd3_dict64k']}, "
-        f"g32 {s['baselines']['groups32_zstd19']}, stream {s['baselines']['one_stream_zstd19']}) "
+        f"(zstd3/chunk {sb['per_frame_zstd3']}, dict {sb['per_frame_zstd3_dict64k']}, "
+        f"g32 {sb['groups32_zstd19']}, stream {sb['one_stream_zstd19']}) "
         f"get p50 {s['get_cold_before']['p50']:.0f} -> {s['get_cold_after']['p50']:.0f} us | "
         f"events {e['stored_over_raw_before']} -> {e['stored_over_raw_after']} "
         f"(dict/rec {e['baselines']['per_frame_zstd3_dict64k']}, g32 {e['baselines']['groups32_zstd19']}; "
@@ -271,26 +270,20 @@ def summary_line(r: dict[str, Any]) -> str:
         f"30 days x{d['growth_over_days']} ({d['file_bytes_day0']} -> {d['file_bytes_day_last']} B), "
         f"compact -> {d['compact_all_history']['bytes_after']} B (keeps history), "
         f"max_versions=2 -> {d['compact_max_versions_2']['bytes_after']} B | "
-        f"encrypted/plain ingest x{r['encryption']['ratios']['ingest']} get x{r['encryption']['ratios']['get_p50']} "
-        f"find x{r['encryption']['ratios']['find_p50']} bytes x{r['encryption']['ratios']['file_bytes']} "
-        f"open {r['encryption']['encrypted']['open_s']} s | "
+        f"encrypted/plain ingest x{enc['ratios']['ingest']} get x{enc['ratios']['get_p50']} "
+        f"find x{enc['ratios']['find_p50']} bytes x{enc['ratios']['file_bytes']} "
+        f"open {enc['encrypted']['open_s']} s | "
         f"load {r['loadavg_start']}->{r['loadavg_end']} | {r['elapsed_s']:.0f} s"
     )
 
 
 def main() -> None:
-    global VERBOSE
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    ap.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
-    args = ap.parse_args()
-    VERBOSE = args.verbose
+    args = parse_args(arg_parser(__doc__, quick="small sizes (about a minute)"))
     cfg = QUICK if args.quick else FULL
     t_start = time.perf_counter()
-    result: dict[str, Any] = {"benchmark": "memvidd codecs and compaction", "mode": "quick" if args.quick else "full",
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": loadavg()}
-    with tempfile.TemporaryDirectory(prefix="memvidd-codec-") as tmp:
+    result: dict[str, Any] = {**result_head("memvidd codecs and compaction", args.quick),
+                              "loadavg_start": loadavg()}
+    with tempfile.TemporaryDirectory(prefix="memvidd-codec-", dir=args.tmpdir) as tmp:
         log("stdlib corpus")
         corpus = Corpus(cfg["corpus_max_bytes"])
         payloads = list(corpus.raw)
@@ -298,9 +291,11 @@ def main() -> None:
                             **upgrade_run(f"{tmp}/stdlib.mv2", payloads, cfg["get_samples"], texts=True)}
         log("events")
         events = make_events(cfg["events"])
-        result["events"] = {"baselines": baselines(events), "mean_bytes": round(sum(map(len, events)) / len(events), 1),
-                            **upgrade_run(f"{tmp}/events.mv2", events, cfg["get_samples"], texts=True, batch=64)}
-        result["events"]["fresh_after_dict"] = fresh_after_dict(f"{tmp}/events.mv2", make_events(2000, seed=9))
+        result["events"] = {
+            "baselines": baselines(events), "mean_bytes": round(sum(map(len, events)) / len(events), 1),
+            **upgrade_run(f"{tmp}/events.mv2", events, cfg["get_samples"], texts=True, batch=64),
+            "fresh_after_dict": fresh_after_dict(f"{tmp}/events.mv2", make_events(2000, seed=9)),
+        }
         log("30 days")
         day_corpus = Corpus(cfg["day_corpus_bytes"])
         result["days"] = days_run(tmp, day_corpus, cfg["days"])
@@ -308,12 +303,7 @@ def main() -> None:
         result["encryption"] = encryption_run(tmp, day_corpus, cfg["get_samples"])
     result["loadavg_end"] = loadavg()
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    print(summary_line(result), file=sys.stderr)
+    write_result(result, args.out, summary_line)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Run::
 
-    cd /work/main && .venv/bin/python bench/daemon_bench.py [--quick] [--out FILE] [-v]
+    cd /work/main && .venv/bin/python -m bench.daemon_bench [--quick] [--out FILE] [-v]
 
 Builds, in-process with ``engine.create`` + ``put_many``, a 100k-chunk lexical capsule
 (stdlib chunks, re-used with distinct URIs) and a 20k-chunk capsule with vectors (real
@@ -19,35 +19,23 @@ See ``bench/README.md``. Everything lives in one temporary directory removed at 
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import keyword
 import os
-import platform
-import random
-import re
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 import numpy as np
 
-MB = 1e6
+from bench.common import (
+    NOISE_SIGMA, Corpus, arg_parser, dist, environment, frame_vectors, log, loadavg, make_queries,
+    parse_args, ratio, result_head, write_result,
+)
+from bench.daemon_process import Daemon, daemon_dirs
+
 MODEL = "all-MiniLM-L6-v2"
 CHUNK_BYTES = 1024
-NOISE_SIGMA = 0.015  # per-dimension noise on copied vectors (as bench/search_bench.py)
 BUILD_BATCH = 1000
 EMBED_BATCH = 32
 
@@ -57,81 +45,6 @@ QUICK = dict(lex_frames=10_000, vec_frames=3_000, real_chunks=48, n_queries=40, 
              put_seconds=1.5, put_threads=(1, 8, 32), floor_samples=300)
 GOALS = {"cached_socket_p50_ms": 0.3, "lex_socket_p50_ms": 1.0, "lex_socket_p99_ms": 5.0,
          "rss_lexical_mib": 250, "rss_model_mib": 700}
-
-from benchstats import dist, ratio, loadavg  # noqa: E402
-
-VERBOSE = False
-
-
-def log(msg: str) -> None:
-    if VERBOSE:
-        print(f"[daemon-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-# -- corpus ------------------------------------------------------------------------------------
-
-
-def stdlib_chunks() -> tuple[str, int, int, list[str], list[str]]:
-    """~1 KB chunks of the stdlib's *.py (line boundaries; a longer line stands alone)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    uris: list[str] = []
-    texts: list[str] = []
-    nfiles = nbytes = 0
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if "site-packages" in rel or "dist-packages" in rel or not p.is_file():
-            continue
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        nfiles += 1
-        nbytes += len(data)
-        cur: list[bytes] = []
-        size = n = 0
-        for line in data.splitlines(keepends=True) + [None]:  # type: ignore[list-item]
-            if cur and (line is None or size + len(line) > CHUNK_BYTES):
-                # errors="replace": lone surrogates would break the lexical index
-                texts.append(b"".join(cur).decode("utf-8", errors="replace"))
-                uris.append(f"file://{p}#{n}")
-                n += 1
-                cur, size = [], 0
-            if line is not None:
-                cur.append(line)
-                size += len(line)
-    return str(root), nfiles, nbytes, uris, texts
-
-
-def make_queries(texts: list[str], n: int, seed: int = 7) -> list[str]:
-    """Distinct queries of 1-3 identifiers/words from random chunks (as search_bench)."""
-    ident = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{3,}\b")
-    stop = set(keyword.kwlist) | {"self", "None", "True", "False", "return", "import", "from", "def",
-                                  "class", "else", "elif", "pass", "raise", "with", "args", "kwargs"}
-    rng = random.Random(seed)
-    out: list[str] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n and tries < 100 * n:
-        tries += 1
-        words = list(dict.fromkeys(w for w in ident.findall(texts[rng.randrange(len(texts))]) if w not in stop))
-        if not words:
-            continue
-        q = " ".join(rng.sample(words, min(1 + len(out) % 3, len(words))))
-        if q.lower() not in seen:
-            seen.add(q.lower())
-            out.append(q)
-    return out
 
 
 # -- building the capsules ----------------------------------------------------------------------
@@ -155,7 +68,7 @@ def build_lex(path: str, uris: list[str], texts: list[str], total: int) -> dict[
         cap.put_many(items)
         cap.commit()
         done = stop
-        if VERBOSE and time.perf_counter() - last > 30:
+        if time.perf_counter() - last > 30:
             last = time.perf_counter()
             log(f"  build lex: {done}/{total}")
     el = time.perf_counter() - t0
@@ -166,9 +79,10 @@ def build_lex(path: str, uris: list[str], texts: list[str], total: int) -> dict[
             "file_bytes": os.path.getsize(path)}
 
 
-def build_vec(path: str, uris: list[str], texts: list[str], total: int, real: int, emb: Any) -> dict[str, Any]:
+def build_vec(path: str, uris: list[str], texts: list[str], total: int, real: int,
+              emb: Any) -> dict[str, Any]:
     """``total`` distinct chunks; ``real`` of them (evenly spread) embedded for real, every
-    other frame gets the nearest real chunk's vector + N(0, NOISE_SIGMA^2) noise, renormalised."""
+    other frame gets the nearest real chunk's vector + noise (``frame_vectors``)."""
     import engine
 
     total = min(total, len(texts))
@@ -176,19 +90,16 @@ def build_vec(path: str, uris: list[str], texts: list[str], total: int, real: in
     real_texts = [texts[i] for i in real_idx]
     emb.embed(real_texts[:8])  # warm-up
     t0 = time.perf_counter()
-    vecs = np.concatenate([emb.embed(real_texts[i:i + EMBED_BATCH]) for i in range(0, len(real_texts), EMBED_BATCH)])
+    vecs = np.concatenate([emb.embed(real_texts[i:i + EMBED_BATCH])
+                           for i in range(0, len(real_texts), EMBED_BATCH)])
     embed_s = time.perf_counter() - t0
     rng = np.random.default_rng(42)
     frames = np.arange(total)
-    pos = np.searchsorted(real_idx, frames)
-    lo = np.clip(pos - 1, 0, len(real_idx) - 1)
-    hi = np.clip(pos, 0, len(real_idx) - 1)
-    src = np.where(np.abs(real_idx[hi] - frames) <= np.abs(frames - real_idx[lo]), hi, lo)
-    v = vecs[src].copy()
-    noisy = real_idx[src] != frames
-    v[noisy] += rng.normal(0.0, NOISE_SIGMA, size=(int(noisy.sum()), v.shape[1])).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    cos = float(np.mean(np.sum(v[noisy] * vecs[src][noisy], axis=1))) if noisy.any() else 1.0
+    exact = np.isin(frames, real_idx)
+    v = frame_vectors(real_idx, vecs, frames, exact, rng)
+    source = frame_vectors(real_idx, vecs, frames, np.ones(total, bool), rng)  # no noise: draws nothing
+    noisy = ~exact
+    cos = float(np.mean(np.sum(v[noisy] * source[noisy], axis=1))) if noisy.any() else 1.0
 
     cap = engine.create(path, model=MODEL, embedder=emb)
     cap.find("warm up", k=1, mode="lex")
@@ -211,18 +122,6 @@ def build_vec(path: str, uris: list[str], texts: list[str], total: int, real: in
 
 # -- the daemon ----------------------------------------------------------------------------------
 
-CONFIG = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-log-level = "info"
-shutdown-grace-s = 120
-
-[embedding]
-model = "{model}"
-
-{capsules}
-"""
 CAPSULE = """
 [[capsule]]
 name = "{name}"
@@ -230,79 +129,18 @@ path = "{path}"
 """
 
 
-class Daemon:
-    """``memvidd run`` in a subprocess; READY awaited on our own NOTIFY_SOCKET."""
+def serving(directory: Path, capsules: dict[str, str], *, model: str, cache: Path) -> Daemon:
+    """A daemon serving the capsules ``{name: path}``."""
+    tables = "".join(CAPSULE.format(name=n, path=p) for n, p in capsules.items())
+    return Daemon(directory, tables, model=model, cache=cache)
 
-    def __init__(self, directory: Path, capsules: dict[str, str], *, model: str, cache: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.dir = directory
-        self.socket = str(directory / "q.sock")
-        self.config = directory / "memvidd.toml"
-        caps = "".join(CAPSULE.format(name=n, path=p) for n, p in capsules.items())
-        self.config.write_text(CONFIG.format(dir=directory, model=model, capsules=caps))
-        self.notify_path = str(directory / "notify.sock")
-        self.log = directory / "daemon.log"
-        self.env = {**os.environ, "XDG_CACHE_HOME": str(cache), "NOTIFY_SOCKET": self.notify_path}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify: socket.socket | None = None
 
-    def start(self, timeout: float = 600) -> float:
-        if os.path.exists(self.notify_path):
-            os.unlink(self.notify_path)  # a previous run of this daemon
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        with open(self.log, "ab") as lf:
-            t0 = time.perf_counter()
-            self.proc = subprocess.Popen([sys.executable, "-m", "memvidd", "run", "--config", str(self.config)],
-                                         stdout=lf, stderr=lf, env=self.env, cwd=REPO)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError(f"no READY=1: {self.log.read_text()[-3000:]}")
-            self.notify.settimeout(0.2)
-            try:
-                data = self.notify.recv(65536).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in data.split("\n"):
-                return time.perf_counter() - t0
+def status(d: Daemon) -> dict[str, Any]:
+    """The daemon's memory (``Daemon.status``, MiB) and the frames of each capsule it serves."""
+    from memvidd.client import Client
 
-    def status(self) -> dict[str, Any]:
-        """VmRSS/VmHWM/RssAnon/RssFile (MiB) of the daemon, and the frames of each capsule."""
-        from memvidd.client import Client
-
-        assert self.proc is not None
-        out: dict[str, Any] = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[key.lower() + "_mib"] = round(int(line.split()[1]) / 1024, 1)
-        with Client(self.socket) as c:
-            out["frames"] = {ci.name: ci.frames for ci in c.capsules()}
-        return out
-
-    def stop(self) -> float:
-        assert self.proc is not None
-        t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=300)
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
-        if rc != 0:
-            raise RuntimeError(f"daemon exited with {rc}: {self.log.read_text()[-3000:]}")
-        return time.perf_counter() - t0
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
+    with Client(d.socket) as c:
+        return {**d.status(), "frames": {ci.name: ci.frames for ci in c.capsules()}}
 
 
 # -- find latency -------------------------------------------------------------------------------
@@ -414,22 +252,24 @@ def compare(inproc: dict[str, Any], sock: dict[str, Any]) -> dict[str, Any]:
 # -- put throughput -------------------------------------------------------------------------------
 
 
-def producer(c: Any, uri_prefix: str, offset: int, capsule: str, payloads: list[str], barrier: threading.Barrier,
-             stop_at: list[float], lat: list[float], errors: list[str]) -> None:
+def producer(c: Any, uri_prefix: str, offset: int, capsule: str, payloads: list[str],
+             barrier: threading.Barrier, stop_at: list[float], lat: list[float], errors: list[str]) -> None:
     """One producer thread: ``put`` on its own connection until ``stop_at[0]``."""
     j = 0
     barrier.wait()
     try:
         while time.perf_counter() < stop_at[0]:
             t0 = time.perf_counter()
-            c.put(payloads[(offset + j) % len(payloads)], capsule=capsule, uri=f"{uri_prefix}{j}", kind="event")
+            text = payloads[(offset + j) % len(payloads)]
+            c.put(text, capsule=capsule, uri=f"{uri_prefix}{j}", kind="event")
             lat.append(time.perf_counter() - t0)
             j += 1
     except Exception as e:  # noqa: BLE001 - reported, not raised from a thread
         errors.append(repr(e))
 
 
-def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
+def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...],
+               seconds: float) -> dict[str, Any]:
     from memvidd.client import Client
 
     out: dict[str, Any] = {}
@@ -444,8 +284,8 @@ def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...
             errors: list[str] = []
 
             threads = [threading.Thread(target=producer, args=(
-                clients[i], f"bench://put/{n}/{i}/", i * 7919, capsule, payloads, barrier, stop_at, lat[i], errors))
-                for i in range(n)]
+                clients[i], f"bench://put/{n}/{i}/", i * 7919, capsule, payloads, barrier, stop_at, lat[i],
+                errors)) for i in range(n)]
             for t in threads:
                 t.start()
             t0 = time.perf_counter()
@@ -467,37 +307,12 @@ def bench_puts(d: Daemon, capsule: str, texts: list[str], levels: tuple[int, ...
             "put_latency": dist([x for xs in lat for x in xs]), "errors": errors[:5],
             "checkpoints_during": after["checkpoints"] - before["checkpoints"], "loadavg": loadavg(),
         }
-        log(f"  puts x{n}: {out[f'threads_{n}']['puts_per_s']}/s, {out[f'threads_{n}']['commits_per_s']} commits/s")
+        level = out[f"threads_{n}"]
+        log(f"  puts x{n}: {level['puts_per_s']}/s, {level['commits_per_s']} commits/s")
     return out
 
 
 # -- main -----------------------------------------------------------------------------------------
-
-
-def environment(tmp_root: str) -> dict[str, Any]:
-    def git(*a: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    def ver(mod: str) -> str | None:
-        try:
-            from importlib.metadata import version
-
-            return version(mod)
-        except Exception:
-            return None
-
-    status = git("status", "--porcelain", "--", "engine", "memvidd")
-    return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(),
-        "packages": {p: ver(p) for p in ("trio", "msgspec", "tantivy", "usearch", "fastembed", "onnxruntime")},
-        "git_commit": git("rev-parse", "HEAD"), "code_dirty": None if status is None else bool(status),
-        "tmp_dir": tmp_root,
-    }
 
 
 def goals(r: dict[str, Any]) -> dict[str, Any]:
@@ -525,20 +340,23 @@ def summary_line(r: dict[str, Any]) -> str:
     lx = r.get("lexical")
     if lx:
         s, i = lx["find"]["socket"]["lex"], lx["find"]["inprocess"]["lex"]
-        parts.append(f"{lx['build']['frames'] // 1000}k lex socket p50 {s['first']['p50']:.3f} p99 {s['first']['p99']:.3f} "
-                     f"ms (in-proc {i['first']['p50']:.3f}), cached {s['cached']['p50']:.3f} ms (in-proc "
-                     f"{i['cached']['p50']:.3f}), floor {lx['find']['floor']['socket']['p50']:.0f} us (hello {lx['find']['floor']['socket_hello']['p50']:.0f})")
+        floor = lx["find"]["floor"]
+        parts.append(f"{lx['build']['frames'] // 1000}k lex socket p50 {s['first']['p50']:.3f} "
+                     f"p99 {s['first']['p99']:.3f} ms (in-proc {i['first']['p50']:.3f}), "
+                     f"cached {s['cached']['p50']:.3f} ms (in-proc {i['cached']['p50']:.3f}), "
+                     f"floor {floor['socket']['p50']:.0f} us (hello {floor['socket_hello']['p50']:.0f})")
         for label, key in (("puts", "puts"), ("fresh", "puts_fresh_daemon")):
-            p = lx[key]
-            parts.append(f"{label} " + " ".join(f"x{v['threads']} {v['puts_per_s']:.0f}/s ({v['commits_per_s']:.0f} c/s)"
-                                                for v in p.values()))
-        parts.append(f"RSS lex {lx['rss']['after_queries']['vmhwm_mib']} MiB HWM @{lx['rss']['after_queries']['frames']['lex']} fr "
-                     f"({lx['rss']['after_puts']['vmhwm_mib']} @{lx['rss']['after_puts']['frames']['lex']})")
+            parts.append(f"{label} " + " ".join(f"x{v['threads']} {v['puts_per_s']:.0f}/s "
+                                                f"({v['commits_per_s']:.0f} c/s)" for v in lx[key].values()))
+        rq, rp = lx["rss"]["after_queries"], lx["rss"]["after_puts"]
+        parts.append(f"RSS lex {rq['vmhwm_mib']} MiB HWM @{rq['frames']['lex']} fr "
+                     f"({rp['vmhwm_mib']} @{rp['frames']['lex']})")
     vx = r.get("vector")
     if vx:
         s = vx["find"]["socket"]
         parts.append(f"{vx['build']['frames'] // 1000}k vec p50 first/cached: "
-                     + " ".join(f"{m} {s[m]['first']['p50']:.2f}/{s[m]['cached']['p50']:.3f}" for m in s) + " ms")
+                     + " ".join(f"{m} {s[m]['first']['p50']:.2f}/{s[m]['cached']['p50']:.3f}" for m in s)
+                     + " ms")
         parts.append(f"RSS +model {vx['rss']['after_queries']['vmhwm_mib']} MiB HWM")
     ml = r.get("model_lexical_rss")
     if ml:
@@ -548,17 +366,11 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    global VERBOSE
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests (< 2 min)")
-    ap.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
-    ap.add_argument("--tmpdir", metavar="DIR", default=None, help="parent of the temporary directory")
+    ap = arg_parser(__doc__, quick="small sizes, for smoke tests (< 2 min)")
     ap.add_argument("--no-vec", action="store_true", help="skip the capsule with vectors and the model")
     ap.add_argument("--frames", type=int, default=None, help="frames of the lexical capsule (default 100000)")
     ap.add_argument("--queries", type=int, default=None, help="queries (default 200)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
-    args = ap.parse_args()
-    VERBOSE = args.verbose
+    args = parse_args(ap)
     cfg = dict(QUICK if args.quick else FULL)
     if args.frames:
         cfg["lex_frames"] = args.frames
@@ -566,22 +378,16 @@ def main() -> None:
         cfg["n_queries"] = args.queries
 
     t_start = time.perf_counter()
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    with tempfile.TemporaryDirectory(prefix="memvidd-daemon-bench-", dir=args.tmpdir) as tmp_s, \
-            tempfile.TemporaryDirectory(prefix="memvidd-daemon-bench-", dir=shm) as runtime:
-        tmp = Path(tmp_s)
+    with daemon_dirs("memvidd-daemon-bench-", args.tmpdir) as (tmp, runtime):
         cache = tmp / "cache"  # index working copies and the model directory, shared with the daemons
-        os.environ["XDG_CACHE_HOME"] = str(cache)
-        # the lexical working copies go under $XDG_RUNTIME_DIR (RAM-backed): ours, removed at the end
-        os.environ["XDG_RUNTIME_DIR"] = runtime
-        result: dict[str, Any] = {
-            "benchmark": "memvidd daemon", "mode": "quick" if args.quick else "full",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": {**environment(tmp_s), "runtime_dir": runtime},
-        }
-        root, nfiles, nbytes, uris, texts = stdlib_chunks()
+        packages = ("trio", "msgspec", "tantivy", "usearch", "fastembed", "onnxruntime")
+        env = environment(str(tmp), packages=packages, runtime_dir=runtime)
+        result: dict[str, Any] = {**result_head("memvidd daemon", args.quick), "env": env}
+        corpus = Corpus(chunk_bytes=CHUNK_BYTES)
+        uris, texts = corpus.uris, corpus.texts()
         queries = make_queries(texts, cfg["n_queries"])
-        result["corpus"] = {"source": root, "files": nfiles, "bytes": nbytes, "chunks": len(texts),
-                            "chunk_bytes_max": CHUNK_BYTES, "queries": len(queries),
+        result["corpus"] = {"source": str(corpus.root), "files": corpus.files, "bytes": corpus.bytes,
+                            "chunks": len(texts), "chunk_bytes_max": CHUNK_BYTES, "queries": len(queries),
                             "query_examples": queries[:5]}
         lex_path = str(tmp / "lex.mv2")
         vec_path = str(tmp / "vec.mv2")
@@ -591,12 +397,12 @@ def main() -> None:
         # 1. the lexical capsule, a daemon without the model: finds and RSS at 100k frames
         log(f"building the {cfg['lex_frames']}-frame lexical capsule")
         lex: dict[str, Any] = {"build": build_lex(lex_path, uris, texts, cfg["lex_frames"])}
-        d = Daemon(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
+        d = serving(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
         try:
             lex["ready_s"] = round(d.start(), 3)
-            lex["rss"] = {"ready": d.status()}
+            lex["rss"] = {"ready": status(d)}
             lex["find"] = interleaved_finds(d, lex_path, "lex", queries, ("lex",), cfg)
-            lex["rss"]["after_queries"] = d.status()
+            lex["rss"]["after_queries"] = status(d)
             lex["stop_s"] = round(d.stop(), 3)
         finally:
             d.kill()
@@ -607,30 +413,33 @@ def main() -> None:
 
             emb = engine.Embedder(MODEL, threads=2, batch_size=8)
             log(f"building the {cfg['vec_frames']}-frame capsule with vectors ({cfg['real_chunks']} real)")
-            vec: dict[str, Any] = {"build": build_vec(vec_path, uris, texts, cfg["vec_frames"], cfg["real_chunks"], emb)}
+            build = build_vec(vec_path, uris, texts, cfg["vec_frames"], cfg["real_chunks"], emb)
+            vec: dict[str, Any] = {"build": build}
             # 2. the model loaded, serving the vector capsule (and the lexical one, bound to no model)
-            d = Daemon(tmp / "d-vec", {"vec": vec_path, "lex": lex_path}, model=MODEL, cache=cache)
+            d = serving(tmp / "d-vec", {"vec": vec_path, "lex": lex_path}, model=MODEL, cache=cache)
             try:
                 vec["ready_s"] = round(d.start(), 3)
-                vec["rss"] = {"ready": d.status()}
-                vec["find"] = interleaved_finds(d, vec_path, "vec", queries, ("lex", "hybrid", "vec"), cfg, emb)
-                vec["rss"]["after_queries"] = d.status()
+                vec["rss"] = {"ready": status(d)}
+                modes = ("lex", "hybrid", "vec")
+                vec["find"] = interleaved_finds(d, vec_path, "vec", queries, modes, cfg, emb)
+                vec["rss"]["after_queries"] = status(d)
                 vec["stop_s"] = round(d.stop(), 3)
             finally:
                 d.kill()
-            vec["rss"]["note"] = "one daemon with the model loaded serving both capsules (vec + the lexical one)"
+            vec["rss"]["note"] = ("one daemon with the model loaded serving both capsules "
+                                  "(vec + the lexical one)")
             result["vector"] = vec
             del emb
 
             # 3. the model loaded, serving only the lexical capsule (still 100k frames): RSS comparable to 1.
-            d = Daemon(tmp / "d-lex-model", {"lex": lex_path}, model=MODEL, cache=cache)
+            d = serving(tmp / "d-lex-model", {"lex": lex_path}, model=MODEL, cache=cache)
             try:
                 ml: dict[str, Any] = {"ready_s": round(d.start(), 3)}
-                ml["ready"] = d.status()
+                ml["ready"] = status(d)
                 with Client(d.socket) as c:
                     for q in queries:
                         c.find(q, mode="lex")
-                ml["after_queries"] = d.status()
+                ml["after_queries"] = status(d)
                 d.stop()
             finally:
                 d.kill()
@@ -638,7 +447,7 @@ def main() -> None:
 
         # 4. put throughput, last (it adds frames): on the lexical daemon once it has served the
         # queries, then restarted (no find served: nothing to re-warm after each commit).
-        d = Daemon(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
+        d = serving(tmp / "d-lex", {"lex": lex_path}, model="none", cache=cache)
         try:
             d.start()
             with Client(d.socket) as c:
@@ -646,12 +455,12 @@ def main() -> None:
                     c.find(q, mode="lex")
             log("put throughput, after finds")
             lex["puts"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
-            lex["rss"]["after_puts"] = d.status()
+            lex["rss"]["after_puts"] = status(d)
             d.stop()
             log("put throughput, fresh daemon (no find served)")
             d.start()
             lex["puts_fresh_daemon"] = bench_puts(d, "lex", texts, cfg["put_threads"], cfg["put_seconds"])
-            lex["rss"]["fresh_after_puts"] = d.status()
+            lex["rss"]["fresh_after_puts"] = status(d)
             d.stop()
         finally:
             d.kill()
@@ -661,13 +470,7 @@ def main() -> None:
         result["loadavg_end"] = loadavg()
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
 
-    doc = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(doc + "\n")
-    else:
-        print(doc)
-    print(summary_line(result), file=sys.stderr)
+    write_result(result, args.out, summary_line)
 
 
 if __name__ == "__main__":

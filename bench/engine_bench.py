@@ -3,7 +3,7 @@
 
 Run::
 
-    cd /work/main && .venv/bin/python bench/engine_bench.py [--quick] [--out FILE]
+    cd /work/main && .venv/bin/python -m bench.engine_bench [--quick] [--out FILE]
 
 Prints one JSON document (stdout, or ``--out FILE``) and a one-line summary on stderr.
 See ``bench/README.md`` for what each figure means. Every latency is reported as
@@ -22,25 +22,23 @@ import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import zstandard
 
-import engine  # noqa: E402
-import zstandard  # noqa: E402
+import engine
+
+from bench.common import (
+    MB, REPO, Corpus, arg_parser, dist, environment, log, parse_args, percentile, ratio, result_head,
+    write_result,
+)
 
 CHUNK_BYTES = 2048
 INGEST_BATCH = 256
 BUILD_BATCH = 4096
 ZSTD_LEVEL = 3
-MB = 1e6  # throughputs are in MB/s of raw payload, 1 MB = 10**6 bytes
-MIB = 1 << 20
 
 FULL = dict(
     corpus_max_bytes=None, ingest_runs=3, small_frames=1_000, large_frames=100_000,
@@ -53,115 +51,6 @@ QUICK = dict(
     rss_points=(2_000, 10_000),
 )
 SLOW_INGEST_S = 45.0  # one ingest run longer than this: do not repeat it
-
-from benchstats import percentile, dist, ratio  # noqa: E402
-
-VERBOSE = False
-
-
-def log(msg: str) -> None:
-    if VERBOSE:
-        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- statistics ------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# -- corpus ----------------------------------------------------------------------------
-
-
-def stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if "site-packages" in rel or "dist-packages" in rel:
-            continue
-        if p.is_file():
-            files.append(p)
-    return root, files
-
-
-def chunk_lines(data: bytes) -> list[bytes]:
-    """Cut on line boundaries into pieces of at most CHUNK_BYTES (a longer line stands alone)."""
-    out: list[bytes] = []
-    cur: list[bytes] = []
-    size = 0
-    for line in data.splitlines(keepends=True):
-        if cur and size + len(line) > CHUNK_BYTES:
-            out.append(b"".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += len(line)
-    if cur:
-        out.append(b"".join(cur))
-    return out
-
-
-class Corpus:
-    def __init__(self, max_bytes: int | None) -> None:
-        root, files = stdlib_files()
-        self.root = root
-        self.uris: list[str] = []
-        self.raw: list[bytes] = []  # text is decoded per batch, to keep the footprint small
-        self.files = 0
-        self.bytes = 0
-        for p in files:
-            if max_bytes is not None and self.bytes >= max_bytes:
-                break
-            try:
-                data = p.read_bytes()
-            except OSError:
-                continue
-            self.files += 1
-            self.bytes += len(data)
-            for n, piece in enumerate(chunk_lines(data)):
-                self.uris.append(f"file://{p}#{n}")
-                self.raw.append(piece)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def text(self, i: int) -> str:
-        # surrogateescape: the few non-UTF-8 test files round-trip to the same bytes
-        return self.raw[i].decode("utf-8", errors="surrogateescape")
-
-    def items(self, copy: int, start: int, stop: int) -> list[dict[str, Any]]:
-        """put_many items for chunks [start, stop) of copy number ``copy`` (distinct URIs)."""
-        if copy == 0:
-            return [{"text": self.text(i), "uri": self.uris[i]} for i in range(start, stop)]
-        return [{"text": self.text(i), "uri": f"{self.uris[i]}~{copy}"} for i in range(start, stop)]
-
-    def frames(self, n: int, batch: int, marks: tuple[int, ...] = ()):
-        """Yield batches of put_many items until ``n`` frames, re-using the corpus with new URIs.
-
-        A batch never straddles one of ``marks`` (frame counts the caller wants to stop at)."""
-        done = 0
-        copy = 0
-        while done < n:
-            pos = 0
-            while pos < len(self) and done < n:
-                limit = min([n] + [m for m in marks if m > done])
-                stop = min(pos + batch, len(self), pos + (limit - done))
-                yield self.items(copy, pos, stop)
-                done += stop - pos
-                pos = stop
-            copy += 1
-
-    def describe(self) -> dict[str, Any]:
-        sizes = sorted(len(b) for b in self.raw)
-        return {
-            "source": str(self.root), "files": self.files, "file_bytes": self.bytes,
-            "chunks": len(self), "chunk_bytes": sum(sizes),
-            "chunk_size": {"target": CHUNK_BYTES, "p50": percentile(sizes, 50),
-                           "mean": round(statistics.fmean(sizes), 1), "max": sizes[-1]},
-        }
 
 
 # -- 2. ingest ------------------------------------------------------------------------
@@ -432,7 +321,7 @@ def rss_point(frames: int) -> dict[str, Any]:
 
 def rss_child(directory: str, quick: bool) -> None:
     cfg = QUICK if quick else FULL
-    corpus = Corpus(cfg["corpus_max_bytes"])
+    corpus = Corpus(cfg["corpus_max_bytes"], chunk_bytes=CHUNK_BYTES)
     points = sorted(cfg["rss_points"])
     out: dict[str, Any] = {"baseline": rss_point(0), "points": []}
     cap = engine.create(os.path.join(directory, "rss.mv2"))
@@ -453,10 +342,10 @@ def rss_child(directory: str, quick: bool) -> None:
 def bench_rss(tmp: str, quick: bool) -> dict[str, Any]:
     d = os.path.join(tmp, "rss")
     os.mkdir(d)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_rss-child", d]
+    cmd = [sys.executable, "-m", "bench.engine_bench", "--_rss-child", d]
     if quick:
         cmd.append("--quick")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     for f in os.listdir(d):
         os.unlink(os.path.join(d, f))
     os.rmdir(d)
@@ -478,25 +367,6 @@ def bench_rss(tmp: str, quick: bool) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------
 
 
-def environment(tmp_root: str) -> dict[str, Any]:
-    def git(*a: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "engine")
-    return {
-        "python": sys.version.split()[0], "implementation": platform.python_implementation(),
-        "platform": platform.platform(), "cpus": os.cpu_count(),
-        "zstandard": zstandard.__version__, "engine_write_version": engine.WRITE_VERSION,
-        "git_commit": git("rev-parse", "HEAD"),
-        "engine_dirty": None if status is None else bool(status),
-        "tmp_dir": tmp_root,
-    }
-
-
 def summary_line(r: dict[str, Any]) -> str:
     ing, com, op, get, rss = r["ingest"], r["commit"], r["open"], r["get"], r["rss"]
     a, b = rss["points"][0], rss["points"][-1]
@@ -514,18 +384,11 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    global VERBOSE
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests (<30 s)")
-    ap.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
-    ap.add_argument("--tmpdir", metavar="DIR", default=None,
-                    help="parent of the temporary directory (default: the system's)")
+    ap = arg_parser(__doc__, quick="small sizes, for smoke tests (<30 s)")
     ap.add_argument("--runs", type=int, default=None, metavar="N",
                     help="ingest runs to take the median of (default 3)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     ap.add_argument("--_rss-child", dest="rss_child", metavar="DIR", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    VERBOSE = args.verbose
+    args = parse_args(ap)
 
     if args.rss_child:
         rss_child(args.rss_child, args.quick)
@@ -536,15 +399,15 @@ def main() -> None:
         cfg["ingest_runs"] = max(1, args.runs)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memvidd-bench-", dir=args.tmpdir) as tmp:
-        result: dict[str, Any] = {
-            "benchmark": "memvidd engine", "mode": "quick" if args.quick else "full",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": environment(tmp),
-        }
+        env = environment(tmp, code=("engine",), dirty_key="engine_dirty",
+                          implementation=platform.python_implementation(), zstandard=zstandard.__version__,
+                          engine_write_version=engine.WRITE_VERSION)
+        result: dict[str, Any] = {**result_head("memvidd engine", args.quick), "env": env}
         # First, while this process is still small (see bench_rss's note).
         log("peak RSS (child process)")
         rss = bench_rss(tmp, args.quick)
         log("loading corpus")
-        corpus = Corpus(cfg["corpus_max_bytes"])
+        corpus = Corpus(cfg["corpus_max_bytes"], chunk_bytes=CHUNK_BYTES)
         result["corpus"] = corpus.describe()
         result["ingest"] = bench_ingest(corpus, tmp, cfg["ingest_runs"])
         commit, large_path = bench_commit(corpus, tmp, cfg)
@@ -558,14 +421,7 @@ def main() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         leftovers = os.listdir(tmp)
     result["tmp_leftovers_before_cleanup"] = leftovers
-
-    doc = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(doc + "\n")
-    else:
-        print(doc)
-    print(summary_line(result), file=sys.stderr)
+    write_result(result, args.out, summary_line)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Run::
 
-    cd /work/main && .venv/bin/python bench/search_bench.py [--quick] [--out FILE] [-v]
+    cd /work/main && .venv/bin/python -m bench.search_bench [--quick] [--out FILE] [-v]
 
 1. Quality: the BEIR-layout sets under ``/work/shared/data`` (scifact, cranfield, cisi),
    one frame per document, vectors computed here with the engine's ``Embedder`` and passed
@@ -20,37 +20,32 @@ All files live in one temporary directory that is removed at the end.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import gc
 import hashlib
 import json
-import keyword
 import math
 import os
-import platform
-import random
 import re
 import shutil
 import sqlite3
 import statistics
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import engine
+from engine import format as fmt
+from engine.embed import MODELS, MODELS_DIR, Embedder
+from engine.search import rrf
 
-import engine  # noqa: E402
-from engine.embed import MODELS, MODELS_DIR, Embedder  # noqa: E402
-from engine import format as fmt  # noqa: E402
-from engine.search import rrf  # noqa: E402
+from bench.common import (
+    NOISE_SIGMA, REPO, Corpus, arg_parser, dist, environment, frame_vectors, log, loadavg, make_queries,
+    parse_args, percentile, ratio, result_head, write_result,
+)
 
 DATA = Path("/work/shared/data")
 SETS = ("scifact", "cranfield", "cisi")
@@ -67,7 +62,6 @@ EMBED_BATCH = 32  # texts per Embedder.embed call (it runs ONNX in batches of 8 
 INGEST_BATCH = 512
 MAX_TOKENS = 256  # the model's truncation length
 CHUNK_BYTES = 1024
-NOISE_SIGMA = 0.015  # per-dimension gaussian noise on copied vectors (cosine to source ~0.96)
 
 FULL = dict(
     sets=SETS, set_queries=None, set_docs=None,
@@ -83,34 +77,13 @@ GOALS = {  # from the project brief; latencies in ms
     "lex_p50_ms": 1.0, "hybrid_cached_qvec_p50_ms": 2.0, "cache_hit_p50_ms": 0.1, "as_of_over_latest": 2.0,
 }
 
-from benchstats import percentile, dist, ratio  # noqa: E402
-
-VERBOSE = False
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    if VERBOSE:
-        print(f"[search-bench {time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# -- statistics ------------------------------------------------------------------------
-
-
-
-
-
-
-
 
 def dir_bytes(path: str | Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):  # a file removed while we walk
                 total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
     return total
 
 
@@ -141,7 +114,7 @@ def embed_timed(emb: Embedder, texts: list[str], what: str) -> tuple[np.ndarray,
         t0 = time.perf_counter()
         out.append(emb.embed(texts[i : i + EMBED_BATCH]))
         spent += time.perf_counter() - t0
-        if VERBOSE and time.perf_counter() - last > 30:
+        if time.perf_counter() - last > 30:
             last = time.perf_counter()
             log(f"  embedding {what}: {i + EMBED_BATCH}/{len(texts)} ({(i + EMBED_BATCH) / spent:.1f}/s)")
     vecs = np.concatenate(out) if out else np.zeros((0, emb.dim), dtype=np.float32)
@@ -208,11 +181,13 @@ def load_set(name: str, max_queries: int | None, max_docs: int | None) -> dict[s
         keep = [c for c in corpus if c["_id"] in need]
         rest = [c for c in corpus if c["_id"] not in need]
         corpus = keep + rest[: max(0, (max_docs or 0) - len(keep))]
-        subset = {"queries": len(qids), "docs": len(corpus), "note": "relevant docs of the first queries + filler"}
+        subset = {"queries": len(qids), "docs": len(corpus),
+                  "note": "relevant docs of the first queries + filler"}
     return {"corpus": corpus, "queries": queries, "qrels": qrels, "qids": qids, "subset": subset}
 
 
-def eval_run(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], qids: list[str]) -> dict[str, float]:
+def eval_run(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]],
+             qids: list[str]) -> dict[str, float]:
     """nDCG@10 (linear gain = qrel score, as trec_eval), Recall@10, MRR@10, averaged."""
     nd, rc, mr = [], [], []
     for q in qids:
@@ -225,10 +200,12 @@ def eval_run(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], qid
         rc.append(sum(1 for d in top if d in rels) / len(rels))
         mr.append(next((1.0 / (i + 1) for i, d in enumerate(top) if d in rels), 0.0))
     n = len(qids) or 1
-    return {"ndcg@10": round(sum(nd) / n, 4), "recall@10": round(sum(rc) / n, 4), "mrr@10": round(sum(mr) / n, 4)}
+    return {"ndcg@10": round(sum(nd) / n, 4), "recall@10": round(sum(rc) / n, 4),
+            "mrr@10": round(sum(mr) / n, 4)}
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_SYNTAX = re.compile(r'[:()"+\-\[\]{}^~*?!]|\b(AND|OR|NOT)\b')  # Tantivy query syntax in a query
 
 
 def fts5_query(text: str) -> str:
@@ -282,7 +259,8 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
     log(f"quality: {name}: loading")
     ds = load_set(name, cfg["set_queries"], cfg["set_docs"])
     corpus, queries, qrels, qids = ds["corpus"], ds["queries"], ds["qrels"], ds["qids"]
-    etexts = [f"{c['title']}\n{c['text']}" if c.get("title") else c["text"] for c in corpus]  # as the engine's embed loop
+    # as the engine's embed loop
+    etexts = [f"{c['title']}\n{c['text']}" if c.get("title") else c["text"] for c in corpus]
     out: dict[str, Any] = {"docs": len(corpus), "queries_evaluated": len(qids),
                            "qrels": sum(len(qrels[q]) for q in qids), "subset": ds["subset"]}
 
@@ -306,7 +284,7 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
     for i in range(0, len(corpus), INGEST_BATCH):
         items = [{"text": c["text"], "uri": f"beir://{name}/{c['_id']}", "title": c.get("title") or None,
                   "vector": vecs[i + j]} for j, c in enumerate(corpus[i : i + INGEST_BATCH])]
-        for fid, c in zip(cap.put_many(items), corpus[i : i + INGEST_BATCH]):
+        for fid, c in zip(cap.put_many(items), corpus[i : i + INGEST_BATCH], strict=True):
             id_of[fid] = c["_id"]
         cap.commit()
     ingest_s = time.perf_counter() - t0
@@ -318,7 +296,8 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
     con = sqlite3.connect(":memory:")
     con.execute("CREATE VIRTUAL TABLE d USING fts5(did UNINDEXED, title, text, tokenize='porter unicode61')")
     t0 = time.perf_counter()
-    con.executemany("INSERT INTO d VALUES (?, ?, ?)", [(c["_id"], c.get("title") or "", c["text"]) for c in corpus])
+    con.executemany("INSERT INTO d VALUES (?, ?, ?)",
+                    [(c["_id"], c.get("title") or "", c["text"]) for c in corpus])
     fts_build = time.perf_counter() - t0
 
     # experiment: Tantivy BM25 over ONE field (title + text), en_stem, same query parser, OR
@@ -341,7 +320,8 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
         text = queries[q]
         a = time.perf_counter()
         match = fts5_query(text)
-        rows = con.execute("SELECT did FROM d WHERE d MATCH ? ORDER BY bm25(d) LIMIT ?", (match, K)).fetchall() if match else []
+        sql = "SELECT did FROM d WHERE d MATCH ? ORDER BY bm25(d) LIMIT ?"
+        rows = con.execute(sql, (match, K)).fetchall() if match else []
         b = time.perf_counter()
         runs["fts5"][q] = [r[0] for r in rows]
         lat["fts5"].append(b - a)
@@ -393,7 +373,7 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
                    "query": "the query's \\w+ words, each double-quoted, joined with OR"}
     out["lex_query_parse"] = {
         "queries_with_warnings": len(warned), "examples": warned[:3],
-        "queries_with_syntax_chars": sum(1 for q in qids if re.search(r'[:()"+\-\[\]{}^~*?!]|\b(AND|OR|NOT)\b', queries[q])),
+        "queries_with_syntax_chars": sum(1 for q in qids if _SYNTAX.search(queries[q])),
         "queries_with_no_lex_hit": empty_lex,
     }
     out["experiments"] = experiments(qids, qrels, lists, lex_scores, qvecs, vecs, id_of, runs, metrics)
@@ -414,20 +394,26 @@ def experiments(qids: list[str], qrels: dict[str, dict[str, int]], lists: dict[s
     def cos(q: str, fids: list[int]) -> np.ndarray:
         return docs[[fid_row[f] for f in fids]] @ qvecs[q]
 
+    def fused(a: list[int], b: list[int]) -> list[str]:
+        return as_docs([f for _, f in rrf([a, b])])
+
     variants: dict[str, dict[str, list[str]]] = {}
     L, V, S = lists["lex"], lists["vec"], lists["lex_s"]
-    variants["engine_hybrid_replica(rrf60,d40)"] = {q: as_docs([f for _, f in rrf([L[ENGINE_DEPTH][q], V[ENGINE_DEPTH][q]])]) for q in qids}
+    replica = "engine_hybrid_replica(rrf60,d40)"
+    variants[replica] = {q: fused(L[ENGINE_DEPTH][q], V[ENGINE_DEPTH][q]) for q in qids}
     for d in DEPTHS:
-        variants[f"rrf60_d{d}"] = {q: as_docs([f for _, f in rrf([L[d][q], V[d][q]])]) for q in qids}
+        variants[f"rrf60_d{d}"] = {q: fused(L[d][q], V[d][q]) for q in qids}
     for w in (0.3, 0.4, 0.6, 0.7):
         variants[f"wrrf_d50_wvec{w}"] = {q: as_docs(fuse_weighted(L[50][q], V[50][q], w)) for q in qids}
+
     def by_cosine(q: str, cand: list[int]) -> list[str]:
         s = cos(q, cand) if cand else np.zeros(0)
         return as_docs([cand[i] for i in np.argsort(-s, kind="stable")])
 
     for d in DEPTHS:
         variants[f"cosine_rerank_lex_d{d}"] = {q: by_cosine(q, L[d][q]) for q in qids}
-    variants["cosine_rescore_union_d100"] = {q: by_cosine(q, list(dict.fromkeys(L[100][q] + V[100][q]))) for q in qids}
+    variants["cosine_rescore_union_d100"] = {q: by_cosine(q, list(dict.fromkeys(L[100][q] + V[100][q])))
+                                             for q in qids}
     for a in (0.3, 0.5, 0.7, 0.8):
         out = {}
         for q in qids:
@@ -437,15 +423,16 @@ def experiments(qids: list[str], qrels: dict[str, dict[str, int]], lists: dict[s
                 continue
             bm = lex_scores[q]
             top = max(bm.values()) if bm else 1.0
-            s = a * cos(q, cand) + (1 - a) * np.array([bm.get(f, 0.0) / top if top else 0.0 for f in cand])
+            bm_norm = np.array([bm.get(f, 0.0) / top if top else 0.0 for f in cand])
+            s = a * cos(q, cand) + (1 - a) * bm_norm
             out[q] = as_docs([cand[i] for i in np.argsort(-s, kind="stable")])
         variants[f"convex_d100_a{a}(a*cos+(1-a)*bm25/max)"] = out
     variants["lex_top10_of_k100(OR-ranking)"] = {q: as_docs(L[100][q]) for q in qids}
     variants["lex_sanitized_query"] = {q: as_docs(S[K][q]) for q in qids}
-    variants["rrf60_d50_sanitized_lex"] = {q: as_docs([f for _, f in rrf([S[50][q], V[50][q]])]) for q in qids}
-    O = lists["lex_1f"]
-    variants["lex_tantivy_one_field(title+text)"] = {q: as_docs(O[K][q]) for q in qids}
-    variants["rrf60_d40_one_field_lex"] = {q: as_docs([f for _, f in rrf([O[ENGINE_DEPTH][q], V[ENGINE_DEPTH][q]])]) for q in qids}
+    variants["rrf60_d50_sanitized_lex"] = {q: fused(S[50][q], V[50][q]) for q in qids}
+    one = lists["lex_1f"]
+    variants["lex_tantivy_one_field(title+text)"] = {q: as_docs(one[K][q]) for q in qids}
+    variants["rrf60_d40_one_field_lex"] = {q: fused(one[ENGINE_DEPTH][q], V[ENGINE_DEPTH][q]) for q in qids}
     # exact dense: brute-force float32 cosine over every document (no HNSW, no f16)
     order = sorted(id_of)
     variants["vec_exact_f32_bruteforce"] = {
@@ -459,7 +446,7 @@ def experiments(qids: list[str], qrels: dict[str, dict[str, int]], lists: dict[s
         m["beats_best_single_ndcg"] = m["ndcg@10"] >= best_single
         m["mrr_ge_lex"] = m["mrr@10"] >= lx["mrr@10"]
         res[name] = m
-    same = sum(1 for q in qids if variants["engine_hybrid_replica(rrf60,d40)"][q][:K] == runs["hybrid"][q][:K])
+    same = sum(1 for q in qids if variants[replica][q][:K] == runs["hybrid"][q][:K])
     res["_replica_agreement"] = round(same / (len(qids) or 1), 4)
     return res
 
@@ -472,7 +459,8 @@ def quality_tables(sets: dict[str, Any]) -> str:
             x = r["metrics"][m]
             rv = {"fts5": f"BM25 {ref['tantivy_bm25']}", "lex": f"BM25 {ref['tantivy_bm25']}",
                   "vec": f"dense {ref['minilm_dense']}", "hybrid": f"> {max(ref.values())}"}[m]
-            lines.append(f"| {name} | {m} | {x['ndcg@10']:.4f} | {x['recall@10']:.4f} | {x['mrr@10']:.4f} | {rv} |")
+            lines.append(f"| {name} | {m} | {x['ndcg@10']:.4f} | {x['recall@10']:.4f} | {x['mrr@10']:.4f} "
+                         f"| {rv} |")
     lines += ["", "| set | hybrid nDCG@10 >= max(lex, vec) | hybrid MRR >= lex MRR |", "|---|---|---|"]
     for name, r in sets.items():
         c = r["checks"]
@@ -503,13 +491,14 @@ def winners(sets: dict[str, Any]) -> dict[str, Any]:
         fusion = {n: e for n, e in ex.items() if not n.startswith(("lex_", "vec_"))}
         best = max(fusion, key=lambda n: fusion[n]["ndcg@10"])
         ok = {n for n, e in fusion.items() if e["beats_best_single_ndcg"] and e["mrr_ge_lex"]}
-        per_set[name] = {"best_fusion": best, "ndcg@10": fusion[best]["ndcg@10"], "mrr@10": fusion[best]["mrr@10"],
-                         "winning_variants": sorted(ok)}
+        per_set[name] = {"best_fusion": best, "ndcg@10": fusion[best]["ndcg@10"],
+                         "mrr@10": fusion[best]["mrr@10"], "winning_variants": sorted(ok)}
         all_sets = ok if all_sets is None else all_sets & ok
     return {"per_set": per_set, "win_on_every_set": sorted(all_sets or [])}
 
 
-def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: str, cache: EmbedCache) -> dict[str, Any]:
+def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: str,
+                  cache: EmbedCache) -> dict[str, Any]:
     sets = {}
     for name in cfg["sets"]:
         sets[name] = quality_set(name, cfg, emb, tok, tmp, cache)
@@ -519,14 +508,16 @@ def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: st
     return {
         "k": K, "modes": ["fts5", "lex", "vec", "hybrid"],
         "definitions": {
-            "ndcg@10": "sum_{i<=10} gain_i / log2(i+1) over the ideal ordering of the query's qrels; gain = qrel score (linear, as trec_eval)",
+            "ndcg@10": "sum_{i<=10} gain_i / log2(i+1) over the ideal ordering of the query's qrels; "
+                       "gain = qrel score (linear, as trec_eval)",
             "recall@10": "relevant docs in the top 10 / relevant docs (score > 0)",
             "mrr@10": "1 / rank of the first relevant doc in the top 10, else 0",
             "queries": "every query with at least one qrel of score > 0",
         },
         "vectors": "Embedder(threads=2).embed on title + '\\n' + text (as the engine's background embedder), "
                    f"batches of {EMBED_BATCH}, passed to put(vector=...)",
-        "embedding_overall": throughput(sum(e["chunks"] for e in emb_all), secs, sum(e["tokens"] for e in emb_all)) if emb_all else None,
+        "embedding_overall": throughput(sum(e["chunks"] for e in emb_all), secs,
+                                        sum(e["tokens"] for e in emb_all)) if emb_all else None,
         "sets": sets, "experiment_winners": winners(sets), "table_markdown": table,
     }
 
@@ -534,81 +525,10 @@ def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: st
 # -- 2. speed ----------------------------------------------------------------------------
 
 
-def chunk_lines(data: bytes) -> list[bytes]:
-    """Cut on line boundaries into pieces of at most CHUNK_BYTES (a longer line stands alone)."""
-    out: list[bytes] = []
-    cur: list[bytes] = []
-    size = 0
-    for line in data.splitlines(keepends=True):
-        if cur and size + len(line) > CHUNK_BYTES:
-            out.append(b"".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += len(line)
-    if cur:
-        out.append(b"".join(cur))
-    return out
-
-
-def stdlib_chunks(max_chunks: int | None) -> tuple[str, int, list[str], list[str]]:
-    """~1 KB chunks of the stdlib's *.py (cut on line boundaries; a longer line stands alone)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    uris: list[str] = []
-    texts: list[str] = []
-    nfiles = 0
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if "site-packages" in rel or "dist-packages" in rel or not p.is_file():
-            continue
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        nfiles += 1
-        for n, piece in enumerate(chunk_lines(data)):
-            # errors="replace": the engine's lexical index refuses text with lone surrogates
-            # (what surrogateescape would give for the few non-UTF-8 test files)
-            texts.append(piece.decode("utf-8", errors="replace"))
-            uris.append(f"file://{p}#{n}")
-        if max_chunks is not None and len(texts) >= max_chunks:
-            break
-    return str(root), nfiles, uris, texts
-
-
-def make_queries(texts: list[str], n: int, seed: int = 7) -> list[str]:
-    """Distinct queries of 1-3 identifiers/words taken from random chunks."""
-    ident = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{3,}\b")
-    stop = set(keyword.kwlist) | {"self", "None", "True", "False", "return", "import", "from", "def",
-                                  "class", "else", "elif", "pass", "raise", "with", "args", "kwargs"}
-    rng = random.Random(seed)
-    out: list[str] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n and tries < 100 * n:
-        tries += 1
-        words = list(dict.fromkeys(w for w in ident.findall(texts[rng.randrange(len(texts))]) if w not in stop))
-        if not words:
-            continue
-        q = " ".join(rng.sample(words, min(1 + len(out) % 3, len(words))))
-        if q.lower() not in seen:
-            seen.add(q.lower())
-            out.append(q)
-    return out
-
-
-def frame_vectors(real_idx: np.ndarray, real_vecs: np.ndarray, chunk_ids: np.ndarray, exact: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Vectors for frames of base chunks ``chunk_ids``: the real vector when ``exact``, else
-    the nearest (by position) real chunk's vector plus gaussian noise, renormalised."""
-    pos = np.searchsorted(real_idx, chunk_ids)
-    lo = np.clip(pos - 1, 0, len(real_idx) - 1)
-    hi = np.clip(pos, 0, len(real_idx) - 1)
-    src = np.where(np.abs(real_idx[hi] - chunk_ids) <= np.abs(chunk_ids - real_idx[lo]), hi, lo)
-    v = real_vecs[src].copy()
-    noisy = ~exact
-    v[noisy] += rng.normal(0.0, NOISE_SIGMA, size=(int(noisy.sum()), v.shape[1])).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return v
+def lex_files(cap: Any) -> dict[str, Any]:
+    """The lexical index files the capsule's last checkpoint lists: name -> (offset, bytes).
+    Internal state, read only."""
+    return cap._ckpt.extra.get("lex", {}).get("files", {})
 
 
 def record_breakdown(path: str) -> dict[str, Any]:
@@ -616,7 +536,7 @@ def record_breakdown(path: str) -> dict[str, Any]:
     many of the VECTORS/LEXFILE bytes the final checkpoint still references."""
     cap = engine.open(path, readonly=True)
     try:
-        lex_refs = {int(o) for o, _ in cap._ckpt.extra.get("lex", {}).get("files", {}).values()}  # internal, read only
+        lex_refs = {int(o) for o, _ in lex_files(cap).values()}
         vec_refs = {int(o) for o, _ in cap._vec_refs}
     finally:
         cap.close()
@@ -662,7 +582,7 @@ def build_speed_capsule(path: str, ixdir: str | None, uris: list[str], texts: li
         chunk_ids = frames % base
         vecs = vectors(frames, chunk_ids) if vectors is not None else None
         items = []
-        for j, (f, c) in enumerate(zip(frames.tolist(), chunk_ids.tolist())):
+        for j, (f, c) in enumerate(zip(frames.tolist(), chunk_ids.tolist(), strict=True)):
             copy = f // base
             it: dict[str, Any] = {"text": texts[c], "uri": uris[c] if copy == 0 else f"{uris[c]}~{copy}"}
             if vecs is not None:
@@ -674,18 +594,19 @@ def build_speed_capsule(path: str, ixdir: str | None, uris: list[str], texts: li
         commits.append(time.perf_counter() - a)
         done = stop
         seqs.append((done, seq))
-        if VERBOSE and time.perf_counter() - last > 30:
+        if time.perf_counter() - last > 30:
             last = time.perf_counter()
             log(f"  build {os.path.basename(path)}: {done}/{total}")
     elapsed = time.perf_counter() - t0
     st = cap.stats()
     extra = {"vectors_bytes": cap._counters.get("bytes.vectors", 0),  # internal counters, read only
-             "lexfile_bytes_live": sum(n for _, n in cap._ckpt.extra.get("lex", {}).get("files", {}).values())}
+             "lexfile_bytes_live": sum(n for _, n in lex_files(cap).values())}
     t1 = time.perf_counter()
     cap.close()
     close_s = time.perf_counter() - t1
-    return {"frames": st["frames"], "commits": st["commit_seq"], "batch": batch, "elapsed_s": round(elapsed, 2),
-            "frames_per_s": round(st["frames"] / elapsed, 1), "close_s": round(close_s, 3),
+    return {"frames": st["frames"], "commits": st["commit_seq"], "batch": batch,
+            "elapsed_s": round(elapsed, 2), "frames_per_s": round(st["frames"] / elapsed, 1),
+            "close_s": round(close_s, 3),
             "commit_latency": dist(commits, "ms"), "stats": st, "extra": extra, "seqs": seqs}
 
 
@@ -707,9 +628,9 @@ def timed_pass(cap: Any, queries: list[str], mode: str, **kw: Any) -> tuple[list
 def bench_latency(cap: Any, queries: list[str], mid_seq: int) -> dict[str, Any]:
     ix = cap._indexes
     res: dict[str, Any] = {"queries": len(queries), "k": K, "snippet_chars": 200,
-                           "note": "find() with defaults (k=10, snippet_chars=200). 'first': first run of each "
-                                   "query (vec embeds the query; hybrid runs after vec, so its query vector "
-                                   "is already cached). 'cold': result cache cleared "
+                           "note": "find() with defaults (k=10, snippet_chars=200). 'first': first run of "
+                                   "each query (vec embeds the query; hybrid runs after vec, so its query "
+                                   "vector is already cached). 'cold': result cache cleared "
                                    "(cap._indexes.results.clear()), query vector cached. 'cached': the same "
                                    "queries again, result-cache hits."}
     for mode in ("lex", "vec", "hybrid"):
@@ -735,8 +656,8 @@ def bench_latency(cap: Any, queries: list[str], mid_seq: int) -> dict[str, Any]:
         past, cached, npast = timed_pass(cap, queries, mode, as_of=mid_seq)
         dl, dp = dist(latest), dist(past)
         asof[mode] = {"latest": dl, "as_of": dp, "p50_ratio": ratio(dp["p50"], dl["p50"]),
-                      "p99_ratio": ratio(dp["p99"], dl["p99"]), "mean_hits_as_of": round(npast / len(queries), 2),
-                      "as_of_cache_hits": cached}
+                      "p99_ratio": ratio(dp["p99"], dl["p99"]),
+                      "mean_hits_as_of": round(npast / len(queries), 2), "as_of_cache_hits": cached}
     res["as_of"] = asof
     return res
 
@@ -758,24 +679,28 @@ def bench_open(path: str, ixdir: str, emb: Embedder, runs: int, q: str) -> dict[
             att = cap.stats()["search"]["attach"]
             cap.close()
             t3 = time.perf_counter()
-            rows.append({"open_ms": (t1 - t0) * 1e3, "first_find_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3,
-                         "close_ms": (t3 - t2) * 1e3, "attach": att})
+            rows.append({"open_ms": (t1 - t0) * 1e3, "first_find_ms": (t2 - t1) * 1e3,
+                         "total_ms": (t2 - t0) * 1e3, "close_ms": (t3 - t2) * 1e3, "attach": att})
+        timings = ("open_ms", "first_find_ms", "total_ms", "close_ms")
         res[label] = {
-            **{k: round(statistics.median(r[k] for r in rows), 2) for k in ("open_ms", "first_find_ms", "total_ms", "close_ms")},
+            **{k: round(statistics.median(r[k] for r in rows), 2) for k in timings},
             "runs": len(rows), "attach_last": rows[-1]["attach"],
             "origins": sorted({json.dumps(r["attach"].get("origin"), sort_keys=True) for r in rows}),
         }
     return res
 
 
-def bench_speed(cfg: dict[str, Any], emb2: Embedder, tok: TokenCounter, tmp: str, cache: EmbedCache) -> dict[str, Any]:
+def bench_speed(cfg: dict[str, Any], emb2: Embedder, tok: TokenCounter, tmp: str,
+                cache: EmbedCache) -> dict[str, Any]:
     total = cfg["speed_chunks"]
     log("speed: loading stdlib chunks")
-    root, nfiles, uris, texts = stdlib_chunks(None if total >= 40_000 else total)
+    corpus = Corpus(chunk_bytes=CHUNK_BYTES, max_chunks=None if total >= 40_000 else total)
+    uris, texts = corpus.uris, corpus.texts()
     base = len(texts)
     sizes = sorted(len(t.encode()) for t in texts)
     out: dict[str, Any] = {"corpus": {
-        "source": root, "files": nfiles, "chunks": base, "chunk_bytes": sum(sizes), "chunk_target": CHUNK_BYTES,
+        "source": str(corpus.root), "files": corpus.files, "chunks": base, "chunk_bytes": sum(sizes),
+        "chunk_target": CHUNK_BYTES,
         "chunk_size_p50": percentile(sizes, 50), "frames": total, "copies": math.ceil(total / base),
         "uris": "file://<path>#<n>, copies suffixed ~<copy>",
     }}
@@ -837,7 +762,8 @@ def bench_speed(cfg: dict[str, Any], emb2: Embedder, tok: TokenCounter, tmp: str
         "synthetic": f"every other frame: the vector of the nearest (by position) really embedded chunk + "
                      f"N(0, {NOISE_SIGMA}^2) per dimension, renormalised; copies of really embedded chunks "
                      "get noise too. The vector index therefore holds clusters of near-duplicates.",
-        "mean_cosine_to_source": round(float(np.mean(np.sum(pv[noisy] * src[noisy], axis=1))), 4) if noisy.any() else None,
+        "mean_cosine_to_source":
+            round(float(np.mean(np.sum(pv[noisy] * src[noisy], axis=1))), 4) if noisy.any() else None,
     }
 
     # the 100k capsule with vectors, and the same without (model=None) for size
@@ -890,50 +816,26 @@ def bench_speed(cfg: dict[str, Any], emb2: Embedder, tok: TokenCounter, tmp: str
     shutil.rmtree(ixdir, ignore_errors=True)
 
     L = lat
+    modes = ("lex", "vec", "hybrid")
+    hyb_cold = L["hybrid"]["cold"]["p50"]
     out["goals"] = {
         "lex_p50_ms": {"goal": GOALS["lex_p50_ms"], "value": L["lex"]["cold"]["p50"],
                        "met": L["lex"]["cold"]["p50"] <= GOALS["lex_p50_ms"]},
-        "hybrid_cached_qvec_p50_ms": {"goal": GOALS["hybrid_cached_qvec_p50_ms"], "value": L["hybrid"]["cold"]["p50"],
-                                      "met": L["hybrid"]["cold"]["p50"] <= GOALS["hybrid_cached_qvec_p50_ms"]},
+        "hybrid_cached_qvec_p50_ms": {"goal": GOALS["hybrid_cached_qvec_p50_ms"], "value": hyb_cold,
+                                      "met": hyb_cold <= GOALS["hybrid_cached_qvec_p50_ms"]},
         "cache_hit_p50_ms": {"goal": GOALS["cache_hit_p50_ms"],
-                             "value": {m: round(L[m]["cached"]["p50"] / 1e3, 4) for m in ("lex", "vec", "hybrid")},
-                             "met": all(L[m]["cached"]["p50"] / 1e3 <= GOALS["cache_hit_p50_ms"] for m in ("lex", "vec", "hybrid"))},
+                             "value": {m: round(L[m]["cached"]["p50"] / 1e3, 4) for m in modes},
+                             "met": all(L[m]["cached"]["p50"] / 1e3 <= GOALS["cache_hit_p50_ms"]
+                                        for m in modes)},
         "as_of_over_latest_p50": {"goal": GOALS["as_of_over_latest"],
-                                  "value": {m: L["as_of"][m]["p50_ratio"] for m in ("lex", "vec", "hybrid")},
+                                  "value": {m: L["as_of"][m]["p50_ratio"] for m in modes},
                                   "met": all((L["as_of"][m]["p50_ratio"] or 0) <= GOALS["as_of_over_latest"]
-                                             for m in ("lex", "vec", "hybrid"))},
+                                             for m in modes)},
     }
     return out
 
 
 # -- main ----------------------------------------------------------------------------------
-
-
-def environment(tmp_root: str) -> dict[str, Any]:
-    def git(*a: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    def ver(mod: str) -> str | None:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version(mod)
-        except PackageNotFoundError:
-            return None
-
-    status = git("status", "--porcelain", "--", "engine")
-    return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "packages": {p: ver(p) for p in ("tantivy", "usearch", "fastembed", "onnxruntime", "tokenizers", "numpy")},
-        "sqlite": sqlite3.sqlite_version, "engine_write_version": engine.WRITE_VERSION,
-        "git_commit": git("rev-parse", "HEAD"), "engine_dirty": None if status is None else bool(status),
-        "tmp_dir": tmp_root,
-    }
 
 
 def summary_line(r: dict[str, Any]) -> str:
@@ -947,49 +849,50 @@ def summary_line(r: dict[str, Any]) -> str:
                          f"{'' if s['checks']['hybrid_ndcg_ge_max_lex_vec'] else ' (hyb<best)'}")
     s = r.get("speed")
     if s:
-        L = s["latency"]
+        L, op, size, emb = s["latency"], s["open"], s["size"], s["embedding_throughput"]
         parts.append(
-            f"{s['corpus']['frames'] // 1000}k: p50 lex {L['lex']['cold']['p50']:.2f} vec {L['vec']['cold']['p50']:.2f} "
-            f"hyb {L['hybrid']['cold']['p50']:.2f} ms, hit {L['hybrid']['cached']['p50']:.0f} us, "
-            f"as-of x{L['as_of']['hybrid']['p50_ratio']} | open {s['open']['working_copies_present']['total_ms']:.0f} ms "
-            f"(no ix {s['open']['index_dir_deleted']['total_ms']:.0f}) | cap/raw {s['size']['capsule_over_raw_with_vectors']} "
-            f"({s['size']['capsule_over_raw_without_vectors']} w/o vec) | embed "
-            f"{s['embedding_throughput']['threads_1']['per_s']}/{s['embedding_throughput']['threads_2']['per_s']} ch/s t1/t2")
+            f"{s['corpus']['frames'] // 1000}k: p50 lex {L['lex']['cold']['p50']:.2f} "
+            f"vec {L['vec']['cold']['p50']:.2f} hyb {L['hybrid']['cold']['p50']:.2f} ms, "
+            f"hit {L['hybrid']['cached']['p50']:.0f} us, as-of x{L['as_of']['hybrid']['p50_ratio']} | "
+            f"open {op['working_copies_present']['total_ms']:.0f} ms "
+            f"(no ix {op['index_dir_deleted']['total_ms']:.0f}) | "
+            f"cap/raw {size['capsule_over_raw_with_vectors']} "
+            f"({size['capsule_over_raw_without_vectors']} w/o vec) | "
+            f"embed {emb['threads_1']['per_s']}/{emb['threads_2']['per_s']} ch/s t1/t2")
     parts.append(f"{r['elapsed_s']:.0f} s")
     return " | ".join(parts)
 
 
 def main() -> None:
-    global VERBOSE
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests (<2 min)")
-    ap.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
+    ap = arg_parser(__doc__, quick="tiny sizes, for smoke tests (<2 min)")
     ap.add_argument("--md", metavar="FILE", default=None,
-                    help="quality table file (default bench/results/quality.md, quality-quick.md with --quick)")
-    ap.add_argument("--tmpdir", metavar="DIR", default=None, help="parent of the temporary directory")
+                    help="quality table file (default bench/results/quality.md, "
+                         "quality-quick.md with --quick)")
     ap.add_argument("--only", choices=("quality", "speed"), default=None, help="run one part only")
     ap.add_argument("--sets", default=None, help="comma-separated BEIR sets (default: all three)")
     ap.add_argument("--frames", type=int, default=None, help="frames in the speed capsule (default 100000)")
     ap.add_argument("--real-chunks", type=int, default=None, help="chunks embedded for real (default 3000)")
     ap.add_argument("--queries", type=int, default=None, help="speed queries (default 200)")
     ap.add_argument("--embed-cache", metavar="DIR", default=None,
-                    help="reuse document vectors from DIR across runs (skips, and does not report, embedding throughput)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
-    args = ap.parse_args()
-    VERBOSE = args.verbose
+                    help="reuse document vectors from DIR across runs (skips, and does not report, "
+                         "embedding throughput)")
+    args = parse_args(ap)
 
     cfg = dict(QUICK if args.quick else FULL)
     if args.sets:
         cfg["sets"] = tuple(s.strip() for s in args.sets.split(",") if s.strip())
-    for opt, key in ((args.frames, "speed_chunks"), (args.real_chunks, "real_chunks"), (args.queries, "n_queries")):
+    for opt, key in ((args.frames, "speed_chunks"), (args.real_chunks, "real_chunks"),
+                     (args.queries, "n_queries")):
         if opt is not None:
             cfg[key] = opt
     t_start = time.perf_counter()
     cache = EmbedCache(args.embed_cache)
     with tempfile.TemporaryDirectory(prefix="memvidd-search-bench-", dir=args.tmpdir) as tmp:
+        packages = ("tantivy", "usearch", "fastembed", "onnxruntime", "tokenizers", "numpy")
+        env = environment(tmp, packages=packages, code=("engine",), dirty_key="engine_dirty",
+                          sqlite=sqlite3.sqlite_version, engine_write_version=engine.WRITE_VERSION)
         result: dict[str, Any] = {
-            "benchmark": "memvidd search", "mode": "quick" if args.quick else "full",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": environment(tmp),
+            **result_head("memvidd search", args.quick), "env": env,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         }
         log("loading the embedder (threads=2)")
@@ -999,24 +902,20 @@ def main() -> None:
             result["quality"] = bench_quality(cfg, emb, tok, tmp, cache)
         if args.only in (None, "speed"):
             result["speed"] = bench_speed(cfg, emb, tok, tmp, cache)
-        result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["env"]["loadavg_end"] = loadavg()
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         result["tmp_leftovers_before_cleanup"] = sorted(os.listdir(tmp))
 
     if "quality" in result:
-        md = Path(args.md) if args.md else REPO / "bench" / "results" / ("quality-quick.md" if args.quick else "quality.md")
+        default_md = REPO / "bench" / "results" / ("quality-quick.md" if args.quick else "quality.md")
+        md = Path(args.md) if args.md else default_md
         md.parent.mkdir(parents=True, exist_ok=True)
+        dirty = " + uncommitted engine changes" if result["env"]["engine_dirty"] else ""
         head = (f"# memvidd search quality ({result['mode']} run, {result['started']}, "
-                f"commit {(result['env']['git_commit'] or '?')[:10]}{' + uncommitted engine changes' if result['env']['engine_dirty'] else ''})\n\n")
+                f"commit {(result['env']['git_commit'] or '?')[:10]}{dirty})\n\n")
         md.write_text(head + result["quality"]["table_markdown"])
         result["quality"]["table_file"] = str(md)
-    doc = json.dumps(result, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(doc + "\n")
-    else:
-        print(doc)
-    print(summary_line(result), file=sys.stderr)
+    write_result(result, args.out, summary_line)
 
 
 if __name__ == "__main__":

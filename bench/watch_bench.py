@@ -3,7 +3,7 @@
 
 Run::
 
-    cd /work/main && .venv/bin/python bench/watch_bench.py [--quick] [--out FILE] [-v]
+    cd /work/main && .venv/bin/python -m bench.watch_bench [--quick] [--out FILE] [-v]
 
 Every measurement runs ``python -m memvidd run --config FILE`` with ``watch = [DIR]`` and
 talks to it over its socket with ``memvidd.client.Client``, the way an agent would:
@@ -21,33 +21,26 @@ the model cache, daemon logs) live in one temporary directory removed at the end
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
-import platform
 import random
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
+from bench.common import (
+    MB, arg_parser, dist, environment, loadavg, log, parse_args, percentile, result_head, stdlib_files,
+    write_result,
+)
+from bench.daemon_process import Daemon, daemon_dirs
 from memvidd.client import Client
 from memvidd.indexer import file_uri
 
-MB = 1e6
-MIB = 1 << 20
 MODEL = "all-MiniLM-L6-v2"
 
 FULL = dict(
@@ -64,42 +57,10 @@ POLL_S = 0.002  # find polling interval in the latency test
 EDIT_TIMEOUT_S = 15.0
 EDIT_GAP_S = (0.05, 0.15)  # idle time between two edits (uniform)
 
-from benchstats import percentile, dist, loadavg  # noqa: E402
-
-VERBOSE = False
-
-
-def log(msg: str) -> None:
-    if VERBOSE:
-        print(f"[watch-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-def ram_dir() -> str | None:
-    """/dev/shm when it is there (RAM, like $XDG_RUNTIME_DIR under systemd), else the default."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
 
 # -- the daemon ----------------------------------------------------------------------------
 
-CONFIG = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-log-level = "info"
-shutdown-grace-s = 120
-
-[embedding]
-model = "{model}"
-
+CAPSULE = """
 [[capsule]]
 name = "bench"
 path = "{dir}/bench.mv2"
@@ -107,102 +68,10 @@ watch = [{watch}]
 """
 
 
-class Daemon:
-    """``memvidd run`` in a subprocess; READY awaited on our own NOTIFY_SOCKET (as systemd does)."""
-
-    def __init__(self, directory: Path, watch: list[Path], *, model: str = "none", cache: Path) -> None:
-        self.dir = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.socket = str(directory / "q.sock")
-        self.config = directory / "memvidd.toml"
-        self.config.write_text(CONFIG.format(dir=directory, model=model,
-                                             watch=", ".join(json.dumps(str(w)) for w in watch)))
-        self.notify_path = str(directory / "notify.sock")
-        self.log = directory / "daemon.log"
-        self.env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify: socket.socket | None = None
-        self.t_start = 0.0
-
-    def start(self, timeout: float = 300) -> float:
-        """Start it; returns seconds from spawn to READY=1."""
-        if os.path.exists(self.notify_path):
-            os.unlink(self.notify_path)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        env = {**self.env, "NOTIFY_SOCKET": self.notify_path}
-        with open(self.log, "ab") as lf:
-            self.t_start = time.perf_counter()
-            self.proc = subprocess.Popen([sys.executable, "-m", "memvidd", "run", "--config", str(self.config)],
-                                         stdout=lf, stderr=lf, env=env, cwd=REPO)
-        deadline = self.t_start + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited ({self.proc.returncode}); log:\n{self.tail_log()}")
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise TimeoutError(f"no READY=1 from the daemon; log:\n{self.tail_log()}")
-            self.notify.settimeout(min(left, 0.2))
-            try:
-                data = self.notify.recv(65536).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in data.split("\n"):
-                return time.perf_counter() - self.t_start
-
-    def since_start(self) -> float:
-        return time.perf_counter() - self.t_start
-
-    def tail_log(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def status(self) -> dict[str, float]:
-        """VmRSS / VmHWM (MiB) of the daemon process, from /proc, and the RSS split into
-        anonymous memory (heap) and file pages mapped from the index files (reclaimable)."""
-        out: dict[str, float] = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    out[key.lower() + "_mib"] = round(int(line.split()[1]) / 1024, 1)
-        return out
-
-    def cpu_s(self) -> float:
-        """user+system CPU seconds of the daemon so far (all threads)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 300) -> float:
-        """SIGTERM; returns seconds until it exited."""
-        assert self.proc is not None
-        t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=timeout)
-        took = time.perf_counter() - t0
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
-        if rc != 0:
-            raise RuntimeError(f"daemon exited with {rc}; log:\n{self.tail_log()}")
-        return took
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
+def watching(directory: Path, trees: list[Path], *, model: str = "none", cache: Path) -> Daemon:
+    """A daemon with one capsule that watches ``trees``."""
+    watch = ", ".join(json.dumps(str(t)) for t in trees)
+    return Daemon(directory, CAPSULE.format(dir=directory, watch=watch), model=model, cache=cache)
 
 
 def index_done(st: dict[str, Any]) -> bool:
@@ -234,20 +103,6 @@ def wait_until(c: Client, pred: Any, interval: float, timeout: float, what: str,
 
 
 # -- corpus ----------------------------------------------------------------------------------
-
-
-def stdlib_files(skip_tests: bool) -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if "site-packages" in rel or "dist-packages" in rel:
-            continue
-        if skip_tests and any(part in ("test", "tests", "idle_test") for part in rel[:-1]):
-            continue
-        if p.is_file():
-            out.append(p)
-    return root, out
 
 
 def copy_tree(root: Path, files: list[Path], dest: Path) -> dict[str, Any]:
@@ -304,10 +159,8 @@ class Tail(threading.Thread):
             pass
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # ends the tail stream that run() is blocked in
             self.client.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.client.close()
 
 
@@ -332,9 +185,10 @@ def bench_latency(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: di
     (and, with a model, -> the new chunk's vector counted in stats)."""
     tag = "vec" if model != "none" else "lex"
     tree = tmp / f"lat-{tag}"
-    paths = latency_files(root, files, cfg["vec_latency_files" if model != "none" else "latency_files"], tree, rng)
+    n_files = cfg["vec_latency_files" if model != "none" else "latency_files"]
+    paths = latency_files(root, files, n_files, tree, rng)
     contents = {p: p.read_text(errors="surrogateescape").splitlines(keepends=True) for p in paths}
-    d = Daemon(tmp / f"d-lat-{tag}", [tree], model=model, cache=cache)
+    d = watching(tmp / f"d-lat-{tag}", [tree], model=model, cache=cache)
     res: dict[str, Any] = {"model": model, "files": len(paths),
                            "bytes": sum(p.stat().st_size for p in paths), "loadavg_start": loadavg()}
     try:
@@ -430,10 +284,8 @@ def bench_latency(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: di
     res["commit_seen_to_lex_searchable"] = dist(
         [s["lex_s"] - s["commit_seen_s"] for s in samples if "commit_seen_s" in s])
     res["write_call"] = dist([s["write_s"] for s in samples])
-    cw = sorted(s["chunks_written"] for s in samples)
-    res["chunks_written_per_edit"] = {"p50": percentile(cw, 50), "p90": percentile(cw, 90), "max": max(cw, default=0)}
-    ne = sorted(s["chunks_written"] - s["vectors_reused"] for s in samples)
-    res["new_texts_per_edit"] = {"p50": percentile(ne, 50), "p90": percentile(ne, 90), "max": max(ne, default=0),
+    res["chunks_written_per_edit"] = spread([s["chunks_written"] for s in samples])
+    res["new_texts_per_edit"] = {**spread([s["chunks_written"] - s["vectors_reused"] for s in samples]),
                                  "note": "chunks written whose text had no vector to reuse"}
     res["find_polls"] = {"p50": percentile(sorted(s["polls"] for s in samples), 50),
                          "max": max((s["polls"] for s in samples), default=0)}
@@ -443,12 +295,18 @@ def bench_latency(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: di
         res["vec_query_finds_new_chunk_top3"] = sum(1 for s in samples if s.get("vec_verified"))
         res["save_to_vector_covered_one_new_text"] = dist(
             [s["vec_s"] for s in samples if s["chunks_written"] - s["vectors_reused"] == 1])
-        res["slowest_vec_edits"] = sorted(({"vec_ms": round(s["vec_s"] * 1e3, 1), "lex_ms": round(s["lex_s"] * 1e3, 1),
+        res["slowest_vec_edits"] = sorted(({"vec_ms": round(s["vec_s"] * 1e3, 1),
+                                            "lex_ms": round(s["lex_s"] * 1e3, 1),
                                             "chunks_written": s["chunks_written"],
                                             "vectors_reused": s["vectors_reused"], "how": s["how"]}
                                            for s in samples), key=lambda x: -x["vec_ms"])[:5]
     res["loadavg_end"] = loadavg()
     return res
+
+
+def spread(counts: list[int]) -> dict[str, Any]:
+    xs = sorted(counts)
+    return {"p50": percentile(xs, 50), "p90": percentile(xs, 90), "max": max(xs, default=0)}
 
 
 def lex_flush_probe(tmp: Path, latency_tree: list[Path] | None, commits: int) -> dict[str, Any]:
@@ -471,7 +329,8 @@ def lex_flush_probe(tmp: Path, latency_tree: list[Path] | None, commits: int) ->
         cap = engine.create(str(d / f"{label}.mv2"), model=None, **opts)
         try:
             cap.find("warm", k=1, mode="lex")
-            seed = [p.read_text(errors="replace")[:1500] for p in (latency_tree or [])][:50] or ["seed text"] * 50
+            seed = [p.read_text(errors="replace")[:1500] for p in (latency_tree or [])][:50]
+            seed = seed or ["seed text"] * 50
             cap.put_many([{"text": t, "uri": f"probe://seed/{i}"} for i, t in enumerate(seed)])
             cap.commit()
             cap.find("warm", k=1, mode="lex")
@@ -517,7 +376,8 @@ def lex_flush_probe(tmp: Path, latency_tree: list[Path] | None, commits: int) ->
             ix.dirty = False
         ix.close()
     shutil.rmtree(d, ignore_errors=True)
-    return {**out, "tantivy_writer_commit_disk": dist(tv["disk"]), "tantivy_writer_commit_ram": dist(tv["ram"]),
+    return {**out, "tantivy_writer_commit_disk": dist(tv["disk"]),
+            "tantivy_writer_commit_ram": dist(tv["ram"]),
             "loadavg": loadavg()}
 
 
@@ -555,7 +415,8 @@ def initial_index(d: Daemon, *, vectors: bool, timeout: float) -> dict[str, Any]
     el = marks["watching_s"]
     out: dict[str, Any] = {
         **{k: round(v, 3) for k, v in marks.items()},
-        "files_seen": ix["files_seen"], "files_indexed": ix["files_indexed"], "files_skipped": ix["files_skipped"],
+        "files_seen": ix["files_seen"], "files_indexed": ix["files_indexed"],
+        "files_skipped": ix["files_skipped"],
         "errors": ix["errors"], "mb_read": ix["mb_read"], "chunks_written": ix["chunks_written"],
         "scan_seconds": ix["scan_seconds"], "frames": st["frames"], "commits": st["daemon"]["commits"],
         "files_per_s_from_start": round(ix["files_indexed"] / el, 1),
@@ -596,7 +457,8 @@ def restart(d: Daemon) -> dict[str, Any]:
     out = {
         "stop_s": round(stop_s, 3), "ready_s": round(ready, 3), "first_stats_s": round(connected, 3),
         "watching_s": round(watching, 3), "polls": polls,
-        "bytes_read": ix["bytes_read"], "files_seen": ix["files_seen"], "files_unchanged": ix["files_unchanged"],
+        "bytes_read": ix["bytes_read"], "files_seen": ix["files_seen"],
+        "files_unchanged": ix["files_unchanged"],
         "files_to_index": ix["files_to_index"], "files_indexed": ix["files_indexed"],
         "scan_seconds": ix["scan_seconds"], "documents": ix["documents"], "frames": st["frames"],
         "no_file_reread": ix["bytes_read"] == 0 and ix["files_to_index"] == 0,
@@ -654,8 +516,9 @@ def link_copies(src: Path, dest: Path, k: int) -> dict[str, Any]:
 
 
 def rss_point(tree: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    return {"mb": tree["mb"], "frames": run["frames"], "vmhwm_mib": run["vmhwm_mib"], "vmrss_mib": run["vmrss_mib"],
-            "rssanon_mib": run.get("rssanon_mib"), "rssfile_mib": run.get("rssfile_mib")}
+    return {"mb": tree["mb"], "frames": run["frames"], "vmhwm_mib": run["vmhwm_mib"],
+            "vmrss_mib": run["vmrss_mib"], "rssanon_mib": run.get("rssanon_mib"),
+            "rssfile_mib": run.get("rssfile_mib")}
 
 
 def growth(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -680,7 +543,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
     res["tree_quarter"] = copy_tree(root, quarter_files, tmp / "tree-quarter")
 
     log("lexical initial index: 1/4 tree")
-    d = Daemon(tmp / "d-quarter", [tmp / "tree-quarter"], cache=cache)
+    d = watching(tmp / "d-quarter", [tmp / "tree-quarter"], cache=cache)
     try:
         res["lexical_quarter"] = initial_index(d, vectors=False, timeout=1800)
         res["lexical_quarter"]["stop_s"] = round(d.stop(), 3)
@@ -689,7 +552,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
     shutil.rmtree(tmp / "d-quarter")
 
     log("lexical initial index: full tree")
-    d = Daemon(tmp / "d-full", [full], cache=cache)
+    d = watching(tmp / "d-full", [full], cache=cache)
     try:
         res["lexical_full"] = initial_index(d, vectors=False, timeout=3600)
         with Client(d.socket) as c:
@@ -704,7 +567,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
     if scale > 1:
         log(f"lexical initial index: {scale} copies of the full tree")
         res[f"tree_x{scale}"] = link_copies(full, tmp / f"tree-x{scale}", scale)
-        d = Daemon(tmp / "d-scaled", [tmp / f"tree-x{scale}"], cache=cache)
+        d = watching(tmp / "d-scaled", [tmp / f"tree-x{scale}"], cache=cache)
         try:
             res[f"lexical_x{scale}"] = initial_index(d, vectors=False, timeout=3 * 3600)
             res[f"lexical_x{scale}"]["stop_s"] = round(d.stop(), 3)
@@ -712,8 +575,10 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
             d.kill()
         shutil.rmtree(tmp / "d-scaled")
         shutil.rmtree(tmp / f"tree-x{scale}")
-    q, f = rss_point(res["tree_quarter"], res["lexical_quarter"]), rss_point(res["tree_full"], res["lexical_full"])
-    res["rss_vs_tree_size"] = {"quarter": q, "full": f, **growth(q, f), "full_over_quarter_hwm": growth(q, f)["hwm_ratio"]}
+    q = rss_point(res["tree_quarter"], res["lexical_quarter"])
+    f = rss_point(res["tree_full"], res["lexical_full"])
+    res["rss_vs_tree_size"] = {"quarter": q, "full": f, **growth(q, f),
+                               "full_over_quarter_hwm": growth(q, f)["hwm_ratio"]}
     if scale > 1:
         x = rss_point(res[f"tree_x{scale}"], res[f"lexical_x{scale}"])
         res["rss_vs_tree_size"][f"x{scale}"] = x
@@ -723,7 +588,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
 
     # Embedded run: full tree if the model would get through it within the budget.
     est = direct_embedding(probe, cache)
-    chunks_full = f["chunks_written"]
+    chunks_full = res["lexical_full"]["chunks_written"]
     est_s = chunks_full / est["chunks_per_s"]
     if embed_files == "full" or (embed_files == "auto" and est_s <= cfg["embed_budget_s"]):
         tree, which = full, {"tree": "full", "files": res["tree_full"]["files"], "mb": res["tree_full"]["mb"]}
@@ -739,7 +604,7 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
         "budget_s": cfg["embed_budget_s"], "choice": embed_files, **which,
     }
     log(f"initial index with embeddings: {which} (full tree estimated {est_s:.0f} s of embedding)")
-    d = Daemon(tmp / "d-embed", [tree], model=MODEL, cache=cache)
+    d = watching(tmp / "d-embed", [tree], model=MODEL, cache=cache)
     try:
         res["embedded"] = initial_index(d, vectors=True, timeout=4 * 3600)
         with Client(d.socket) as c:
@@ -757,32 +622,6 @@ def bench_index(tmp: Path, cache: Path, root: Path, files: list[Path], cfg: dict
 
 
 # -- main --------------------------------------------------------------------------------------
-
-
-def environment(tmp_root: str) -> dict[str, Any]:
-    def git(*a: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    def ver(mod: str) -> str | None:
-        try:
-            from importlib.metadata import version
-
-            return version(mod)
-        except Exception:
-            return None
-
-    status = git("status", "--porcelain", "--", "engine", "memvidd")
-    return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(),
-        "packages": {p: ver(p) for p in ("watchfiles", "trio", "tantivy", "usearch", "fastembed", "onnxruntime")},
-        "git_commit": git("rev-parse", "HEAD"), "code_dirty": None if status is None else bool(status),
-        "tmp_dir": tmp_root,
-    }
 
 
 def goals(r: dict[str, Any]) -> dict[str, Any]:
@@ -804,19 +643,21 @@ def summary_line(r: dict[str, Any]) -> str:
     lat = r.get("latency", {})
     if "lex" in lat:
         s = lat["lex"]["save_to_lex_searchable"]
-        parts.append(f"save->lex p50 {s['p50']:.0f} p90 {s['p90']:.0f} p99 {s['p99']:.0f} max {s['max']:.0f} ms "
-                     f"(n={s['n']}, fail {len(lat['lex']['failures'])})")
+        parts.append(f"save->lex p50 {s['p50']:.0f} p90 {s['p90']:.0f} p99 {s['p99']:.0f} "
+                     f"max {s['max']:.0f} ms (n={s['n']}, fail {len(lat['lex']['failures'])})")
     if "vec" in lat:
         s = lat["vec"]["save_to_vector_covered"]
         parts.append(f"save->vec p50 {s['p50']:.0f} p90 {s['p90']:.0f} max {s['max']:.0f} ms (n={s['n']})")
     ix = r.get("index", {})
     if "lexical_full" in ix:
         f = ix["lexical_full"]
-        parts.append(f"index {ix['tree_full']['files']} files {ix['tree_full']['mb']} MB: {f['watching_s']:.1f} s "
-                     f"{f['files_per_s_from_start']} files/s {f['mb_per_s_from_start']} MB/s")
+        parts.append(f"index {ix['tree_full']['files']} files {ix['tree_full']['mb']} MB: "
+                     f"{f['watching_s']:.1f} s {f['files_per_s_from_start']} files/s "
+                     f"{f['mb_per_s_from_start']} MB/s")
     if "restart" in ix:
         rs = ix["restart"]
-        parts.append(f"restart ready {rs['ready_s']:.2f} s watching {rs['watching_s']:.2f} s read {rs['bytes_read']} B")
+        parts.append(f"restart ready {rs['ready_s']:.2f} s watching {rs['watching_s']:.2f} s "
+                     f"read {rs['bytes_read']} B")
     if "rss_vs_tree_size" in ix:
         q = ix["rss_vs_tree_size"]
         parts.append(f"HWM {q['quarter']['vmhwm_mib']} MiB @{q['quarter']['frames']} fr -> "
@@ -825,7 +666,8 @@ def summary_line(r: dict[str, Any]) -> str:
                                if k.startswith("x") and isinstance(v, dict)))
     if "embedded" in ix:
         e = ix["embedded"]
-        parts.append(f"embedded {ix['embedding_plan']['tree']} {ix['embedding_plan']['files']} files: covered "
+        plan = ix["embedding_plan"]
+        parts.append(f"embedded {plan['tree']} {plan['files']} files: covered "
                      f"{e['vectors_covered_s']:.0f} s, {e['vectors']['chunks_per_s_ready_to_covered']} ch/s "
                      f"(model alone {e['direct_model']['chunks_per_s']}), HWM {e['vmhwm_mib']} MiB")
     parts.append(f"load {r['env']['loadavg_start'][0]}->{r['loadavg_end'][0]} | {r['elapsed_s']:.0f} s")
@@ -833,14 +675,11 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    global VERBOSE
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests (< 2 min)")
-    ap.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
-    ap.add_argument("--tmpdir", metavar="DIR", default=None, help="parent of the temporary directory")
+    ap = arg_parser(__doc__, quick="small sizes, for smoke tests (< 2 min)")
     ap.add_argument("--only", choices=("latency", "index"), default=None, help="run one part only")
     ap.add_argument("--no-embed", action="store_true", help="skip every run with the embedding model")
-    ap.add_argument("--skip-tests", action="store_true", help="leave the stdlib's test directories out of the tree")
+    ap.add_argument("--skip-tests", action="store_true",
+                    help="leave the stdlib's test directories out of the tree")
     ap.add_argument("--edits", type=int, default=None, help="lexical latency edits (default 200)")
     ap.add_argument("--vec-edits", type=int, default=None, help="latency edits with embeddings (default 50)")
     ap.add_argument("--embed-files", default="auto",
@@ -849,9 +688,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=0, metavar="K",
                     help="also index K hard-linked copies of the full tree (RSS against tree size)")
     ap.add_argument("--seed", type=int, default=20240611)
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
-    args = ap.parse_args()
-    VERBOSE = args.verbose
+    args = parse_args(ap)
     cfg = dict(QUICK if args.quick else FULL)
     if args.edits is not None:
         cfg["lex_edits"] = args.edits
@@ -863,18 +700,12 @@ def main() -> None:
     root, files = stdlib_files(args.skip_tests)
     if cfg["tree_max_files"]:
         files = sorted(random.Random(args.seed).sample(files, cfg["tree_max_files"]))
-    with tempfile.TemporaryDirectory(prefix="memvidd-watch-bench-", dir=args.tmpdir) as tmp_s, \
-            tempfile.TemporaryDirectory(prefix="memvidd-watch-bench-", dir=ram_dir()) as runtime:
-        tmp = Path(tmp_s)
+    with daemon_dirs("memvidd-watch-bench-", args.tmpdir) as (tmp, runtime):
         cache = tmp / "cache"  # model directory and index working copies: removed with the rest
-        # The engine keeps the lexical working copy under $XDG_RUNTIME_DIR (RAM-backed, as
-        # /run/user/UID is): point it, for this process and every daemon, at a temp dir in
-        # /dev/shm that goes away with the rest.
-        os.environ["XDG_CACHE_HOME"] = str(cache)
-        os.environ["XDG_RUNTIME_DIR"] = runtime
+        packages = ("watchfiles", "trio", "tantivy", "usearch", "fastembed", "onnxruntime")
         result: dict[str, Any] = {
-            "benchmark": "memvidd watcher", "mode": "quick" if args.quick else "full",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": {**environment(tmp_s), "runtime_dir": runtime},
+            **result_head("memvidd watcher", args.quick),
+            "env": environment(str(tmp), packages=packages, runtime_dir=runtime),
             "corpus": {"source": str(root), "skip_tests": args.skip_tests, "files": len(files)},
         }
         if args.only in (None, "latency"):
@@ -886,19 +717,13 @@ def main() -> None:
                 result["latency"]["vec"] = bench_latency(tmp, cache, root, files, cfg, model=MODEL,
                                                          edits=cfg["vec_edits"], rng=rng)
         if args.only in (None, "index"):
-            result["index"] = bench_index(tmp, cache, root, files, cfg, rng, args.embed_files, not args.no_embed,
-                                          args.scale)
+            result["index"] = bench_index(tmp, cache, root, files, cfg, rng, args.embed_files,
+                                          not args.no_embed, args.scale)
         result["goals"] = goals(result)
         result["loadavg_end"] = loadavg()
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
 
-    doc = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(doc + "\n")
-    else:
-        print(doc)
-    print(summary_line(result), file=sys.stderr)
+    write_result(result, args.out, summary_line)
 
 
 if __name__ == "__main__":
