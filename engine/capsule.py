@@ -1631,8 +1631,14 @@ class Capsule:
 
     @property
     def seq(self) -> int:
-        """The last committed sequence number (0 for an empty capsule)."""
+        """The last committed sequence number (0 for an empty capsule). Lock-free: an
+        event loop may read it while a writer holds the capsule across an fsync."""
         return self._table.seq
+
+    @property
+    def frame_count(self) -> int:
+        """Frames committed (every version, tombstones included). Lock-free, like ``seq``."""
+        return self._table.next_id
 
     def _resolve_as_of(self, as_of: Any) -> int:
         head = self._table.seq

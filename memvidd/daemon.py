@@ -280,7 +280,7 @@ class Daemon:
                     task_status.started()
 
         await self.nursery.start(capsule_tasks)
-        log.info("capsule open name=%s path=%s frames=%s watching=%s", c.name, cap.path, cap.stats()["frames"],
+        log.info("capsule open name=%s path=%s frames=%s watching=%s", c.name, cap.path, cap.frame_count,
                  ",".join(c.watch) or "-")
 
     async def _remove_capsule(self, name: str) -> None:
@@ -322,7 +322,8 @@ class Daemon:
         systemd.notify("READY=1", f"STATUS={self._status()}")
 
     def _status(self) -> str:
-        parts = [f"{name}: {svc.cap.stats()['frames']} frames" for name, svc in self.services.items()]
+        # On the event loop: lock-free counts only (stats() waits for a writer's fsync).
+        parts = [f"{name}: {svc.cap.frame_count} frames" for name, svc in self.services.items()]
         return "serving " + "; ".join(parts)
 
     async def _report_status(self) -> None:

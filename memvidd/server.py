@@ -498,7 +498,7 @@ class QueryServer:
                         out = []
                         for name, svc in self.services.items():
                             out.append(p.CapsuleInfo(name=name, path=svc.cap.path, default=name == self.default,
-                                                     frames=svc.cap.stats()["frames"], commit_seq=svc.cap.seq))
+                                                     frames=svc.cap.frame_count, commit_seq=svc.cap.seq))
                         return p.CapsulesReply(id=rid, capsules=out)
 
                     await conn.read(capsules, fail)

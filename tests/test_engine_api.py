@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -348,3 +349,29 @@ def test_put_many_is_all_or_nothing(path):
         cap.commit()
         assert {e.uri for e in cap.timeline()} == {"a", "b"}
         assert cap.get(uri="b").text == "after" and cap.get(uri="b").supersedes is None
+
+
+@pytest.mark.timeout(30)
+def test_counts_an_event_loop_reads_never_wait_for_the_writer(tmp_path):
+    """``seq`` and ``frame_count`` answer while another thread holds the capsule (a writer
+    across an fsync or a checkpoint): the daemon's event loop reads them for its status."""
+    with engine.create(tmp_path / "c.mv2", model=None) as cap:
+        cap.put("one")
+        cap.commit()
+        held, release = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with cap._lock:
+                held.set()
+                release.wait(20)
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        assert held.wait(10)
+        try:
+            assert (cap.seq, cap.frame_count) == (1, 1)
+            assert cap._lock.acquire(timeout=0.05) is False  # stats() would have waited here
+        finally:
+            release.set()
+            t.join(10)
+        assert cap.stats()["frames"] == 1
