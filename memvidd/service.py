@@ -36,6 +36,7 @@ import trio
 import engine
 
 from .budget import OverBudget
+import trio.lowlevel
 
 log = logging.getLogger("memvidd.service")
 
@@ -199,7 +200,8 @@ class CapsuleService:
             return None
 
         def apply() -> tuple[int, BaseException | None]:
-            commits, failure, group = 0, None, []
+            commits, failure = 0, None
+            group: list[WriteOp] = []
             for op in batch:
                 if op.solo is not None:
                     if group:  # what came before it is committed before it
@@ -323,7 +325,7 @@ class CapsuleService:
                              result["moved"], result["saved"], result.get("remaining"))
                 if not result["busy"] and not result.get("remaining"):
                     done_at_seq = self.cap.seq
-                await trio.sleep(0)  # let requests that arrived meanwhile run first
+                await trio.lowlevel.checkpoint()  # let requests that arrived meanwhile run first
                 continue
             state = (self.cap.seq, self.upgrades["moved"], self.compactions["runs"])
             if compact_ratio > 0 and (state != checked or trio.current_time() - checked_at >= recheck_s):
@@ -337,7 +339,7 @@ class CapsuleService:
                     except engine.EngineError as e:  # e.g. staged puts never quiet: later
                         log.warning("compaction failed capsule=%s error=%s", self.name, e)
                     checked = (self.cap.seq, self.upgrades["moved"], self.compactions["runs"])
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                     continue
             await trio.sleep(idle_s / 4)
 
