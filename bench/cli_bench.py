@@ -10,7 +10,9 @@ Starts a real ``memvidd run`` (lexical only) on a temporary config, puts a few n
 then times ``--runs`` runs each of ``python -c pass``, ``python -m memvidd find ...`` and,
 if installed next to this Python, the ``memvidd`` entry point, interleaved round-robin
 so that the machine's load drifts over all of them alike. Every command runs with this
-checkout first on ``PYTHONPATH``, so it is this checkout's code that is measured.
+checkout first on ``PYTHONPATH``, so it is this checkout's code that is measured, and
+with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary directory, even where
+``PYTHONDONTWRITEBYTECODE`` is set), as an installed ``memvidd`` has.
 
 Prints one JSON document (stdout, or ``--out FILE``: p50/p90 of each, in ms, and the
 ratios of the p50s to the bare interpreter's) and a one-line summary on stderr. The goal
@@ -53,16 +55,17 @@ def start_daemon(tmp: Path, env: dict[str, str], timeout: float = 60) -> subproc
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify.sock"))
     notify.settimeout(timeout)
+    argv = [sys.executable, "-m", "memvidd", "run", "--config", str(tmp / "memvidd.toml")]
+    env = {**env, "NOTIFY_SOCKET": str(tmp / "notify.sock"), "XDG_RUNTIME_DIR": str(tmp)}
     with open(tmp / "daemon.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "memvidd", "run", "--config", str(tmp / "memvidd.toml")],
-                                stdout=log, stderr=log, cwd=REPO,
-                                env={**env, "NOTIFY_SOCKET": str(tmp / "notify.sock"), "XDG_RUNTIME_DIR": str(tmp)})
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO, env=env)
     try:
         while "READY=1" not in notify.recv(65536).decode().split("\n"):
             pass
     except TimeoutError:
         proc.kill()
-        raise SystemExit(f"the daemon did not start; log:\n{(tmp / 'daemon.log').read_text()[-3000:]}") from None
+        log_tail = (tmp / "daemon.log").read_text()[-3000:]
+        raise SystemExit(f"the daemon did not start; log:\n{log_tail}") from None
     finally:
         notify.close()
     return proc
@@ -87,24 +90,27 @@ def main() -> int:
     ap.add_argument("--out", help="write the JSON here instead of stdout")
     args = ap.parse_args()
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    env.pop("MEMVIDD_SOCKET", None)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="cli-bench-") as d:
         tmp = Path(d)
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONPYCACHEPREFIX": str(tmp / "pycache")}
+        env.pop("MEMVIDD_SOCKET", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         daemon = start_daemon(tmp, env)
         try:
             sock = str(tmp / "q.sock")
             for i in range(5):
-                subprocess.run([sys.executable, "-m", "memvidd", "put", f"note {i}: the user prefers dark mode",
-                                "--uri", f"note://{i}", "--socket", sock], env=env, check=True, stdout=subprocess.DEVNULL)
+                put = ["put", f"note {i}: the user likes dark mode", f"--uri=note://{i}", f"--socket={sock}"]
+                subprocess.run([sys.executable, "-m", "memvidd", *put], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
             find = ["find", "dark mode", "--socket", sock]
             commands = {"python -c pass": [sys.executable, "-c", "pass"],
                         "python -m memvidd find": [sys.executable, "-m", "memvidd", *find]}
             entry = Path(sys.executable).with_name("memvidd")
             if entry.exists():
                 commands["memvidd find"] = [str(entry), *find]
-            loaded = subprocess.run([sys.executable, "-c", "import memvidd; print(memvidd.__file__)"], env=env,
-                                    check=True, capture_output=True, text=True).stdout.strip()
+            which = [sys.executable, "-c", "import memvidd; print(memvidd.__file__)"]
+            loaded = subprocess.run(which, env=env, check=True, capture_output=True, text=True).stdout.strip()
             for argv in commands.values():  # warm the page cache and the bytecode caches
                 timed(argv, env)
             samples: dict[str, list[float]] = {name: [] for name in commands}
@@ -126,9 +132,11 @@ def main() -> int:
         Path(args.out).write_text(text + "\n")
     else:
         print(text)
-    print(f"python -c pass p50 {bare} ms | " + " | ".join(
-        f"{name} p50 {results[name]['p50']} ms p90 {results[name]['p90']} ms (x{ratios[name]})" for name in ratios)
-        + f" | goal x{GOAL_RATIO}: {'met' if out['met'] else 'NOT met'}", file=sys.stderr)
+    parts = [f"python -c pass p50 {bare} ms"]
+    parts += [f"{name} p50 {results[name]['p50']} ms p90 {results[name]['p90']} ms (x{ratios[name]})"
+              for name in ratios]
+    parts.append(f"goal x{GOAL_RATIO}: {'met' if out['met'] else 'NOT met'}")
+    print(" | ".join(parts), file=sys.stderr)
     return 0
 
 

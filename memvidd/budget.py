@@ -1,8 +1,8 @@
 """The daemon's budget of bytes taken in from clients, shared by every connection of both
 sockets (``limits.max-buffer-bytes``).
 
-A connection's reader takes bytes from the budget *before* it keeps them: a frame's whole
-length as soon as its length prefix is read (so a frame is refused before its body costs
+A connection's reader takes bytes from the budget *before* it keeps them: a message's whole
+length as soon as its length prefix is read (so a message is refused before its body costs
 anything), a JSON line's bytes chunk by chunk as they arrive. A message read is still held
 until its reply is ready (a put: until it is durable), and a read's reply until it is sent,
 so the budget also bounds what pipelined requests keep queued and what a client that does
@@ -58,7 +58,7 @@ class Share:
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        self.buffered = 0  # covers the reader's buffer (and a frame being read, whole)
+        self.buffered = 0  # covers the reader's buffer (and a message being read, whole)
         self.pending = 0  # messages read, replies not ready
         self.closed = False
 
