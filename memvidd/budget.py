@@ -1,8 +1,8 @@
 """The daemon's budget of bytes taken in from clients, shared by every connection of both
 sockets (``limits.max-buffer-bytes``).
 
-A connection's reader takes bytes from the budget *before* it keeps them: a frame's whole
-length as soon as its length prefix is read (so a frame is refused before its body costs
+A connection's reader takes bytes from the budget *before* it keeps them: a message's whole
+length as soon as its length prefix is read (so a message is refused before its body costs
 anything), a JSON line's bytes chunk by chunk as they arrive. A message read is still held
 until its reply is ready (a put: until it is durable), and a read's reply until it is sent,
 so the budget also bounds what pipelined requests keep queued and what a client that does
@@ -36,9 +36,10 @@ class Budget:
         self.peak = 0
         self.refused = 0
 
-    def take(self, n: int, whole: int) -> None:
-        """``n`` more bytes, for a message (or buffer) of ``whole`` bytes."""
-        if self.used + n > self.limit:
+    def take(self, n: int, whole: int, *, spare: int = 0) -> None:
+        """``n`` more bytes, for a message (or buffer) of ``whole`` bytes, leaving at least
+        ``spare`` bytes of the budget free."""
+        if self.used + n > self.limit - spare:
             self.refused += 1
             raise OverBudget(n, whole, self.used, self.limit)
         self.used += n
@@ -58,7 +59,7 @@ class Share:
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        self.buffered = 0  # covers the reader's buffer (and a frame being read, whole)
+        self.buffered = 0  # covers the reader's buffer (and a message being read, whole)
         self.pending = 0  # messages read, replies not ready
         self.closed = False
 
@@ -84,6 +85,13 @@ class Share:
         """``n`` more bytes held (a reply waiting to be sent) until ``answered(n)``."""
         if not self.closed:
             self.budget.take(n, n)
+            self.pending += n
+
+    def hold_queued(self, n: int) -> None:
+        """Like ``hold``, for commits queued to a tail stream: those may fill only half of
+        the budget, so streams that fell behind never leave requests without room."""
+        if not self.closed:
+            self.budget.take(n, n, spare=self.budget.limit // 2)
             self.pending += n
 
     def answered(self, n: int) -> None:

@@ -15,25 +15,39 @@ Passphrases are never arguments: ``--passphrase-env VAR``, ``--passphrase-file P
 
 Exit codes: 0 success, 1 the capsule is damaged or the operation failed (no daemon,
 not found, wrong passphrase, ...), 2 bad usage.
+
+A command talking to a daemon loads only the client, the protocol and what it prints; the
+engine (numpy, tantivy, usearch, ...) is imported by the commands that work on a file,
+when they run: a ``memvidd find`` then starts about as fast as Python itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-import engine
-
-from . import config as config_mod
+from . import protocol as p
 from .client import Client, RemoteError, default_socket
+
+if TYPE_CHECKING:
+    import engine
+
+
+def _errors(*known: type[Exception], engine: str = "EngineError") -> tuple[type[Exception], ...]:
+    """``known``, and the engine's exception class ``engine`` if a command has imported the
+    engine (if none has, none of its exceptions can have been raised). For an ``except``
+    clause, which evaluates it when an exception is raised, after the command ran."""
+    loaded = sys.modules.get("engine")
+    return (*known, getattr(loaded, engine)) if loaded is not None else known
 
 
 def _print_report(report: engine.Report, as_json: bool) -> None:
@@ -56,8 +70,13 @@ PASSPHRASE_SOURCES = ("env", "file", "credential")
 
 def _passphrase(args: argparse.Namespace, prefix: str = "") -> str | None:
     """The passphrase from the ``--{prefix}passphrase-*`` option given (None: none)."""
-    sources = {k: v for k in PASSPHRASE_SOURCES if (v := getattr(args, f"{prefix}passphrase_{k}", None)) is not None}
-    return engine.read_passphrase(**sources) if sources else None  # type: ignore[arg-type]
+    sources = {k: v for k in PASSPHRASE_SOURCES
+               if (v := getattr(args, f"{prefix}passphrase_{k}", None)) is not None}
+    if not sources:
+        return None
+    import engine
+
+    return engine.read_passphrase(**sources)  # type: ignore[arg-type]
 
 
 def _encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
@@ -65,13 +84,18 @@ def _encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    import engine
+
     report = engine.verify(args.file, passphrase=_passphrase(args))
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex, passphrase=_passphrase(args))
+    import engine
+
+    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex,
+                           passphrase=_passphrase(args))
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -79,6 +103,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Ingest the engine's own source files into a new capsule, then show history and
     time travel. An existing file is never discarded without ``--replace``."""
+    import engine
+
     path = Path(args.capsule)
     if os.path.lexists(path):
         if not args.replace:
@@ -164,6 +190,9 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
+    """The ``--capsule FILE`` of a client command, opened (read-only unless ``write``)."""
+    import engine
+
     embedder = engine.Embedder() if getattr(args, "mode", None) in ("vec", "hybrid") else None
     passphrase = _passphrase(args)
     try:
@@ -216,11 +245,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     if args.file:
-        data: str | bytes = Path(args.file).read_bytes()
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+        raw = Path(args.file).read_bytes()
+        data: str | bytes = raw  # as bytes, unless it is UTF-8 text
+        with contextlib.suppress(UnicodeDecodeError):
+            data = raw.decode("utf-8")
     elif args.text == "-":
         data = sys.stdin.read()
     elif args.text is not None:
@@ -231,6 +259,8 @@ def cmd_put(args: argparse.Namespace) -> int:
                                   expires=_expires(args.expires)).items() if v is not None}
     if args.capsule:
         if not os.path.exists(args.capsule):
+            import engine
+
             cap = engine.create(args.capsule, model=None, passphrase=_passphrase(args))
         else:
             cap = _direct(args, write=True)
@@ -252,24 +282,22 @@ def cmd_find(args: argparse.Namespace) -> int:
         with _direct(args) as cap:
             if kw["mode"] == "auto" and cap.stats()["vectors"] is not None:
                 kw["mode"] = "lex"  # no model loaded for a one-shot read: say --mode hybrid for it
-            hits = cap.find(args.query, **kw)
-            rows = [msgspec.to_builtins(h) for h in hits]
-            mode = hits.mode
+            found = cap.find(args.query, **kw)
+            hits, mode = [p.HitOut.of(h) for h in found], found.mode
     else:
         with _client(args) as c:
             reply = c.find_reply(args.query, capsule=args.name, **kw)
-            rows = [msgspec.to_builtins(h) for h in reply.hits]
-            mode = reply.mode
+            hits, mode = reply.hits, reply.mode
 
     def human() -> None:
-        if not rows:
+        if not hits:
             print(f"no results ({mode})")
-        for h in rows:
-            print(f"{h['score']:.4f}  #{h['frame_id']}  {h['uri'] or ''}  [{'+'.join(h['sources'])}]")
-            if h["snippet"]:
-                print("    " + h["snippet"].replace("\n", " ")[:200])
+        for h in hits:
+            print(f"{h.score:.4f}  #{h.frame_id}  {h.uri or ''}  [{'+'.join(h.sources)}]")
+            if h.snippet:
+                print("    " + h.snippet.replace("\n", " ")[:200])
 
-    _emit(args, {"mode": mode, "hits": rows}, human)
+    _emit(args, {"mode": mode, "hits": hits}, human)
     return 0
 
 
@@ -283,8 +311,8 @@ def cmd_get(args: argparse.Namespace) -> int:
             out.pop("payload", None)
     else:
         with _client(args) as c:
-            f = c.get(args.id, uri=args.uri, as_of=_as_of(args.as_of), capsule=args.name)
-            out = msgspec.to_builtins(f)
+            frame = c.get(args.id, uri=args.uri, as_of=_as_of(args.as_of), capsule=args.name)
+            out = msgspec.to_builtins(frame)
     _emit(args, out, lambda: print(out.get("text") or f"<{out['length']} bytes>"))
     return 0
 
@@ -330,13 +358,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    stats: dict[str, Any] | p.CapsuleStats
     if args.capsule:
         with _direct(args) as cap:
             stats = cap.stats()
     else:
         with _client(args) as c:
             stats = c.stats(capsule=args.name)
-    _emit(args, stats, lambda: print(json.dumps(stats, indent=2, default=str)))
+    _emit(args, stats, lambda: print(json.dumps(msgspec.to_builtins(stats), indent=2, default=str)))
     return 0
 
 
@@ -344,6 +373,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    report: dict[str, Any] | p.CompactReport  # read alike: a CompactReport reads as its map
     if args.capsule:
         with _direct(args, write=True) as cap:
             if args.codecs:
@@ -412,7 +442,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
             with _client(args) as c:
                 reply = c.rules(as_of=_as_of(args.as_of), capsule=args.name)
                 rules, seq = reply.rules, reply.seq
-    except (engine.InvalidArgument, RemoteError) as e:
+    except _errors(RemoteError, engine="InvalidArgument") as e:
         if "force" in str(e):
             print(f"memvidd: {e} (rules --set ... --force)", file=sys.stderr)
             return 1
@@ -430,6 +460,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def _source(args: argparse.Namespace) -> tuple[str, str | None]:
     """The capsule file a file command works on (``--capsule``, else the configured
     default capsule) and its passphrase (the options, else the configured source)."""
+    from . import config as config_mod
+
     passphrase = _passphrase(args)
     if args.capsule:
         return args.capsule, passphrase
@@ -438,12 +470,16 @@ def _source(args: argparse.Namespace) -> tuple[str, str | None]:
     except config_mod.ConfigError as e:
         raise SystemExit(f"memvidd: {e}") from None
     if passphrase is None and c.passphrase_sources():
+        import engine
+
         passphrase = engine.read_passphrase(**c.passphrase_sources())  # type: ignore[arg-type]
     return config_mod.expand(c.path), passphrase
 
 
 def _open_file(path: str, passphrase: str | None) -> engine.Capsule:
     """A read-only open (shared with a daemon serving the capsule)."""
+    import engine
+
     try:
         return engine.open(path, readonly=True, passphrase=passphrase)
     except engine.WrongPassphrase:
@@ -480,6 +516,8 @@ def _no_passphrase(what: str) -> int:
 def _convert(args: argparse.Namespace, *, read: str | None, write: str | None, what: str) -> int:
     """Copy ``args.input`` to ``args.output`` (a branch of its head, no origin) opened with
     passphrase ``read`` and written with ``write``: encrypt and decrypt."""
+    import engine
+
     try:
         cap = engine.open(args.input, readonly=True, passphrase=read)
     except engine.InvalidArgument as e:
@@ -518,6 +556,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         print("memvidd: rekey needs the current passphrase (--passphrase-*) and the new one "
               "(--new-passphrase-*)", file=sys.stderr)
         return 2
+    import engine
+
     try:
         cap = engine.open(args.file, passphrase=old)
     except engine.CapsuleLocked as e:
@@ -530,6 +570,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import config as config_mod
     from .daemon import run
 
     try:
@@ -689,13 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: Any = args.func(args)
-    except engine.EngineError as e:
-        print(f"memvidd: {e}", file=sys.stderr)
-        return 1
-    except RemoteError as e:
-        print(f"memvidd: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
+    except _errors(RemoteError, ValueError, OSError) as e:
         print(f"memvidd: {e}", file=sys.stderr)
         return 1
     return int(result or 0)

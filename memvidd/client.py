@@ -1,31 +1,39 @@
-"""Clients of the agent socket: ``Client`` (blocking) and ``AsyncClient`` (trio).
+"""Clients of the agent socket: ``Client`` (blocking, here) and ``AsyncClient`` (trio,
+in ``aclient``; ``from memvidd.client import AsyncClient`` loads it on first use).
 
 Both have the same methods; each builds a request, sends it, and returns the reply's
-useful part (or raises ``RemoteError``). ``tail`` yields frames until the connection is
-closed. Both refuse a socket that another user serves (``ForeignPeer``) before sending
-anything, and refuse a request the daemon would refuse for its size (from the limits it
-announced at hello) with the daemon's own error, without sending it::
+useful part, typed by ``protocol`` (or raises ``RemoteError``). ``tail`` yields frames
+until the connection is closed. Both refuse a socket that another user serves
+(``ForeignPeer``) before sending anything, and refuse a request the daemon would refuse
+for its size (from the limits it announced at hello) with the daemon's own error,
+without sending it::
 
     with Client("/run/user/1000/memvidd/memvidd.sock") as c:
         c.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
         for hit in c.find("what theme does the user like"):
             print(hit.score, hit.uri, hit.snippet)
+
+This module, ``protocol`` and ``framing`` import neither the engine nor trio: a blocking
+client (and a ``memvidd find``) starts in the time of msgspec's import, not numpy's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import trio
 
 from . import protocol as p
-from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack, recv_frame
+from .framing import MessageTooLarge, TruncatedMessage, pack_message, recv_message
 from .peer import ForeignPeer, check_server
+
+if TYPE_CHECKING:
+    from .aclient import AsyncClient
 
 __all__ = ["AsyncClient", "Client", "ConnectionLost", "ForeignPeer", "RemoteError", "default_socket"]
 
@@ -35,7 +43,7 @@ class RemoteError(Exception):
 
     def __init__(self, err: p.Error) -> None:
         super().__init__(f"{err.code}: {err.message}")
-        self.code = err.code
+        self.code: p.ErrorCode = err.code
         self.message = err.message
         self.retryable = err.retryable
 
@@ -45,7 +53,17 @@ class ConnectionLost(Exception):
     connection is closed then, as nothing after it could be trusted)."""
 
 
-UNREADABLE = (FrameTooLarge, TruncatedFrame, msgspec.DecodeError, msgspec.ValidationError)
+UNREADABLE = (MessageTooLarge, TruncatedMessage, msgspec.DecodeError, msgspec.ValidationError)
+
+
+def __getattr__(name: str) -> Any:
+    """``AsyncClient`` on first use: importing it imports trio, which a blocking client
+    (and every ``memvidd`` command) does without."""
+    if name == "AsyncClient":
+        from .aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_socket() -> str:
@@ -53,9 +71,9 @@ def default_socket() -> str:
     env = os.environ.get("MEMVIDD_SOCKET")
     if env:
         return env
-    from .config import expand, load
+    from .config import default_socket as configured
 
-    return expand(load().daemon.socket)
+    return configured()
 
 
 class _Requests:
@@ -69,18 +87,18 @@ class _Requests:
     def _id(self) -> int:
         return next(self._ids)
 
-    def _frame(self, req: Any) -> bytes:
-        """``req`` as a frame, unless the daemon would refuse it by the bounds of the
-        protocol and the limits it announced at hello: then its error, raised here (a frame
-        over ``max_frame`` would also cost the connection)."""
+    def _message(self, req: Any) -> bytes:
+        """``req`` as a message, unless the daemon would refuse it by the bounds of the
+        protocol and the limits it announced at hello: then its error, raised here (a
+        message over ``max_frame`` would also cost the connection)."""
         why = p.problem(req, self.server.max_put)
         if why is not None:
             raise RemoteError(p.Error(id=req.id, code=p.BAD_REQUEST, message=why))
         body = p.encoder.encode(req)
         if len(body) > self.server.max_frame:
             raise RemoteError(p.Error(id=req.id, code=p.FRAME_TOO_LARGE,
-                                      message=str(FrameTooLarge(len(body), self.server.max_frame))))
-        return pack(body)
+                                      message=str(MessageTooLarge(len(body), self.server.max_frame))))
+        return pack_message(body)
 
     def _greeted(self, hello: p.HelloReply) -> p.HelloReply:
         self.server = hello
@@ -110,10 +128,18 @@ def _expected(reply: Any) -> Any:
     return reply
 
 
+def _tailed(msg: Any) -> p.FrameOut | None:
+    """The frame a message of a tail stream brings; ``RemoteError`` if the daemon ended it."""
+    if isinstance(msg, p.TailEnd):
+        raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
+    return msg.frame if isinstance(msg, p.TailEvent) else None
+
+
 class Client(_Requests):
     """A blocking client over one connection. Not thread-safe: one per thread."""
 
-    def __init__(self, path: str | None = None, *, timeout: float | None = 30.0, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, path: str | None = None, *, timeout: float | None = 30.0,
+                 max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
         super().__init__(max_frame)
         self.path = path or default_socket()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -127,15 +153,14 @@ class Client(_Requests):
             raise
 
     def _send(self, req: Any) -> None:
-        try:
-            self.sock.sendall(self._frame(req))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the daemon hung up: its last word (the error why) may still be there to read
+        # If the daemon hung up, its last word (the error why) may still be there to read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(self._message(req))
 
     def _reply(self) -> Any:
         """The next message from the daemon; ``None`` when it closed the connection."""
         try:
-            body = recv_frame(self.sock, self.max_frame)
+            body = recv_message(self.sock, self.max_frame)
             return None if body is None else _decode(body)
         except ConnectionResetError:
             return None
@@ -172,7 +197,7 @@ class Client(_Requests):
         key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
         return self._call(p.Remove(id=self._id(), capsule=capsule, **key)).frame_id
 
-    def stats(self, *, capsule: str | None = None) -> dict[str, Any]:
+    def stats(self, *, capsule: str | None = None) -> p.CapsuleStats:
         return self._call(p.Stats(id=self._id(), capsule=capsule)).stats
 
     def capsules(self) -> list[p.CapsuleInfo]:
@@ -188,7 +213,7 @@ class Client(_Requests):
         """``timeline`` with the whole reply (``expired``: frames retention hid)."""
         return self._call(p.Timeline(id=self._id(), **kw))
 
-    def compact(self, *, codecs_only: bool = False, capsule: str | None = None) -> dict[str, Any]:
+    def compact(self, *, codecs_only: bool = False, capsule: str | None = None) -> p.CompactReport:
         """Compact the capsule (or only upgrade its codecs); returns the report
         (``bytes_before``, ``bytes_after``, ...). May take long: mind the timeout."""
         return self._call(p.Compact(id=self._id(), capsule=capsule, codecs_only=codecs_only)).report
@@ -198,7 +223,8 @@ class Client(_Requests):
         commit that recorded the rewind."""
         return self._call(p.Rewind(id=self._id(), capsule=capsule, to=to)).seq
 
-    def set_rules(self, rules: dict[str, Any], *, force: bool = False, capsule: str | None = None) -> p.RulesReply:
+    def set_rules(self, rules: p.RulesMap, *, force: bool = False,
+                  capsule: str | None = None) -> p.RulesReply:
         return self._call(p.SetRules(id=self._id(), capsule=capsule, rules=rules, force=force))
 
     def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
@@ -213,10 +239,8 @@ class Client(_Requests):
             msg = self._reply()
             if msg is None:
                 return
-            if isinstance(msg, p.TailEnd):
-                raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
-            if isinstance(msg, p.TailEvent) and msg.frame is not None:
-                yield msg.frame
+            if (frame := _tailed(msg)) is not None:
+                yield frame
 
     def close(self) -> None:
         self.sock.close()
@@ -226,121 +250,3 @@ class Client(_Requests):
 
     def __exit__(self, *_: Any) -> None:
         self.close()
-
-
-class AsyncClient(_Requests):
-    """The same methods, for trio: ``async with await AsyncClient.connect(path) as c``."""
-
-    def __init__(self, stream: trio.SocketStream, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
-        super().__init__(max_frame)
-        self.stream = stream
-        self.reader = FrameReader(stream, max_frame)
-        self.lock = trio.Lock()
-
-    @classmethod
-    async def connect(cls, path: str | None = None) -> AsyncClient:
-        path = path or default_socket()
-        stream = await trio.open_unix_socket(path)
-        try:
-            check_server(stream.socket, path)  # type: ignore[arg-type]
-            c = cls(stream)
-            await c.hello()
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return c
-
-    async def _send(self, req: Any) -> None:
-        frame = self._frame(req)
-        try:
-            await self.stream.send_all(frame)
-        except trio.BrokenResourceError:
-            pass  # the daemon hung up: its last word (the error why) may still be there to read
-
-    async def _reply(self) -> Any:
-        """The next message from the daemon; ``None`` when it closed the connection."""
-        try:
-            body = await self.reader.read()
-            return None if body is None else _decode(body)
-        except trio.BrokenResourceError:
-            return None
-        except UNREADABLE as e:
-            await trio.aclose_forcefully(self.stream)
-            raise ConnectionLost(f"unreadable reply from the daemon: {e}") from e
-
-    async def _call(self, req: Any) -> Any:
-        async with self.lock:
-            await self._send(req)
-            return _expected(await self._reply())
-
-    async def hello(self) -> p.HelloReply:
-        hello = self._greeted(await self._call(p.Hello(id=self._id(), client="memvidd.client/async")))
-        self.reader.limit = self.max_frame
-        return hello
-
-    async def put(self, text: str | bytes, **kw: Any) -> int:
-        return (await self._call(self._put(text, **kw))).frame_ids[0]
-
-    async def put_many(self, items: list[dict[str, Any]], *, capsule: str | None = None) -> list[int]:
-        return (await self._call(self._put_many(items, capsule))).frame_ids
-
-    async def find(self, query: str, **kw: Any) -> list[p.HitOut]:
-        return (await self._call(p.Find(id=self._id(), query=query, **kw))).hits
-
-    async def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
-        return (await self._call(p.Get(id=self._id(), frame_id=frame_id, **kw))).frame
-
-    async def timeline(self, **kw: Any) -> list[p.FrameOut]:
-        return (await self._call(p.Timeline(id=self._id(), **kw))).entries
-
-    async def remove(self, target: int | str, *, capsule: str | None = None) -> int:
-        key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
-        return (await self._call(p.Remove(id=self._id(), capsule=capsule, **key))).frame_id
-
-    async def stats(self, *, capsule: str | None = None) -> dict[str, Any]:
-        return (await self._call(p.Stats(id=self._id(), capsule=capsule))).stats
-
-    async def capsules(self) -> list[p.CapsuleInfo]:
-        return (await self._call(p.Capsules(id=self._id()))).capsules
-
-    async def flush(self, *, capsule: str | None = None) -> int:
-        return (await self._call(p.Flush(id=self._id(), capsule=capsule))).seq
-
-    async def verify(self, *, capsule: str | None = None) -> p.VerifyReply:
-        return await self._call(p.Verify(id=self._id(), capsule=capsule))
-
-    async def timeline_reply(self, **kw: Any) -> p.TimelineReply:
-        return await self._call(p.Timeline(id=self._id(), **kw))
-
-    async def compact(self, *, codecs_only: bool = False, capsule: str | None = None) -> dict[str, Any]:
-        return (await self._call(p.Compact(id=self._id(), capsule=capsule, codecs_only=codecs_only))).report
-
-    async def rewind(self, to: int | float, *, capsule: str | None = None) -> int:
-        return (await self._call(p.Rewind(id=self._id(), capsule=capsule, to=to))).seq
-
-    async def set_rules(self, rules: dict[str, Any], *, force: bool = False,
-                        capsule: str | None = None) -> p.RulesReply:
-        return await self._call(p.SetRules(id=self._id(), capsule=capsule, rules=rules, force=force))
-
-    async def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
-        return await self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
-
-    async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
-        await self._send(p.Tail(id=self._id(), **kw))
-        while True:
-            msg = await self._reply()
-            if msg is None:
-                return
-            if isinstance(msg, p.TailEnd):
-                raise RemoteError(p.Error(code=msg.reason, message="tail ended by the daemon", retryable=True))
-            if isinstance(msg, p.TailEvent) and msg.frame is not None:
-                yield msg.frame
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *_: Any) -> None:
-        await self.aclose()

@@ -16,8 +16,6 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from engine import MODELS, private_dir
-
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -126,6 +124,8 @@ def private_socket_dir(path: str) -> None:
     socket's are checked (the fallback in /tmp is where a neighbour could make it first)."""
     parent, runtime = os.path.dirname(os.path.abspath(path)), os.path.abspath(runtime_dir())
     top = runtime if os.path.commonpath([parent, runtime]) == runtime else parent
+    from engine import private_dir  # here: a client reading the config has no use for the engine
+
     try:
         private_dir(parent, top=top)
     except OSError as e:  # UnsafeDirectory (a StorageError), or a failed mkdir
@@ -175,9 +175,18 @@ def parse(text: str, source: str) -> Config:
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: capsule names must be unique, got {names}")
     if cfg.embedding.model != "none":
+        from engine import MODELS  # here: a client reading the config has no use for the engine
+
         if cfg.embedding.model not in MODELS:
             raise ConfigError(f"{source}: embedding.model {cfg.embedding.model!r} is not one of {sorted(MODELS)} or 'none'")
     return msgspec.structs.replace(cfg, source=source)
+
+
+def default_socket() -> str:
+    """The agent socket of the embedded default configuration (what a client connects to
+    when told nothing), read without checking the rest, which would load the engine."""
+    daemon = tomllib.loads(default_text()).get("daemon", {})
+    return expand(msgspec.convert(daemon, Daemon).socket)
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -40,7 +40,7 @@ from .config import CapsuleConfig, Config, ConfigError, expand, load, private_so
 from .events import EventServer
 from .indexer import Indexer
 from .memory import fix_mmap_threshold, serve_trim
-from .server import QueryServer
+from .server import AgentServer
 from .service import CapsuleService
 from .tree import Tree
 
@@ -173,7 +173,7 @@ class Daemon:
         self.services: dict[str, CapsuleService] = {}
         self.committers: dict[str, trio.CancelScope] = {}
         self.embedder: engine.Embedder | None = None
-        self.queries: QueryServer | None = None
+        self.queries: AgentServer | None = None
         self.created_sockets: list[str] = []
         self.started = time.monotonic()
 
@@ -210,7 +210,7 @@ class Daemon:
             self.nursery = nursery
             for c in cfg.capsule:
                 await self._add_capsule(c)
-            self.queries = QueryServer(
+            self.queries = AgentServer(
                 self.services, cfg.default_capsule.name, max_frame=cfg.limits.max_frame_bytes,
                 max_put=cfg.limits.max_put_bytes, max_connections=cfg.limits.max_connections,
                 tail_buffer=cfg.limits.tail_buffer, version=f"memvidd {__version__}",

@@ -1,5 +1,5 @@
 """The event socket: producers push observations, one per line of JSON (or as protocol
-frames), and get one acknowledgement per event once it is durable.
+messages), and get one acknowledgement per event once it is durable.
 
     $ echo '{"text": "user asked about X", "tags": {"role": "user"}}' | socat - UNIX-CONNECT:$sock
     {"ok":true,"id":42,"seq":17}
@@ -11,7 +11,7 @@ a bad line gets an error line (``{"ok":false,"line":N,"error":...}``) and the st
 on; nothing after a bad line is lost.
 
 Resource handling: at most ``max_connections`` connections (a refused one gets one error
-line); lines and frames are held in the daemon's shared budget of client bytes, and a
+line); lines and messages are held in the daemon's shared budget of client bytes, and a
 line that does not fit gets a retryable error line and is skipped without being kept.
 """
 
@@ -29,9 +29,9 @@ import engine
 
 from . import protocol as p
 from .budget import OverBudget, Share
-from .framing import FrameReader
+from .framing import MessageReader
 from .service import WriteOp
-from .server import (Connection, QueryServer, check, connection_ended, error_reply, put_item, ready, refuse, requests,
+from .server import (AgentServer, Connection, check, connection_ended, error_reply, put_item, ready, refuse, requests,
                      unaffordable)
 
 log = logging.getLogger("memvidd.events")
@@ -145,7 +145,7 @@ def parse_event(line: bytes) -> dict[str, Any]:
 
 
 class EventServer:
-    def __init__(self, queries: QueryServer) -> None:
+    def __init__(self, queries: AgentServer) -> None:
         self.q = queries  # capsules, limits, and the protocol handling for msgpack producers
         self.events = 0
         self.bad_events = 0
@@ -172,7 +172,7 @@ class EventServer:
                     if first[:1] in b"{[ \t\r\n":
                         await self._json_lines(stream, first, share)
                     else:
-                        await self._frames(stream, first, share)
+                        await self._messages(stream, first, share)
             finally:
                 share.close()
         except BaseException as e:  # noqa: BLE001 - the producer left, or a bug: never the server's end
@@ -236,12 +236,12 @@ class EventServer:
 
         await conn.write(WriteOp([item]), svc, acked, failed)
 
-    async def _frames(self, stream: trio.SocketStream, first: bytes, share: Share) -> None:
+    async def _messages(self, stream: trio.SocketStream, first: bytes, share: Share) -> None:
         """Length-prefixed msgpack producers: the query protocol, limited to puts."""
-        reader = FrameReader(stream, self.q.max_frame, share)
+        reader = MessageReader(stream, self.q.max_frame, share)
         reader.feed(first)  # what was peeked to choose the format
         async with trio.open_nursery() as nursery:
-            conn = Connection(stream, nursery, self.q.reply_frame, share, unaffordable)
+            conn = Connection(stream, nursery, self.q.reply_message, share, unaffordable)
             nursery.start_soon(conn.serve_replies)
             try:
                 async with aclosing(requests(reader, conn)) as incoming:

@@ -1,20 +1,25 @@
 """Every message of the agent protocol, in one place (spec: docs/protocol.md).
 
-A frame is a 4-byte big-endian length and a msgpack body; every body is one of the
+A message is a 4-byte big-endian length and a msgpack body (``framing.py``; the wire's
+names, ``max_frame`` or ``frame_too_large``, call one a *frame*); every body is one of the
 tagged structs below (the tag is the ``op`` field). Requests carry an ``id`` that their
 reply echoes, so a client may pipeline. New optional fields may be added to any message;
-unknown fields are ignored, so old clients keep working.
+unknown fields are ignored, so old clients keep working. Every reply, and every part of
+one, is a struct: the fields a client can count on are the ones named here.
+
+This module imports nothing of the engine (nor trio): the blocking client and the
+command line's daemon commands load only it, ``framing`` and ``client``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
 PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1  # the oldest a server still serves: version 2 only added to 1
-DEFAULT_MAX_FRAME = 16 << 20  # bytes of one frame body; checked before reading it
+DEFAULT_MAX_FRAME = 16 << 20  # bytes of one message body (the wire's max_frame); checked before reading it
 FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "tail",
             "capsules", "flush", "verify", "pipelining", "as_of",
             # version 2
@@ -48,12 +53,16 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_fie
     pass
 
 
-AsOf = Union[int, float, None]  # a commit sequence (int) or a Unix time (float)
+AsOf = int | float | None  # a commit sequence (int) or a Unix time (float)
+Mode = Literal["auto", "lex", "vec", "hybrid"]  # how find ranks; "auto": hybrid if the capsule has vectors
+ErrorCode = Literal["bad_frame", "frame_too_large", "bad_request", "not_found", "no_such_capsule",
+                    "version_mismatch", "unavailable", "storage", "corrupt", "slow_consumer", "internal"]
+MODES: Final = get_args(Mode)
 
 # -- requests --------------------------------------------------------------------------
 
 
-class Hello(Msg):
+class Hello(Msg, frozen=True):
     id: int = 0
     version: int = PROTOCOL_VERSION
     client: str = ""
@@ -70,7 +79,7 @@ class PutItem(msgspec.Struct, frozen=True, kw_only=True):
     expires: float | None = None  # Unix time when the frame leaves every query (v2)
 
 
-class Put(Msg):
+class Put(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     text: str | None = None
@@ -83,17 +92,19 @@ class Put(Msg):
     expires: float | None = None  # Unix time when the frame leaves every query (v2)
 
 
-class PutMany(Msg):
+class PutMany(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     items: list[PutItem] = []
 
 
-class Find(Msg):
+class Find(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     query: str = ""
     k: int = 10
+    # A `Mode`, checked by `problem` rather than by the decoder: a bad one is a
+    # bad_request on a connection that goes on, not a bad_frame that closes it.
     mode: str = "auto"
     scope: str | None = None
     tags: dict[str, str] | None = None
@@ -105,7 +116,7 @@ class Find(Msg):
     all_versions: bool = False
 
 
-class Get(Msg):
+class Get(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     frame_id: int | None = None
@@ -113,7 +124,7 @@ class Get(Msg):
     as_of: AsOf = None
 
 
-class Timeline(Msg):
+class Timeline(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     since: float | None = None
@@ -123,19 +134,19 @@ class Timeline(Msg):
     as_of: AsOf = None
 
 
-class Remove(Msg):
+class Remove(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
     frame_id: int | None = None
     uri: str | None = None
 
 
-class Stats(Msg):
+class Stats(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
 
 
-class Tail(Msg):
+class Tail(Msg, frozen=True):
     """Subscribe: every frame committed from now on (matching the filters) is sent as a
     ``tail_event`` until the client closes the connection or is too slow."""
 
@@ -146,21 +157,21 @@ class Tail(Msg):
     tags: dict[str, str] | None = None
 
 
-class Capsules(Msg):
+class Capsules(Msg, frozen=True):
     id: int = 0
 
 
-class Flush(Msg):
-    id: int = 0
-    capsule: str | None = None
-
-
-class Verify(Msg):
+class Flush(Msg, frozen=True):
     id: int = 0
     capsule: str | None = None
 
 
-class Compact(Msg):
+class Verify(Msg, frozen=True):
+    id: int = 0
+    capsule: str | None = None
+
+
+class Compact(Msg, frozen=True):
     """Rewrite the capsule without its dead bytes (or, ``codecs_only``, only upgrade the
     codecs of its payloads); the daemon keeps serving meanwhile (v2)."""
 
@@ -169,7 +180,7 @@ class Compact(Msg):
     codecs_only: bool = False
 
 
-class Rewind(Msg):
+class Rewind(Msg, frozen=True):
     """Make the state as of ``to`` the head again, with one new commit (v2)."""
 
     id: int = 0
@@ -177,16 +188,22 @@ class Rewind(Msg):
     to: AsOf = None  # required: a commit sequence (int) or a Unix time (float)
 
 
-class SetRules(Msg):
+# Retention rules as a map (docs/protocol.md, "The capsule's life"): the engine's
+# ``retention.parse`` is their one validator, so that bad rules are a bad_request with the
+# reason (on a connection that goes on), not a bad_frame; replies carry them as stored.
+RulesMap = dict[str, Any]
+
+
+class SetRules(Msg, frozen=True):
     """Replace the capsule's retention rules, recorded as a commit (v2)."""
 
     id: int = 0
     capsule: str | None = None
-    rules: dict[str, Any] = {}
+    rules: RulesMap = {}
     force: bool = False  # needed when the rules would expire every live frame
 
 
-class Rules(Msg):
+class Rules(Msg, frozen=True):
     """The retention rules in force at ``as_of`` (v2)."""
 
     id: int = 0
@@ -194,10 +211,30 @@ class Rules(Msg):
     as_of: AsOf = None
 
 
-Request = Union[Hello, Put, PutMany, Find, Get, Timeline, Remove, Stats, Tail, Capsules, Flush, Verify,
-                Compact, Rewind, SetRules, Rules]
+Request = (Hello | Put | PutMany | Find | Get | Timeline | Remove | Stats | Tail | Capsules | Flush | Verify
+           | Compact | Rewind | SetRules | Rules)
 
 # -- replies ---------------------------------------------------------------------------
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """A part of a reply with a fixed shape. It still reads like the map it was before it
+    was typed (``stats["frames"]``, ``report.get("busy")``), so code written against the
+    map keeps working; a field left unset (not on the wire) reads as a missing key."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__struct_fields__ or (value := getattr(self, key)) is msgspec.UNSET:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, msgspec.UNSET) is not msgspec.UNSET
 
 
 class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -220,18 +257,26 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class HitOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A search result on the wire: the engine's ``Hit``, field for field."""
+
     frame_id: int
     uri: str | None
     title: str | None
     score: float
     snippet: str
-    highlights: list[tuple[int, int]]
+    highlights: list[tuple[int, int]]  # character spans in ``snippet``
     tags: dict[str, str]
     kind: str | None
     timestamp: float
     commit_seq: int
     valid_until: int | None
-    sources: list[str]
+    sources: list[str]  # which ranked lists it came from: "lex", "vec"
+
+    @classmethod
+    def of(cls, hit: Any) -> HitOut:
+        """The wire hit of the engine's ``Hit`` (or of anything with its fields): the one
+        place where a hit changes shape, for the daemon and for ``memvidd find --capsule``."""
+        return msgspec.convert(hit, cls, from_attributes=True)
 
 
 class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -242,7 +287,7 @@ class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
     commit_seq: int
 
 
-class HelloReply(Msg):
+class HelloReply(Msg, frozen=True):
     id: int = 0
     version: int = PROTOCOL_VERSION
     server: str = ""
@@ -253,108 +298,194 @@ class HelloReply(Msg):
     max_put: int = 0  # bytes of one payload (limits.max-put-bytes); 0: not announced (older servers)
 
 
-class PutReply(Msg):
+class PutReply(Msg, frozen=True):
     id: int = 0
     frame_ids: list[int] = []
     seq: int = 0  # the commit that made them durable
 
 
-class FindReply(Msg):
+class FindReply(Msg, frozen=True):
     id: int = 0
     hits: list[HitOut] = []
-    mode: str = ""
+    mode: Mode = "auto"  # the mode used: "auto" resolves to "hybrid" or "lex"
     seq: int = 0
     warnings: list[str] = []
     cached: bool = False
 
 
-class GetReply(Msg):
+class GetReply(Msg, frozen=True):
     id: int = 0
     frame: FrameOut | None = None
 
 
-class TimelineReply(Msg):
+class TimelineReply(Msg, frozen=True):
     id: int = 0
     entries: list[FrameOut] = []
     expired: int = 0  # frames of the range that retention hid (v2)
 
 
-class RemoveReply(Msg):
+class RemoveReply(Msg, frozen=True):
     id: int = 0
     frame_id: int = 0
     seq: int = 0
 
 
-class StatsReply(Msg):
+class DaemonStats(Record, frozen=True):
+    """The daemon's own counters in ``stats``: connections and requests, the buffer budget,
+    the maintenance runs of the capsule asked about."""
+
+    connections: int = 0  # open on the agent socket
+    requests: int = 0
+    refused: int = 0  # connections turned away at the agent socket
+    commits: int = 0
+    acked_puts: int = 0
+    event_connections: int = 0
+    event_refused: int = 0
+    buffers: dict[str, int] = {}  # bytes (held now), peak, limit, refused
+    upgrades: dict[str, int] = {}  # codec upgrade runs: runs, moved, saved, busy
+    compactions: dict[str, int] = {}  # runs, automatic, reclaimed, failures
+
+
+class CapsuleStats(Record, frozen=True):
+    """``stats``: the top level of the engine's ``Capsule.stats()`` (its sections, which grow
+    with the engine, as maps), plus the daemon's counters and, when the capsule has a
+    watcher, the indexer's. A key the engine adds needs a field here (a test checks)."""
+
+    path: str = ""
+    capsule_id: str = ""
+    format: dict[str, int] = {}  # read_version, write_version
+    readonly: bool = False
+    commit_seq: int = 0
+    frames: int = 0
+    live_frames: int = 0
+    tombstones: int = 0
+    superseded_frames: int = 0
+    uris: int = 0
+    live_uris: int = 0
+    pending_frames: int = 0
+    file_bytes: int = 0
+    bytes_by_kind: dict[str, int] = {}
+    payload_raw_bytes: int = 0
+    codecs: dict[str, dict[str, Any]] = {}
+    origin: dict[str, Any] | None = None  # a branch's: the capsule and commit it was made from
+    retention: dict[str, Any] = {}
+    rewinds: list[dict[str, Any]] = []
+    upgrades: dict[str, int] = {}
+    checkpoints: int = 0
+    checkpoint_failures: int = 0
+    segments: int = 0
+    wal_bytes: int = 0
+    wal_frames: int = 0
+    vectors: dict[str, Any] | None = None  # None: lexical only
+    search: dict[str, Any] | None = None
+    block_cache: dict[str, Any] = {}
+    daemon: DaemonStats | msgspec.UnsetType = msgspec.UNSET  # always set by the daemon
+    indexer: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET  # only for a capsule that watches files
+
+
+class StatsReply(Msg, frozen=True):
     id: int = 0
-    stats: dict[str, Any] = {}
+    stats: CapsuleStats = CapsuleStats()
 
 
-class CapsulesReply(Msg):
+class CapsulesReply(Msg, frozen=True):
     id: int = 0
     capsules: list[CapsuleInfo] = []
 
 
-class FlushReply(Msg):
+class FlushReply(Msg, frozen=True):
     id: int = 0
     seq: int = 0
 
 
-class VerifyReply(Msg):
+class VerifyReport(Record, frozen=True):
+    """What ``verify`` found: the engine's ``Report``, field for field."""
+
+    path: str = ""
+    ok: bool = True
+    errors: list[str] = []  # the first 50; ``error_count`` is exact
+    warnings: list[str] = []
+    repairs: list[str] = []
+    error_count: int = 0
+    facts: dict[str, int] = {}  # commits, frames, payloads_checked, ...
+
+
+class VerifyReply(Msg, frozen=True):
     id: int = 0
     ok: bool = True
-    report: dict[str, Any] = {}
+    report: VerifyReport = VerifyReport()
 
 
-class CompactReply(Msg):
+class CompactReport(Record, frozen=True, omit_defaults=True):
+    """What a compaction or (``codecs_only``) a codec upgrade did; the fields of the other
+    kind of run are left out (None)."""
+
+    bytes_before: int  # file bytes
+    bytes_after: int
+    frames: int | None = None  # copied (compaction) or considered (upgrade)
+    # a compaction
+    checkpoint_bytes: int | None = None  # of bytes_after: the checkpoint written at the end
+    commits: int | None = None
+    blocks_copied: int | None = None
+    blocks_encoded: int | None = None
+    purged: int | None = None  # expired payloads dropped
+    # a codec upgrade
+    moved: int | None = None  # frames re-encoded
+    blocks: int | None = None
+    saved: int | None = None  # bytes the next compaction reclaims
+    busy: bool | None = None  # stopped to let puts in
+    remaining: int | None = None
+
+
+class CompactReply(Msg, frozen=True):
     id: int = 0
-    report: dict[str, Any] = {}
+    report: CompactReport = CompactReport(bytes_before=0, bytes_after=0)
 
 
-class RewindReply(Msg):
+class RewindReply(Msg, frozen=True):
     id: int = 0
     seq: int = 0  # the commit that recorded the rewind
 
 
-class RulesReply(Msg):
+class RulesReply(Msg, frozen=True):
     id: int = 0
-    rules: dict[str, Any] = {}
+    rules: RulesMap = {}
     seq: int = 0  # set_rules: the commit that recorded them; rules: the head when read
 
 
-class TailEvent(Msg):
+class TailEvent(Msg, frozen=True):
     id: int = 0  # the id of the Tail request
     frame: FrameOut | None = None
 
 
-class TailEnd(Msg):
+class TailEnd(Msg, frozen=True, kw_only=True):
     id: int = 0
-    reason: str = ""
+    reason: ErrorCode  # slow_consumer
 
 
-class Error(Msg):
+class Error(Msg, frozen=True):
     id: int = 0
-    code: str = "internal"
+    code: ErrorCode = "internal"
     message: str = ""
     retryable: bool = False
 
 
-Reply = Union[HelloReply, PutReply, FindReply, GetReply, TimelineReply, RemoveReply, StatsReply,
-              CapsulesReply, FlushReply, VerifyReply, CompactReply, RewindReply, RulesReply,
-              TailEvent, TailEnd, Error]
+Reply = (HelloReply | PutReply | FindReply | GetReply | TimelineReply | RemoveReply | StatsReply
+         | CapsulesReply | FlushReply | VerifyReply | CompactReply | RewindReply | RulesReply
+         | TailEvent | TailEnd | Error)
 
 # Error codes (docs/protocol.md lists when each is sent).
-BAD_FRAME = "bad_frame"  # undecodable body, unknown op, wrong field types
-FRAME_TOO_LARGE = "frame_too_large"
-BAD_REQUEST = "bad_request"  # well-formed but invalid arguments
-NOT_FOUND = "not_found"
-NO_SUCH_CAPSULE = "no_such_capsule"
-VERSION = "version_mismatch"  # hello with a version outside MIN_PROTOCOL_VERSION..PROTOCOL_VERSION
-UNAVAILABLE = "unavailable"  # shutting down, capsule locked: retry later
-STORAGE = "storage"  # disk full, I/O error
-CORRUPT = "corrupt"
-SLOW_CONSUMER = "slow_consumer"
-INTERNAL = "internal"
+BAD_FRAME: Final = "bad_frame"  # undecodable body, unknown op, wrong field types
+FRAME_TOO_LARGE: Final = "frame_too_large"  # a message over max_frame
+BAD_REQUEST: Final = "bad_request"  # well-formed but invalid arguments
+NOT_FOUND: Final = "not_found"
+NO_SUCH_CAPSULE: Final = "no_such_capsule"
+VERSION: Final = "version_mismatch"  # hello with a version outside MIN_PROTOCOL_VERSION..PROTOCOL_VERSION
+UNAVAILABLE: Final = "unavailable"  # shutting down, capsule locked: retry later
+STORAGE: Final = "storage"  # disk full, I/O error
+CORRUPT: Final = "corrupt"
+SLOW_CONSUMER: Final = "slow_consumer"
+INTERNAL: Final = "internal"
 
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -379,7 +510,8 @@ def problem(req: Any, max_put: int = 0) -> str | None:
             return f"{len(tags)} tags exceed the limit of {MAX_TAGS}"
         for key, value in tags.items():
             if _size(key) > MAX_NAME or _size(value) > MAX_TAG_VALUE:
-                return f"tag {key[:40]!r} exceeds the limits of {MAX_NAME} bytes (key) and {MAX_TAG_VALUE} (value)"
+                return (f"tag {key[:40]!r} exceeds the limits of {MAX_NAME} bytes (key) "
+                        f"and {MAX_TAG_VALUE} (value)")
     match req:
         case Put() | PutItem():
             if (req.text is None) == (req.data is None):
@@ -392,6 +524,8 @@ def problem(req: Any, max_put: int = 0) -> str | None:
                 why = problem(item, max_put)
                 if why is not None:
                     return f"item {i}: {why}"
+        case Find() if req.mode not in MODES:
+            return f"mode {req.mode[:40]!r} is not one of {', '.join(MODES)}"
         case Find() if req.snippet_chars > MAX_SNIPPET_CHARS:
             return f"snippet_chars {req.snippet_chars} exceeds the limit of {MAX_SNIPPET_CHARS}"
         case Timeline() if req.limit > MAX_TIMELINE:

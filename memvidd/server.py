@@ -11,9 +11,12 @@ most ``PIPELINE`` requests in flight per connection (the reader stops reading wh
 window is full, which is the backpressure a fast client feels); the bytes read from
 clients and not answered yet, across all connections of both sockets, within one
 ``Budget`` (``limits.max-buffer-bytes``). Error handling: a request
-that fails gets an ``error`` reply and the connection goes on; a frame that cannot be
+that fails gets an ``error`` reply and the connection goes on; a message that cannot be
 decoded, is too large or does not fit in the budget gets an ``error`` reply and closes that
 connection only.
+
+Engine objects become wire structs here (``frame_out``, ``HitOut.of``, the stats and
+reports), and engine errors typed error replies (``error_reply``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import logging
 from contextlib import aclosing, contextmanager
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from typing import Any, NoReturn, cast
 
 import msgspec
 import trio
@@ -32,7 +35,7 @@ import engine
 
 from . import protocol as p
 from .budget import Budget, OverBudget, Share
-from .framing import FrameReader, FrameTooLarge, TruncatedFrame, pack
+from .framing import MessageReader, MessageTooLarge, TruncatedMessage, pack_message
 from .peer import peer_uid
 from .service import CapsuleService, Subscriber, WriteOp, frame_filter
 
@@ -110,14 +113,6 @@ def frame_out(f: engine.Frame | engine.FrameInfo) -> p.FrameOut:
     )
 
 
-def hit_out(h: engine.Hit) -> p.HitOut:
-    return p.HitOut(
-        frame_id=h.frame_id, uri=h.uri, title=h.title, score=h.score, snippet=h.snippet,
-        highlights=h.highlights, tags=h.tags, kind=h.kind, timestamp=h.timestamp,
-        commit_seq=h.commit_seq, valid_until=h.valid_until, sources=list(h.sources),
-    )
-
-
 def check(req: Any, max_put: int) -> None:
     """``bad_request`` for a request outside the protocol's bounds (``protocol.problem``)."""
     why = p.problem(req, max_put)
@@ -170,20 +165,20 @@ def ready(reply: Any) -> Callable[[], Awaitable[Any]]:
     return run
 
 
-async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Request]:
-    """Decoded requests until the stream ends; a bad, oversized or over-budget frame gets
+async def requests(reader: MessageReader, conn: Connection) -> AsyncGenerator[p.Request, None]:
+    """Decoded requests until the stream ends; a bad, oversized or over-budget message gets
     its error reply (after the replies already promised) and ends the connection. Each
     request's bytes stay held in the budget until its reply is ready."""
     while True:
         try:
             body = await reader.read()
-        except FrameTooLarge as e:
+        except MessageTooLarge as e:
             await final_error(conn, p.FRAME_TOO_LARGE, str(e))
             return
         except OverBudget as e:
             await final_error(conn, p.UNAVAILABLE, str(e), retryable=e.retryable)
             return
-        except TruncatedFrame:
+        except TruncatedMessage:
             return
         if body is None:
             return
@@ -200,7 +195,7 @@ async def requests(reader: FrameReader, conn: Connection) -> AsyncIterator[p.Req
         conn.settle()
 
 
-async def final_error(conn: Connection, code: str, message: str, *, retryable: bool = False) -> None:
+async def final_error(conn: Connection, code: p.ErrorCode, message: str, *, retryable: bool = False) -> None:
     """Queue the error that ends a connection (after the replies already promised)."""
     slot = Slot()
     slot.set(conn.encode(p.Error(code=code, message=message, retryable=retryable)))
@@ -267,7 +262,7 @@ class Connection:
             await self.stream.send_all(data)
 
     async def send(self, msg: Any) -> None:
-        await self.send_raw(pack(p.encoder.encode(msg)))
+        await self.send_raw(pack_message(p.encoder.encode(msg)))
 
     async def serve_replies(self) -> None:
         """Send replies in request order, each as soon as it and those before it are ready.
@@ -332,7 +327,10 @@ class Connection:
         self.nursery.start_soon(complete)
 
 
-class QueryServer:
+class AgentServer:
+    """The agent socket's server: every request of the protocol, reads and writes, for
+    every configured capsule; the event socket hands its msgpack producers to it too."""
+
     def __init__(self, services: dict[str, CapsuleService], default: str, *, max_frame: int,
                  max_put: int, max_connections: int, tail_buffer: int, version: str,
                  max_buffer: int = 256 << 20) -> None:
@@ -363,8 +361,8 @@ class QueryServer:
             refusal = self.door.refusal(stream.socket)  # type: ignore[arg-type]
             if refusal is not None:
                 why, retryable = refusal
-                await refuse(stream, pack(p.encoder.encode(p.Error(code=p.UNAVAILABLE, message=why,
-                                                                    retryable=retryable))))
+                await refuse(stream, pack_message(p.encoder.encode(p.Error(code=p.UNAVAILABLE, message=why,
+                                                                            retryable=retryable))))
                 return
             share = Share(self.budget)
             try:
@@ -377,20 +375,20 @@ class QueryServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def reply_frame(self, msg: Any) -> bytes:
-        """A reply as a frame; one larger than ``max_frame`` (which the client may not be
+    def reply_message(self, msg: Any) -> bytes:
+        """A reply as a message; one larger than ``max_frame`` (which the client may not be
         able to read) becomes a ``bad_request`` error instead."""
         body = p.encoder.encode(msg)
         if len(body) > self.max_frame:
             body = p.encoder.encode(p.Error(id=getattr(msg, "id", 0), code=p.BAD_REQUEST, message=(
                 f"the reply of {len(body)} bytes exceeds max_frame ({self.max_frame}): ask for less "
                 "(a lower limit, k or snippet_chars)")))
-        return pack(body)
+        return pack_message(body)
 
     async def _serve_connection(self, stream: trio.SocketStream, share: Share) -> None:
-        reader = FrameReader(stream, self.max_frame, share)
+        reader = MessageReader(stream, self.max_frame, share)
         async with trio.open_nursery() as nursery:
-            conn = Connection(stream, nursery, self.reply_frame, share, unaffordable)
+            conn = Connection(stream, nursery, self.reply_message, share, unaffordable)
 
             async def replies_then_stop() -> None:
                 await conn.serve_replies()
@@ -415,7 +413,7 @@ class QueryServer:
             check(req, self.max_put)
             match req:
                 case p.Hello():
-                    reply = p.HelloReply(
+                    reply: p.HelloReply | p.Error = p.HelloReply(
                         id=rid, server=self.version, features=list(p.FEATURES),
                         capsules=list(self.services), default_capsule=self.default, max_frame=self.max_frame,
                         max_put=self.max_put,
@@ -446,9 +444,10 @@ class QueryServer:
                 case p.Find():
                     svc = self.service(req.capsule)
 
-                    args = dict(k=req.k, mode=req.mode, scope=req.scope, tags=req.tags, kind=req.kind,
-                                since=req.since, until=req.until, as_of=req.as_of,
-                                snippet_chars=req.snippet_chars, all_versions=req.all_versions)
+                    args: dict[str, Any] = dict(
+                        k=req.k, mode=req.mode, scope=req.scope, tags=req.tags, kind=req.kind,
+                        since=req.since, until=req.until, as_of=req.as_of, snippet_chars=req.snippet_chars,
+                        all_versions=req.all_versions)
 
                     async def find() -> p.FindReply:
                         # A cache hit costs microseconds: answer it here rather than pay a
@@ -456,7 +455,8 @@ class QueryServer:
                         hits = svc.cap.find(req.query, cached_only=True, **args)
                         if hits is None:
                             hits = await svc.read(svc.cap.find, req.query, **args)
-                        return p.FindReply(id=rid, hits=[hit_out(h) for h in hits], mode=hits.mode,
+                        return p.FindReply(id=rid, hits=[p.HitOut.of(h) for h in hits],
+                                           mode=cast(p.Mode, hits.mode),  # one of MODES, "auto" resolved
                                            seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
 
                     await conn.read(find, fail)
@@ -482,14 +482,15 @@ class QueryServer:
                     svc = self.service(req.capsule)
 
                     async def stats() -> p.StatsReply:
-                        s = await svc.read_quietly(svc.cap.stats)
-                        s["daemon"] = {"connections": self.door.open, "requests": self.served,
-                                       "refused": self.door.refused, "commits": svc.commits, "acked_puts": svc.acked_puts,
-                                       "event_connections": self.events.open, "event_refused": self.events.refused,
-                                       "buffers": self.budget.stats(),
-                                       "upgrades": dict(svc.upgrades), "compactions": dict(svc.compactions)}
-                        if svc.indexer is not None:
-                            s["indexer"] = svc.indexer.stats()
+                        s = msgspec.convert(await svc.read_quietly(svc.cap.stats), p.CapsuleStats)
+                        daemon = p.DaemonStats(
+                            connections=self.door.open, requests=self.served, refused=self.door.refused,
+                            commits=svc.commits, acked_puts=svc.acked_puts,
+                            event_connections=self.events.open, event_refused=self.events.refused,
+                            buffers=self.budget.stats(),
+                            upgrades=dict(svc.upgrades), compactions=dict(svc.compactions))
+                        indexer = svc.indexer.stats() if svc.indexer is not None else msgspec.UNSET
+                        s = msgspec.structs.replace(s, daemon=daemon, indexer=indexer)
                         return p.StatsReply(id=rid, stats=s)
 
                     await conn.read(stats, fail)
@@ -497,8 +498,9 @@ class QueryServer:
                     async def capsules() -> p.CapsulesReply:
                         out = []
                         for name, svc in self.services.items():
-                            out.append(p.CapsuleInfo(name=name, path=svc.cap.path, default=name == self.default,
-                                                     frames=svc.cap.frame_count, commit_seq=svc.cap.seq))
+                            out.append(p.CapsuleInfo(
+                                name=name, path=svc.cap.path, default=name == self.default,
+                                frames=svc.cap.frame_count, commit_seq=svc.cap.seq))
                         return p.CapsulesReply(id=rid, capsules=out)
 
                     await conn.read(capsules, fail)
@@ -513,8 +515,8 @@ class QueryServer:
                     svc = self.service(req.capsule)
 
                     async def verify() -> p.VerifyReply:
-                        report = await svc.verify()
-                        return p.VerifyReply(id=rid, ok=report.ok, report=report.to_dict())
+                        report = msgspec.convert(await svc.verify(), p.VerifyReport, from_attributes=True)
+                        return p.VerifyReply(id=rid, ok=report.ok, report=report)
 
                     await conn.read(verify, fail)
                 case p.Compact():
@@ -523,22 +525,24 @@ class QueryServer:
 
                     async def compact() -> p.CompactReply:
                         svc.last_request = trio.current_time()
-                        return p.CompactReply(id=rid, report=await svc.compact(codecs_only=codecs_only))
+                        report = await svc.compact(codecs_only=codecs_only)
+                        return p.CompactReply(id=rid, report=msgspec.convert(report, p.CompactReport))
 
                     await conn.read(compact, fail)
                 case p.Rewind():
                     svc = self.service(req.capsule)
                     to = req.to
                     if to is None:
-                        raise engine.InvalidArgument("rewind needs `to`: a commit (int) or a Unix time (float)")
+                        raise engine.InvalidArgument(
+                            "rewind needs `to`: a commit (int) or a Unix time (float)")
                     await conn.write(WriteOp(solo=lambda cap: cap.rewind(to)), svc,
                                      lambda op: p.RewindReply(id=rid, seq=op.seq), fail)
                 case p.SetRules():
                     svc = self.service(req.capsule)
-                    rules, force = req.rules, req.force
+                    new_rules, force = req.rules, req.force
 
                     def set_rules(cap: engine.Capsule) -> dict[str, Any]:
-                        cap.set_rules(rules, force=force)
+                        cap.set_rules(new_rules, force=force)
                         return cap.rules()
 
                     await conn.write(WriteOp(solo=set_rules), svc,
@@ -558,7 +562,7 @@ class QueryServer:
                     # request on this connection means the subscription is in place.
                     share = conn.share
                     sub, events = svc.subscribe(self.tail_buffer, frame_filter(req.scope, req.kind, req.tags),
-                                                hold=share.hold if share else None,
+                                                hold=share.hold_queued if share else None,
                                                 release=share.answered if share else None)
                     conn.nursery.start_soon(self._tail, svc, req, conn, sub, events)
         except Exception as e:  # refused before anything was staged: answer in order

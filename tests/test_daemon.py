@@ -19,7 +19,7 @@ import engine
 from daemon_util import ROOT, DaemonProc
 from memvidd import protocol as p
 from memvidd.client import AsyncClient, Client, RemoteError
-from memvidd.framing import pack, recv_frame, send_frame
+from memvidd.framing import pack_message, recv_message, send_message
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,9 +79,9 @@ def test_pipelined_puts_share_fsyncs_and_replies_keep_order(daemon):
     sock.connect(daemon.socket)
     try:
         n = 200
-        sock.sendall(b"".join(pack(p.encoder.encode(p.Put(id=i, text=f"pipelined {i}", uri=f"pipe://{i}"))) for i in range(1, n + 1))
-                     + pack(p.encoder.encode(p.Find(id=n + 1, query="pipelined", k=1000, mode="lex"))))
-        replies = [p.reply_decoder.decode(recv_frame(sock, 1 << 24)) for _ in range(n + 1)]
+        sock.sendall(b"".join(pack_message(p.encoder.encode(p.Put(id=i, text=f"pipelined {i}", uri=f"pipe://{i}"))) for i in range(1, n + 1))
+                     + pack_message(p.encoder.encode(p.Find(id=n + 1, query="pipelined", k=1000, mode="lex"))))
+        replies = [p.reply_decoder.decode(recv_message(sock, 1 << 24)) for _ in range(n + 1)]
     finally:
         sock.close()
     assert [r.id for r in replies] == list(range(1, n + 2))
@@ -184,11 +184,11 @@ def test_event_socket_accepts_msgpack_frames(daemon):
     sock.settimeout(30)
     sock.connect(daemon.events)
     try:
-        send_frame(sock, p.encoder.encode(p.Put(id=7, text="framed event", uri="ev://framed")))
-        reply = p.reply_decoder.decode(recv_frame(sock, 1 << 20))
+        send_message(sock, p.encoder.encode(p.Put(id=7, text="framed event", uri="ev://framed")))
+        reply = p.reply_decoder.decode(recv_message(sock, 1 << 20))
         assert isinstance(reply, p.PutReply) and reply.id == 7
-        send_frame(sock, p.encoder.encode(p.Find(id=8, query="framed")))
-        refused = p.reply_decoder.decode(recv_frame(sock, 1 << 20))
+        send_message(sock, p.encoder.encode(p.Find(id=8, query="framed")))
+        refused = p.reply_decoder.decode(recv_message(sock, 1 << 20))
         assert isinstance(refused, p.Error) and refused.code == p.BAD_REQUEST
     finally:
         sock.close()

@@ -31,7 +31,7 @@ import pytest
 from daemon_util import ROOT, DaemonProc
 from memvidd import protocol as p
 from memvidd.client import Client
-from memvidd.framing import PREFIX, TruncatedFrame, pack, recv_frame
+from memvidd.framing import PREFIX, TruncatedMessage, pack_message, recv_message
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,7 +93,7 @@ def body(msg: Any) -> bytes:
 
 
 def send(sock: socket.socket, *msgs: Any) -> None:
-    sock.sendall(b"".join(pack(body(m)) for m in msgs))
+    sock.sendall(b"".join(pack_message(body(m)) for m in msgs))
 
 
 def try_send(sock: socket.socket, *msgs: Any) -> None:
@@ -106,7 +106,7 @@ def try_send(sock: socket.socket, *msgs: Any) -> None:
 
 def recv(sock: socket.socket) -> Any:
     """The next reply, or None when the daemon closed the connection."""
-    data = recv_frame(sock, REPLY_LIMIT)
+    data = recv_message(sock, REPLY_LIMIT)
     return None if data is None else p.reply_decoder.decode(data)
 
 
@@ -193,7 +193,7 @@ def check_healthy(d: DaemonProc, acked: dict[int, str], path: str | None = None)
             assert isinstance(put, p.PutReply), put
             probe = call(sock, p.Get(id=3, frame_id=put.frame_ids[0]))
             assert isinstance(probe, p.GetReply) and probe.frame.text == "health probe"
-    except (OSError, TruncatedFrame, AssertionError) as e:
+    except (OSError, TruncatedMessage, AssertionError) as e:
         if not exited(d):
             raise  # a real failure of a running daemon
         raise died(d, f"health check: {type(e).__name__}: {e}") from e
@@ -234,7 +234,7 @@ def poll_until(d: DaemonProc, done: Any, what: str, timeout: float = TIMEOUT) ->
                     assert time.monotonic() < deadline, f"timed out waiting until {what}"
                     time.sleep(0.02)
                 return
-    except (OSError, TruncatedFrame, AssertionError) as e:
+    except (OSError, TruncatedMessage, AssertionError) as e:
         if not exited(d):
             raise
         raise died(d, f"waiting until {what}: {type(e).__name__}: {e}") from e
@@ -367,7 +367,7 @@ def test_msgpack_string_that_is_not_utf8_is_bad_frame(daemon):
 # --- 2. truncated frames -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sent", [b"\x00\x00", pack(b"\x00" * 100)[:14]],
+@pytest.mark.parametrize("sent", [b"\x00\x00", pack_message(b"\x00" * 100)[:14]],
                          ids=["inside-prefix", "inside-body"])
 def test_truncated_frame_then_close(daemon, sent):
     acked = seed(daemon)
@@ -471,7 +471,7 @@ def test_idle_and_stalled_clients_do_not_block_others(daemon):
     idle_events = connect(daemon.events)
     try:
         half_prefix.sendall(b"\x00\x00")
-        stalled = pack(p.encoder.encode(p.Hello(id=77)))
+        stalled = pack_message(p.encoder.encode(p.Hello(id=77)))
         half_body.sendall(stalled[:7])
         with Client(daemon.socket) as c:
             for i in range(100):

@@ -24,7 +24,7 @@ from daemon_util import CONFIG, ROOT, DaemonProc
 from memvidd import config
 from memvidd import protocol as p
 from memvidd.client import Client, RemoteError
-from memvidd.framing import pack, recv_frame, send_frame
+from memvidd.framing import pack_message, recv_message, send_message
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,8 +109,8 @@ def raw_connection(path: str) -> socket.socket:
 
 
 def call(sock: socket.socket, msg: Any) -> Any:
-    send_frame(sock, p.encoder.encode(msg))
-    return p.reply_decoder.decode(recv_frame(sock, 1 << 24))
+    send_message(sock, p.encoder.encode(msg))
+    return p.reply_decoder.decode(recv_message(sock, 1 << 24))
 
 
 # -- compaction and codec upgrades --------------------------------------------------------
@@ -213,7 +213,7 @@ def test_rewind_restores_the_past_and_a_tail_subscriber_sees_its_frames(tmp_path
             c.remove("doc://b")
             c.put("added later", uri="doc://c")
 
-            send_frame(tail, p.encoder.encode(p.Tail(id=1, scope="doc://")))
+            send_message(tail, p.encoder.encode(p.Tail(id=1, scope="doc://")))
             # A reply to a later request on the same connection: the subscription is in place.
             assert isinstance(call(tail, p.Flush(id=2)), p.FlushReply)
 
@@ -229,7 +229,7 @@ def test_rewind_restores_the_past_and_a_tail_subscriber_sees_its_frames(tmp_path
 
             seen: dict[str, tuple[str, int]] = {}
             while len(seen) < 2:
-                msg = p.reply_decoder.decode(recv_frame(tail, 1 << 24))
+                msg = p.reply_decoder.decode(recv_message(tail, 1 << 24))
                 assert isinstance(msg, p.TailEvent), msg
                 seen[msg.frame.uri] = (msg.frame.text, msg.frame.commit_seq)
             assert seen == {"doc://a": ("first draft", seq), "doc://b": ("kept", seq)}
@@ -250,8 +250,8 @@ def test_rewind_takes_its_place_among_pipelined_writes(tmp_path):
             base = c.flush()
         msgs = [p.Put(id=1, text="before the rewind", uri="x://1"), p.Rewind(id=2, to=base),
                 p.Put(id=3, text="after the rewind", uri="x://2"), p.Get(id=4, uri="x://2")]
-        sock.sendall(b"".join(pack(p.encoder.encode(m)) for m in msgs))
-        replies = [p.reply_decoder.decode(recv_frame(sock, 1 << 24)) for _ in msgs]
+        sock.sendall(b"".join(pack_message(p.encoder.encode(m)) for m in msgs))
+        replies = [p.reply_decoder.decode(recv_message(sock, 1 << 24)) for _ in msgs]
         assert [type(r) for r in replies] == [p.PutReply, p.RewindReply, p.PutReply, p.GetReply], replies
         assert replies[0].seq < replies[1].seq < replies[2].seq
         assert replies[3].frame.text == "after the rewind"
@@ -358,8 +358,8 @@ def test_a_version_1_client_still_works(tmp_path):
         assert isinstance(put, p.PutReply) and put.id == 2
         found = call(sock, p.Find(id=3, query="version", mode="lex"))
         assert [h.uri for h in found.hits] == ["v1://1"]
-        send_frame(sock, p.encoder.encode(p.Timeline(id=4)))
-        old = msgspec.msgpack.decode(recv_frame(sock, 1 << 24), type=OldTimelineReply)  # new fields ignored
+        send_message(sock, p.encoder.encode(p.Timeline(id=4)))
+        old = msgspec.msgpack.decode(recv_message(sock, 1 << 24), type=OldTimelineReply)  # new fields ignored
         assert [e["uri"] for e in old.entries] == ["v1://1"]
         for version in (0, p.PROTOCOL_VERSION + 1):
             err = call(sock, p.Hello(id=5, version=version))

@@ -41,7 +41,7 @@ from test_daemon_faults import (
 
 from memvidd import protocol as p
 from memvidd.client import AsyncClient, Client, ForeignPeer, RemoteError
-from memvidd.framing import PREFIX, FrameTooLarge, pack, recv_frame
+from memvidd.framing import PREFIX, MessageTooLarge, pack_message, recv_message
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -56,7 +56,7 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
         d.close()
 
 
-STATS_FRAME = len(pack(p.encoder.encode(p.Stats(id=99))))
+STATS_FRAME = len(pack_message(p.encoder.encode(p.Stats(id=99))))
 
 
 def daemon_stats(d: DaemonProc) -> dict[str, Any]:
@@ -275,7 +275,7 @@ def test_unread_replies_stay_within_the_buffer_budget(tmp_path, capsys):
             fid = c.put("r" * MiB)  # text: each reply decodes its own copy
         acked[fid] = "r" * MiB
         with connect(d.socket) as sock:
-            send_get = pack(p.encoder.encode(p.Get(id=1, frame_id=fid)))
+            send_get = pack_message(p.encoder.encode(p.Get(id=1, frame_id=fid)))
             sock.sendall(send_get)
             size = PREFIX.size + len(recv_frame_body(sock))  # one reply, as it is held
         before = daemon_stats(d)["buffers"]
@@ -283,7 +283,7 @@ def test_unread_replies_stay_within_the_buffer_budget(tmp_path, capsys):
         socks = [connect(d.socket) for _ in range(conns)]
         for sock in socks:
             # ids 1..64: replies of one size (an id 0 would be left out of its reply)
-            sock.sendall(b"".join(pack(p.encoder.encode(p.Get(id=i, frame_id=fid))) for i in range(1, gets + 1)))
+            sock.sendall(b"".join(pack_message(p.encoder.encode(p.Get(id=i, frame_id=fid))) for i in range(1, gets + 1)))
         # every get ends up held (its whole reply) or refused
         held = wait_until(d, lambda s: s["buffers"]["bytes"] == size * (
             conns * gets - (s["buffers"]["refused"] - before["refused"])), "every reply is held or refused")["buffers"]
@@ -328,7 +328,7 @@ def test_tail_streams_never_read_stay_within_the_buffer_budget(tmp_path, capsys)
         d.start()
         socks = [connect(d.socket) for _ in range(subs)]
         for sock in socks:
-            sock.sendall(pack(p.encoder.encode(p.Tail(id=1))) + pack(p.encoder.encode(p.Stats(id=2))))
+            sock.sendall(pack_message(p.encoder.encode(p.Tail(id=1))) + pack_message(p.encoder.encode(p.Stats(id=2))))
             assert recv(sock).id == 2  # answered after the subscription is in place
         rss_before = vm_rss_kib(d.proc.pid)  # type: ignore[union-attr]
         acked = {}
@@ -361,7 +361,7 @@ def test_tail_streams_never_read_stay_within_the_buffer_budget(tmp_path, capsys)
 
 
 def recv_frame_body(sock: socket.socket) -> bytes:
-    body = recv_frame(sock, 1 << 30)
+    body = recv_message(sock, 1 << 30)
     assert body is not None
     return body
 
@@ -372,7 +372,7 @@ def test_pipelined_puts_give_their_budget_back(daemon):
     acked = seed(daemon)
     with connect(daemon.socket) as sock:
         texts = [f"pipelined {i} " + "p" * 50_000 for i in range(40)]
-        sock.sendall(b"".join(pack(p.encoder.encode(p.Put(id=i, text=t))) for i, t in enumerate(texts)))
+        sock.sendall(b"".join(pack_message(p.encoder.encode(p.Put(id=i, text=t))) for i, t in enumerate(texts)))
         replies = [recv(sock) for _ in texts]
         assert codes(replies) == ["put_reply"] * len(texts), replies
         acked.update({r.frame_ids[0]: t for r, t in zip(replies, texts, strict=True)})
@@ -394,7 +394,7 @@ def test_deeply_nested_msgpack_is_bad_frame(daemon):
     body = b"\x83\xa2op\xa9set_rules\xa2id\x07\xa5rules" + nested(100_000)
     for path in (daemon.socket, daemon.events):
         with connect(path) as sock:
-            sock.sendall(pack(body))
+            sock.sendall(pack_message(body))
             replies = recv_until_closed(sock)
         assert codes(replies) == [p.BAD_FRAME] and "nested too deeply" in replies[0].message, replies
     # and a JSON event nested as deep is an error line; the stream goes on
@@ -527,7 +527,7 @@ def test_sync_client_refuses_what_the_daemon_would_refuse(daemon):
             c.put_many(items)
         frame = int(e.value.message.split()[2])
         assert e.value.code == p.FRAME_TOO_LARGE and frame > 5 * (MiB - 100), e.value
-        assert e.value.message == str(FrameTooLarge(frame, 4 * MiB)), e.value  # the daemon's words
+        assert e.value.message == str(MessageTooLarge(frame, 4 * MiB)), e.value  # the daemon's words
         with pytest.raises(RemoteError) as e:
             c.find("x", scope="s" * (p.MAX_SCOPE + 1))
         assert e.value.code == p.BAD_REQUEST and "scope" in e.value.message
