@@ -108,7 +108,8 @@ def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150
         body_start, tags = _front_matter(lines)
         sections = _markdown_sections(lines, body_start, deadline)
         title = next((t for t, _, _ in sections if t), base)
-        chunks = [c for t, a, b in sections for c in _windows(lines, a, b, t or title, size, overlap, deadline)]
+        chunks = [c for t, a, b in sections
+                  for c in _windows(lines, a, b, t or title, size, overlap, deadline)]
     elif kind == "code":
         blocks = _code_blocks(lines, deadline)
         title = base
