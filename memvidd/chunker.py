@@ -7,6 +7,12 @@
   to line windows when a definition is too long.
 - Plain text: by paragraphs.
 
+Chunking takes time linear in the file's size, whatever the file holds: headings are
+parsed by hand (a regex with nested optional whitespace backtracks cubically on a
+``# x<3000 spaces>y`` line), no step rescans what an earlier step already looked at, and
+titles are capped. A caller may still give a time budget (``budget_s``): past it,
+``ChunkTimeout`` is raised, so a file that is too costly anyway is skipped, not waited for.
+
 Every chunk stays under ``size`` characters (long blocks are cut into line windows with
 ``overlap`` characters repeated), and chunking is stable under local edits: an edit
 changes the chunks it touches, not the ones after it, so unchanged chunks keep their
@@ -18,7 +24,9 @@ anchors), never by a count from the top of the file.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import time
 from dataclasses import dataclass, field
 
 MARKDOWN = {".md", ".markdown", ".mdx", ".rst"}
@@ -28,7 +36,9 @@ CODE = {
     ".sql", ".toml", ".yaml", ".yml", ".json", ".css", ".scss", ".html", ".xml", ".proto", ".el",
     ".ex", ".exs", ".erl", ".hs", ".ml", ".r", ".jl", ".dart", ".zig", ".nim", ".vue", ".svelte",
 }
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+# The one regex here, matched once per unindented line: linear in the line's length, as
+# each alternative of the repeated group starts with its own keyword (a failed match gives
+# back each run of whitespace once, never re-splits it between iterations).
 _DEF = re.compile(
     r"^(?:export\s+|pub(?:\(\w+\))?\s+|public\s+|private\s+|static\s+|async\s+|abstract\s+|final\s+)*"
     r"(?:def|class|fn|func|function|struct|enum|impl|trait|interface|type|module|object|"
@@ -38,6 +48,24 @@ _DEF = re.compile(
 ANCHOR_SPACING = 1.0  # the mean distance between anchors (where a group must end)
 MIN_FILL = 1 / 3  # a run cut for lack of room leaves its first group at least this full
 SMALL = 0.25  # a chunk shorter than this joins the group before it, anchor or not, if it fits
+TITLE_MAX = 120  # characters of a heading kept in a chunk title (a title is metadata, not text)
+
+
+class ChunkTimeout(Exception):
+    """Chunking went on past its time budget."""
+
+
+class _Deadline:
+    """The end of a ``chunk_document`` call's budget, checked once per line or chunk."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.at = math.inf if budget_s is None else time.monotonic() + budget_s
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            raise ChunkTimeout("chunking took longer than its budget")
 
 
 @dataclass
@@ -66,8 +94,11 @@ def file_kind(name: str) -> str:
     return "text"
 
 
-def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150) -> Document:
-    """The chunks of a file called ``name`` (a path or file name) holding ``text``."""
+def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150,
+                   budget_s: float | None = None) -> Document:
+    """The chunks of a file called ``name`` (a path or file name) holding ``text``.
+    Raises ``ChunkTimeout`` if that takes more than ``budget_s`` seconds."""
+    deadline = _Deadline(budget_s)
     kind = file_kind(name)
     overlap = min(overlap, size // 2)  # an overlap as big as a chunk would never advance
     base = name.rsplit("/", 1)[-1]
@@ -75,17 +106,20 @@ def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150
     tags: dict[str, str] = {}
     if kind == "markdown":
         body_start, tags = _front_matter(lines)
-        sections = _markdown_sections(lines, body_start)
+        sections = _markdown_sections(lines, body_start, deadline)
         title = next((t for t, _, _ in sections if t), base)
-        chunks = [c for t, a, b in sections for c in _windows(lines, a, b, t or title, size, overlap)]
+        chunks = [c for t, a, b in sections
+                  for c in _windows(lines, a, b, t or title, size, overlap, deadline)]
     elif kind == "code":
-        blocks = _code_blocks(lines)
+        blocks = _code_blocks(lines, deadline)
         title = base
-        chunks = [c for a, b in blocks for c in _windows(lines, a, b, _block_title(lines[a], base), size, overlap)]
+        chunks = [c for a, b in blocks
+                  for c in _windows(lines, a, b, _block_title(lines[a], base), size, overlap, deadline)]
     else:
-        title = next((ln.strip() for ln in lines if ln.strip()), base)[:120]
-        chunks = [c for a, b in _paragraphs(lines) for c in _windows(lines, a, b, title, size, overlap)]
-    return Document(kind, title, _merge_small(chunks, size, kind), tags)
+        title = next((ln.strip() for ln in lines if ln.strip()), base)[:TITLE_MAX]
+        chunks = [c for a, b in _paragraphs(lines, deadline)
+                  for c in _windows(lines, a, b, title, size, overlap, deadline)]
+    return Document(kind, title, _merge_small(chunks, size, kind, deadline), tags)
 
 
 def _front_matter(lines: list[str]) -> tuple[int, dict[str, str]]:
@@ -102,38 +136,52 @@ def _front_matter(lines: list[str]) -> tuple[int, dict[str, str]]:
     return 0, {}  # no closing fence: not front matter
 
 
-def _markdown_sections(lines: list[str], start: int) -> list[tuple[str, int, int]]:
+def _heading(line: str) -> tuple[int, str] | None:
+    """(level, text) of an ATX heading (``## Title ##``), else None: ``#{1,6}``, then
+    whitespace, the text, and optional closing ``#``s, in one pass over the line."""
+    level = len(line) - len(line.lstrip("#"))
+    if not 1 <= level <= 6 or level == len(line) or not line[level].isspace():
+        return None
+    return level, line[level:].strip().rstrip("#").rstrip()
+
+
+def _markdown_sections(lines: list[str], start: int, deadline: _Deadline) -> list[tuple[str, int, int]]:
     """(heading path, first line index, end index) per section; fenced code is opaque."""
     out: list[tuple[str, int, int]] = []
     path: list[str] = []
     begin, title, fence = start, "", False
     for i in range(start, len(lines)):
+        deadline.check()
         s = lines[i]
         if s.lstrip().startswith(("```", "~~~")):
             fence = not fence
-        m = None if fence else _HEADING.match(s)
-        if m:
+        h = None if fence else _heading(s)
+        if h:
             if i > begin and any(x.strip() for x in lines[begin:i]):
                 out.append((title, begin, i))
-            level = len(m.group(1))
-            path = path[: level - 1] + [m.group(2)]
+            level, text = h
+            path = path[: level - 1] + [text[:TITLE_MAX]]  # capped: a path joined per heading
             title, begin = " / ".join(path), i
     if any(x.strip() for x in lines[begin:]):
         out.append((title, begin, len(lines)))
     return out
 
 
-def _code_blocks(lines: list[str]) -> list[tuple[int, int]]:
+def _code_blocks(lines: list[str], deadline: _Deadline) -> list[tuple[int, int]]:
     """Top-level definitions: a new block starts at an unindented definition line, or at
     an unindented line that follows a blank line (comments and decorators stay attached)."""
     starts = [0]
+    preamble = 0  # lines[starts[-1]:preamble] are all preamble (each line looked at once)
     for i in range(1, len(lines)):
+        deadline.check()
         s = lines[i]
         if not s.strip() or s[0] in " \t}])":
             continue
         prev_blank = not lines[i - 1].strip()
         if _DEF.match(s) or prev_blank:
-            if all(_is_preamble(lines[x]) for x in range(starts[-1], i)):
+            while preamble < i and _is_preamble(lines[preamble]):
+                preamble += 1
+            if preamble == i:
                 continue  # the block so far is only comments/decorators: they belong to this def
             # Attach the comments/decorators right above it to this block.
             j = i
@@ -141,6 +189,7 @@ def _code_blocks(lines: list[str]) -> list[tuple[int, int]]:
                 j -= 1
             if j > starts[-1]:
                 starts.append(j)
+                preamble = j
     return [(a, b) for a, b in zip(starts, [*starts[1:], len(lines)]) if any(x.strip() for x in lines[a:b])]
 
 
@@ -154,9 +203,10 @@ def _block_title(first: str, base: str) -> str:
     return f"{base}: {head[:80]}" if head else base
 
 
-def _paragraphs(lines: list[str]) -> list[tuple[int, int]]:
+def _paragraphs(lines: list[str], deadline: _Deadline) -> list[tuple[int, int]]:
     out, begin = [], None
     for i, s in enumerate(lines):
+        deadline.check()
         if s.strip():
             if begin is None:
                 begin = i
@@ -168,13 +218,15 @@ def _paragraphs(lines: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-def _windows(lines: list[str], a: int, b: int, title: str, size: int, overlap: int) -> list[Chunk]:
+def _windows(lines: list[str], a: int, b: int, title: str, size: int, overlap: int,
+             deadline: _Deadline) -> list[Chunk]:
     """Lines a..b as one chunk, or as line windows of at most ``size`` characters."""
     text = "".join(lines[a:b])
     if len(text) <= size:
         return [Chunk(text, title, a + 1, b)]
     out, i = [], a
     while i < b:
+        deadline.check()
         n, j = 0, i
         while j < b and (n + len(lines[j]) <= size or j == i):
             n += len(lines[j])
@@ -195,7 +247,7 @@ def _windows(lines: list[str], a: int, b: int, title: str, size: int, overlap: i
     return out
 
 
-def _merge_small(chunks: list[Chunk], size: int, kind: str = "text") -> list[Chunk]:
+def _merge_small(chunks: list[Chunk], size: int, kind: str, deadline: _Deadline) -> list[Chunk]:
     """Join runs of tiny neighbouring chunks (imports, one-line constants) up to ``size``/2:
     a chunk should carry enough text to be worth an embedding.
 
@@ -224,6 +276,7 @@ def _merge_small(chunks: list[Chunk], size: int, kind: str = "text") -> list[Chu
     closing = False  # out[-1] ended at an anchor
     i, n = 0, len(chunks)
     while i < n:
+        deadline.check()
         c = chunks[i]
         if closing and _fits(out[-1], c, limit - len(out[-1].text)) and len(c.text) < SMALL * limit and (
                 i + 1 == n or not _fits(c, chunks[i + 1], limit - len(c.text))):

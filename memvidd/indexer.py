@@ -19,6 +19,13 @@ keys (``#<position>``) stay valid as they are. A chunk whose text already exists
 anywhere keeps its vector (no second embedding). A deleted file's frames get
 tombstones; a rename is a delete plus an add whose chunks reuse the old vectors.
 
+Hostile files: a file is read only through ``Tree.open`` (no symlink swapped in after the
+checks can lead the read out of the root). Chunking runs in a worker thread under a time
+budget (``chunk_budget_s``); a file that exceeds it, or that the chunker fails on, is
+skipped: its manifest has no chunks and says why (``skipped``), so that it is not chunked
+again, even after a restart, until its content changes. Those files and their reasons are
+listed in the stats.
+
 Start-up: the watcher is started first, then every root is walked and compared with the
 manifests by size and mtime (then content hash), so changes made while the daemon was
 down are found without re-reading unchanged files, and none made during the scan is
@@ -34,6 +41,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -52,9 +60,9 @@ import watchfiles
 
 import engine
 
-from .chunker import chunk_document
+from .chunker import ChunkTimeout, Document, chunk_document, file_kind
 from .service import CapsuleService, WriteOp
-from .tree import Tree, is_binary
+from .tree import Moved, Tree, is_binary
 
 log = logging.getLogger("memvidd.indexer")
 
@@ -66,6 +74,11 @@ WRITER_WAIT_S = 1.0  # ...for at most this long; then it is taken as it is (a lo
 MAX_RETRIES = 5
 SCAN = -2  # the `attempt` of a path queued by the start-up scan (size+mtime are trusted)
 FINAL = -1  # the last attempt after retries: take the file as it is
+# Chunking time allowed per file: about 10x the worst linear case measured (~2.6 s/MB for
+# a file of "#" lines), so that a loaded machine does not skip a file that is fine.
+CHUNK_BUDGET_S = 2.0
+CHUNK_BUDGET_S_PER_MB = 25.0
+SKIPPED_SHOWN = 50  # skipped files listed in the stats (the count has them all)
 
 
 class Manifest(msgspec.Struct, array_like=True):
@@ -79,6 +92,9 @@ class Manifest(msgspec.Struct, array_like=True):
     # The fragment of each chunk's URI (``file://<path>#<key>``). Empty in manifests
     # written before chunks had keys: their URIs are ``#<position>``, and they stay valid.
     keys: list[str] = msgspec.field(default_factory=list)
+    # Why the file has no chunks although it has text (too slow or failing to chunk), or
+    # "". Older manifests lack it; older daemons ignore it (an extra array element).
+    skipped: str = ""
 
     def chunk_keys(self) -> list[str]:
         return self.keys if self.keys else [str(i) for i in range(len(self.chunks))]
@@ -93,11 +109,11 @@ class Known:
     of tuples, so that memory does not grow with the tree by much more than a file's
     path. ``chunks`` and ``chunk_keys()`` unfold it for the one file being changed."""
 
-    __slots__ = ("root", "size", "mtime_ns", "sha", "_digests", "_fids", "_keys")
+    __slots__ = ("root", "size", "mtime_ns", "sha", "skipped", "_digests", "_fids", "_keys")
 
     def __init__(self, m: Manifest) -> None:
         self.root = sys.intern(m.root)  # one copy per tree, not per file
-        self.size, self.mtime_ns, self.sha = m.size, m.mtime_ns, m.sha
+        self.size, self.mtime_ns, self.sha, self.skipped = m.size, m.mtime_ns, m.sha, m.skipped
         self._digests = b"".join(d for d, _ in m.chunks)
         self._fids = array("q", [fid for _, fid in m.chunks])
         self._keys = "\n".join(m.keys) if m.keys else None  # keys never hold a newline
@@ -187,6 +203,7 @@ def match_chunks(old: list[tuple[bytes, str]], new: list[bytes]) -> tuple[list[t
         else:
             old_left.setdefault(before, deque()).append(j)
     taken = {k for _, k in old}
+    suffix: dict[str, int] = {}  # digest prefix -> the suffix of the last fresh key made from it
     out: list[tuple[str, int | None]] = []
     before = -1
     for i, d in enumerate(new):
@@ -199,11 +216,15 @@ def match_chunks(old: list[tuple[bytes, str]], new: list[bytes]) -> tuple[list[t
         if q:
             out.append((old[q.popleft()][1], None))  # an edit of that chunk: a new version
             continue
-        base = key = d[:8].hex()
-        n = 0
+        # Fresh keys of one digest go up from the last one made (those below are taken):
+        # searched from ".0" each time, the keys of 8,000 equal chunks took 4.6 s.
+        base = d[:8].hex()
+        n = suffix.get(base, 0)
+        key = f"{base}.{n}" if n else base
         while key in taken:
             n += 1
             key = f"{base}.{n}"
+        suffix[base] = n
         taken.add(key)
         out.append((key, None))
     gone = [old[j][1] for q in old_left.values() for j in q]
@@ -261,7 +282,8 @@ class Progress(msgspec.Struct):
 
 class Indexer:
     def __init__(self, svc: CapsuleService, trees: list[Tree], *, chunk_size: int = 1500, overlap: int = 150,
-                 debounce_ms: int = 20, step_ms: int = 5, workers: int = 2, queue: int = 256) -> None:
+                 debounce_ms: int = 20, step_ms: int = 5, workers: int = 2, queue: int = 256,
+                 chunk_budget_s: float | None = None) -> None:
         self.svc = svc
         self.trees = trees
         self.chunk_size = chunk_size
@@ -269,7 +291,9 @@ class Indexer:
         self.debounce_ms = debounce_ms
         self.step_ms = step_ms
         self.workers = workers
+        self.chunk_budget_s = chunk_budget_s  # None: by the file's size (CHUNK_BUDGET_S...)
         self.docs: dict[str, Known] = {}  # file uri -> manifest (as committed or staged)
+        self.skipped: dict[str, str] = {}  # file uri -> why it has no chunks (Known.skipped)
         self.by_digest = DigestMap()  # chunk text digest -> a frame id holding it
         self.lock = threading.Lock()  # docs/by_digest are touched by worker threads
         self.pending: set[str] = set()  # paths queued and not yet prepared
@@ -293,9 +317,20 @@ class Indexer:
             except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
                 log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
                 continue
-            self.docs[info.uri] = Known(m)
+            self._set_doc(info.uri, Known(m))
             for d, fid in m.chunks:
                 self.by_digest.set(d, fid)
+
+    def _set_doc(self, uri: str, known: Known | None) -> None:
+        """``docs[uri] = known`` (None: forget it), and the list of skipped files with it."""
+        if known is None:
+            self.docs.pop(uri, None)
+        else:
+            self.docs[uri] = known
+        if known is not None and known.skipped:
+            self.skipped[uri] = known.skipped
+        else:
+            self.skipped.pop(uri, None)
 
     def tree_of(self, path: str) -> Tree | None:
         p = Path(path)
@@ -310,6 +345,10 @@ class Indexer:
             mb_read=round(self.progress.bytes_read / 1e6, 3),
             files_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
             roots=[str(t.root) for t in self.trees],
+            # A copy first (one C call, whole under the GIL): the writer thread changes it.
+            skipped={clean(uri_path(u)): why
+                     for u, why in itertools.islice(self.skipped.copy().items(), SKIPPED_SHOWN)},
+            files_unchunkable=len(self.skipped),
         )
         left = self.progress.files_to_index - self.progress.files_indexed
         rate = self.progress.files_indexed / elapsed if elapsed > 0 else 0
@@ -467,12 +506,9 @@ class Indexer:
         before, after, written = op.result
         with self.lock:
             if self.docs.get(uri) is after:
-                if before is None:
-                    self.docs.pop(uri, None)
-                else:
-                    self.docs[uri] = before
+                self._set_doc(uri, before)
             else:  # a later write built on it meanwhile: forget the file, it is read again
-                self.docs.pop(uri, None)
+                self._set_doc(uri, None)
             for d, fid in after.chunks if after is not None else []:  # never committed
                 if fid in written:
                     self.by_digest.forget(d, fid)
@@ -499,14 +535,16 @@ class Indexer:
             self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
         try:
-            with open(p, "rb") as f:
+            with tree.open(p, st) as f:  # the file vetted above, or Moved
                 if attempt != FINAL and being_written(f.fileno()):
                     first = self.writing.setdefault(path, time.monotonic())
                     if time.monotonic() - first < WRITER_WAIT_S:
                         return Wait(WRITER_POLL_S)
                 self.writing.pop(path, None)
                 data = f.read(tree.max_bytes + 1)
-            after = p.stat()
+                after = os.fstat(f.fileno())
+        except Moved:
+            return 0.05 if attempt != FINAL else None  # replaced since the stat: vet it again
         except FileNotFoundError:
             return self._delete(uri)
         except OSError as e:
@@ -526,9 +564,27 @@ class Indexer:
         if known is not None and known.sha == sha and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
             self.progress.files_unchanged += 1
             return None
+        if known is not None and known.skipped and known.sha == sha:  # touched, not changed
+            return self._skip(uri, tree, p, st, sha, known.skipped, known)
         text = data.decode("utf-8", errors="replace")
-        doc = chunk_document(path, text, size=self.chunk_size, overlap=self.overlap)
+        budget = self.chunk_budget_s
+        if budget is None:
+            budget = CHUNK_BUDGET_S + CHUNK_BUDGET_S_PER_MB * len(data) / 1e6
+        try:
+            doc = chunk_document(path, text, size=self.chunk_size, overlap=self.overlap, budget_s=budget)
+        except ChunkTimeout:
+            return self._skip(uri, tree, p, st, sha, f"took over {budget:.3g}s to chunk", known)
+        except Exception as e:  # a chunker bug: skip this file (until it changes), not every start
+            log.exception("cannot chunk path=%s", path)
+            return self._skip(uri, tree, p, st, sha, f"cannot chunk: {type(e).__name__}: {e}"[:200], known)
         return self._update(uri, tree, st, sha, doc, known)
+
+    def _skip(self, uri: str, tree: Tree, p: Path, st: os.stat_result, sha: bytes, why: str,
+              known: Known | None) -> WriteOp:
+        """A manifest without chunks that says ``why``: the file is known, not chunked again."""
+        self.progress.files_skipped += 1
+        tree._skip(p, why)  # noqa: SLF001 - the tree owns the once-per-file log
+        return self._update(uri, tree, st, sha, Document(file_kind(p.name), p.name, []), known, skipped=why)
 
     def _delete(self, uri: str) -> WriteOp:
         def apply(cap: engine.Capsule) -> tuple[Known, None, set[int]] | None:
@@ -545,14 +601,14 @@ class Indexer:
                     cap.remove(uri)
                 except engine.NotFound:
                     pass
-                del self.docs[uri]  # digests stay in by_digest: a rename may reuse them
+                self._set_doc(uri, None)  # digests stay in by_digest: a rename may reuse them
             self.progress.files_deleted += 1
             return m, None, set()
 
         return WriteOp(fn=apply)
 
-    def _update(self, uri: str, tree: Tree, st: os.stat_result, sha: bytes, doc: Any,
-                known: Manifest | None) -> WriteOp:
+    def _update(self, uri: str, tree: Tree, st: os.stat_result, sha: bytes, doc: Document,
+                known: Known | None, *, skipped: str = "") -> WriteOp:
         title = clean(doc.title)
         tags = {clean(k): clean(v) for k, v in {**doc.tags, "root": tree.root.name, "type": doc.kind}.items()}
         chunks = [(digest(c.text), c) for c in doc.chunks]
@@ -586,12 +642,13 @@ class Indexer:
                               parent=uri, chunk=i, vector=vector)
                 out.append((d, fid))
                 self.progress.chunks_written += 1
-            manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out, [k for k, _ in plan])
+            manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out, [k for k, _ in plan],
+                                skipped)
             cap.put(msgspec.msgpack.encode(manifest), uri=uri, title=title, kind=FILE_KIND, tags=tags,
                     timestamp=st.st_mtime_ns / 1e9)
             known = Known(manifest)
             with self.lock:
-                self.docs[uri] = known
+                self._set_doc(uri, known)
                 for d, fid in out:
                     self.by_digest.set(d, fid)
             self.progress.files_indexed += 1
