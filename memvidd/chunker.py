@@ -49,6 +49,10 @@ ANCHOR_SPACING = 1.0  # the mean distance between anchors (where a group must en
 MIN_FILL = 1 / 3  # a run cut for lack of room leaves its first group at least this full
 SMALL = 0.25  # a chunk shorter than this joins the group before it, anchor or not, if it fits
 TITLE_MAX = 120  # characters of a heading kept in a chunk title (a title is metadata, not text)
+# Front matter becomes tags: within the capsule's limits on tags (docs/format.md [F-09],
+# in bytes; a character is at most 4), so a careless file is indexed, not refused.
+TAG_KEY_MAX = 64  # characters; a longer "key" is not a tag
+TAG_VALUE_MAX = 1024  # characters kept of a value
 
 
 class ChunkTimeout(Exception):
@@ -131,8 +135,8 @@ def _front_matter(lines: list[str]) -> tuple[int, dict[str, str]]:
         if line in ("---", "..."):
             return i + 1, tags
         key, sep, value = line.partition(":")
-        if sep and key.strip() and not key.startswith((" ", "#")):
-            tags[key.strip()] = value.strip().strip("\"'")
+        if sep and 0 < len(key.strip()) <= TAG_KEY_MAX and not key.startswith((" ", "#")):
+            tags[key.strip()] = value.strip().strip("\"'")[:TAG_VALUE_MAX]
     return 0, {}  # no closing fence: not front matter
 
 

@@ -425,3 +425,20 @@ def test_open_follows_links_that_stay_inside(tmp_path):
         with tree.open(path, real.stat()) as f:
             assert f.read() == b"deep\n", path
 
+
+
+def test_front_matter_past_the_capsules_tag_limits_is_clipped_not_refused(tmp_path):
+    """Tags come from front matter: a huge value or key must not make the file unindexable
+    (the capsule refuses tags past its limits)."""
+    import engine
+    from engine import capsule as capsule_limits
+    from memvidd import chunker
+
+    text = "---\ntitle: " + "\u00e9" * 50_000 + "\n" + "k" * 5000 + ": v\nok: yes\n---\n# Heading\n\nbody text\n"
+    doc = chunker.chunk_document("notes.md", text)
+    assert doc.tags["ok"] == "yes" and "k" * 5000 not in doc.tags
+    assert len(doc.tags["title"]) == chunker.TAG_VALUE_MAX
+    with engine.create(tmp_path / "t.mv2", model=None) as cap:
+        cap.put(doc.chunks[0].text, uri="file:///notes.md#0", tags=doc.tags)  # within every limit
+        cap.commit()
+    assert all(len(v.encode()) <= capsule_limits.MAX_TAG_VALUE_BYTES for v in doc.tags.values())
