@@ -36,7 +36,6 @@ from typing import Any
 import zstandard
 
 import engine
-
 from bench.common import Corpus, arg_parser, dist, loadavg, log, parse_args, ratio, result_head, write_result
 
 SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl")

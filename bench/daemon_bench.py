@@ -29,8 +29,19 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    NOISE_SIGMA, Corpus, arg_parser, dist, environment, frame_vectors, log, loadavg, make_queries,
-    parse_args, ratio, result_head, write_result,
+    NOISE_SIGMA,
+    Corpus,
+    arg_parser,
+    dist,
+    environment,
+    frame_vectors,
+    loadavg,
+    log,
+    make_queries,
+    parse_args,
+    ratio,
+    result_head,
+    write_result,
 )
 from bench.daemon_process import Daemon, daemon_dirs
 

@@ -29,9 +29,18 @@ from typing import Any
 import zstandard
 
 import engine
-
 from bench.common import (
-    MB, REPO, Corpus, arg_parser, dist, environment, log, parse_args, percentile, ratio, result_head,
+    MB,
+    REPO,
+    Corpus,
+    arg_parser,
+    dist,
+    environment,
+    log,
+    parse_args,
+    percentile,
+    ratio,
+    result_head,
     write_result,
 )
 

@@ -38,14 +38,26 @@ from typing import Any
 import numpy as np
 
 import engine
+from bench.common import (
+    NOISE_SIGMA,
+    REPO,
+    Corpus,
+    arg_parser,
+    dist,
+    environment,
+    frame_vectors,
+    loadavg,
+    log,
+    make_queries,
+    parse_args,
+    percentile,
+    ratio,
+    result_head,
+    write_result,
+)
 from engine import format as fmt
 from engine.embed import MODELS, MODELS_DIR, Embedder
 from engine.search import rrf
-
-from bench.common import (
-    NOISE_SIGMA, REPO, Corpus, arg_parser, dist, environment, frame_vectors, log, loadavg, make_queries,
-    parse_args, percentile, ratio, result_head, write_result,
-)
 
 DATA = Path("/work/shared/data")
 SETS = ("scifact", "cranfield", "cisi")

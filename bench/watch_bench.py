@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    MB, arg_parser, dist, environment, loadavg, log, parse_args, percentile, result_head, stdlib_files,
+    MB,
+    arg_parser,
+    dist,
+    environment,
+    loadavg,
+    log,
+    parse_args,
+    percentile,
+    result_head,
+    stdlib_files,
     write_result,
 )
 from bench.daemon_process import Daemon, daemon_dirs

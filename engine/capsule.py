@@ -32,10 +32,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from . import codecs, crypto
+from . import codecs, crypto, retention, upgrade
 from . import format as fmt
-from . import retention, upgrade
+from .cache import LRUCache
 from .compact import Rewriter, unnamed
+from .embed import DEFAULT_MODEL, MODELS, Embedder, cache_root
 from .errors import (
     Cancelled,
     CapsuleBroken,
@@ -48,8 +49,6 @@ from .errors import (
     ReadOnlyError,
     StorageError,
 )
-from .cache import LRUCache
-from .embed import DEFAULT_MODEL, MODELS, Embedder, cache_root
 from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters

@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 from . import format as fmt
-from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, open as open_capsule, read_payload, unlock
+from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, read_payload, unlock
+from .capsule import open as open_capsule
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
 from .log import LogCursor, later_proof, opened

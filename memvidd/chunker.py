@@ -129,7 +129,7 @@ def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150
 def _front_matter(lines: list[str]) -> tuple[int, dict[str, str]]:
     if not lines or lines[0].strip() != "---":
         return 0, {}
-    tags = {}
+    tags: dict[str, str] = {}
     for i in range(1, min(len(lines), 200)):
         line = lines[i].strip()
         if line in ("---", "..."):
@@ -194,12 +194,16 @@ def _code_blocks(lines: list[str], deadline: _Deadline) -> list[tuple[int, int]]
             if j > starts[-1]:
                 starts.append(j)
                 preamble = j
-    return [(a, b) for a, b in zip(starts, [*starts[1:], len(lines)]) if any(x.strip() for x in lines[a:b])]
+    return [(a, b) for a, b in zip(starts, [*starts[1:], len(lines)], strict=True)
+            if any(x.strip() for x in lines[a:b])]
+
+
+PREAMBLE_MARKS = ("#", "//", "@", "/*", "*", "--", ";")  # comment and decorator starts
 
 
 def _is_preamble(line: str) -> bool:
     """An unindented comment or decorator line, or a blank one."""
-    return not line.strip() or (line[0] not in " \t" and line.lstrip().startswith(("#", "//", "@", "/*", "*", "--", ";")))
+    return not line.strip() or (line[0] not in " \t" and line.lstrip().startswith(PREAMBLE_MARKS))
 
 
 def _block_title(first: str, base: str) -> str:
@@ -275,7 +279,7 @@ def _merge_small(chunks: list[Chunk], size: int, kind: str, deadline: _Deadline)
     """
     limit = size // 2
     scores = [_score(c.text, kind) for c in chunks]
-    anchor = [len(c.text) >= limit or sc >= ANCHOR_SPACING * limit for c, sc in zip(chunks, scores)]
+    anchor = [len(c.text) >= limit or sc >= ANCHOR_SPACING * limit for c, sc in zip(chunks, scores, strict=True)]
     out: list[Chunk] = []
     closing = False  # out[-1] ended at an anchor
     i, n = 0, len(chunks)

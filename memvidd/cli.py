@@ -62,7 +62,8 @@ def _print_report(report: engine.Report, as_json: bool) -> None:
         print(f"  ... {report.error_count - len(report.errors)} more errors")
     facts = report.facts
     if "commits" in facts:
-        print(f"  {facts['commits']} commits, {facts['frames']} frames, {facts.get('payloads_checked', 0)} payloads checked")
+        checked = facts.get("payloads_checked", 0)
+        print(f"  {facts['commits']} commits, {facts['frames']} frames, {checked} payloads checked")
 
 
 PASSPHRASE_SOURCES = ("env", "file", "credential")
@@ -76,7 +77,7 @@ def _passphrase(args: argparse.Namespace, prefix: str = "") -> str | None:
         return None
     import engine
 
-    return engine.read_passphrase(**sources)  # type: ignore[arg-type]
+    return engine.read_passphrase(**sources)
 
 
 def _encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
@@ -237,7 +238,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         def human() -> None:
             print(f"{c.server.server} at {c.path} (protocol {c.server.version})")
             for x in caps:
-                print(f"  {x.name}{' (default)' if x.default else ''}: {x.frames} frames, commit {x.commit_seq}, {x.path}")
+                default = " (default)" if x.default else ""
+                print(f"  {x.name}{default}: {x.frames} frames, commit {x.commit_seq}, {x.path}")
 
         _emit(args, out, human)
     return 0
@@ -472,7 +474,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str | None]:
     if passphrase is None and c.passphrase_sources():
         import engine
 
-        passphrase = engine.read_passphrase(**c.passphrase_sources())  # type: ignore[arg-type]
+        passphrase = engine.read_passphrase(**c.passphrase_sources())
     return config_mod.expand(c.path), passphrase
 
 
@@ -672,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("to", metavar="TO", help="commit number, @unix-time or ISO time")
     c = client_cmd("rules", "show or set the retention rules", cmd_rules)
     c.add_argument("--set", metavar="JSON",
-                   help='new rules, e.g. \'{"default": {"max_age_s": 2592000}, "tags": {"kind=log": {"max_versions": 3}}}\'')
+                   help="new rules, e.g. "
+                        '\'{"default": {"max_age_s": 2592000}, "tags": {"kind=log": {"max_versions": 3}}}\'')
     c.add_argument("--force", action="store_true", help="allow rules that expire every live frame")
     c.add_argument("--as-of", help="the rules in force then: commit number, @unix-time or ISO time")
 

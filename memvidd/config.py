@@ -24,19 +24,19 @@ class Base(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
     pass
 
 
-class Daemon(Base):
+class Daemon(Base, frozen=True):
     socket: str = "$XDG_RUNTIME_DIR/memvidd/memvidd.sock"
     events_socket: str = "$XDG_RUNTIME_DIR/memvidd/events.sock"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
 
 
-class Durability(Base):
+class Durability(Base, frozen=True):
     policy: Literal["commit", "interval"] = "commit"
     interval_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
 
 
-class Limits(Base):
+class Limits(Base, frozen=True):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 16 << 20
     max_put_bytes: Annotated[int, msgspec.Meta(ge=1, le=256 << 20)] = 8 << 20
     max_connections: Positive = 1024  # on each socket
@@ -44,25 +44,25 @@ class Limits(Base):
     tail_buffer: Positive = 1024  # events queued for one tail subscriber before it is dropped
 
 
-class Embedding(Base):
+class Embedding(Base, frozen=True):
     model: str = "all-MiniLM-L6-v2"  # "none": lexical search only
     threads: NonNegative = 0  # 0: all cores
     batch_size: Positive = 8
 
 
-class Watcher(Base):
+class Watcher(Base, frozen=True):
     debounce_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
     max_file_bytes: Positive = 2 << 20
     chunk_size: Annotated[int, msgspec.Meta(ge=200, le=100_000)] = 1500
     chunk_overlap: NonNegative = 150
 
 
-class Cache(Base):
+class Cache(Base, frozen=True):
     result_bytes: NonNegative = 16 << 20
     block_bytes: NonNegative = 32 << 20
 
 
-class EngineOptions(Base):
+class EngineOptions(Base, frozen=True):
     level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 3
     checkpoint_bytes: Positive = 8 << 20
     checkpoint_frames: Positive = 4096
@@ -72,7 +72,7 @@ class EngineOptions(Base):
     compact_dead_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # 0: never compact by itself
 
 
-class CapsuleConfig(Base):
+class CapsuleConfig(Base, frozen=True):
     name: str
     path: str
     watch: list[str] = []
@@ -90,7 +90,7 @@ class CapsuleConfig(Base):
         return {k: (expand(v) if k == "file" else v) for k, v in given.items() if v is not None}
 
 
-class Config(Base):
+class Config(Base, frozen=True):
     daemon: Daemon = Daemon()
     durability: Durability = Durability()
     limits: Limits = Limits()
@@ -178,7 +178,8 @@ def parse(text: str, source: str) -> Config:
         from engine import MODELS  # here: a client reading the config has no use for the engine
 
         if cfg.embedding.model not in MODELS:
-            raise ConfigError(f"{source}: embedding.model {cfg.embedding.model!r} is not one of {sorted(MODELS)} or 'none'")
+            known = sorted(MODELS)
+            raise ConfigError(f"{source}: embedding.model {cfg.embedding.model!r} is not one of {known} or 'none'")
     return msgspec.structs.replace(cfg, source=source)
 
 

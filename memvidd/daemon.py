@@ -196,10 +196,8 @@ class Daemon:
         finally:
             await self._close_all()
             for path in self.created_sockets:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(path)
-                except OSError:
-                    pass
         log.info("stopped")
         return 0
 

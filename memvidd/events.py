@@ -30,9 +30,19 @@ import engine
 from . import protocol as p
 from .budget import OverBudget, Share
 from .framing import MessageReader
+from .server import (
+    AgentServer,
+    Connection,
+    check,
+    connection_ended,
+    error_reply,
+    put_item,
+    ready,
+    refuse,
+    requests,
+    unaffordable,
+)
 from .service import WriteOp
-from .server import (AgentServer, Connection, check, connection_ended, error_reply, put_item, ready, refuse, requests,
-                     unaffordable)
 
 log = logging.getLogger("memvidd.events")
 EVENT_KEYS = {"text", "uri", "title", "tags", "kind", "timestamp", "expires", "capsule"}
@@ -248,7 +258,8 @@ class EventServer:
                     async for req in incoming:
                         if not isinstance(req, (p.Put, p.PutMany, p.Hello)):
                             await conn.read(ready(p.Error(
-                                id=req.id, code=p.BAD_REQUEST, message="the event socket accepts put and put_many only")),
+                                id=req.id, code=p.BAD_REQUEST,
+                                message="the event socket accepts put and put_many only")),
                                 lambda e: None)
                             continue
                         self.events += 1

@@ -38,6 +38,7 @@ given a moment to be written before it counts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -207,10 +208,10 @@ def match_chunks(old: list[tuple[bytes, str]], new: list[bytes]) -> tuple[list[t
     out: list[tuple[str, int | None]] = []
     before = -1
     for i, d in enumerate(new):
-        j = same[i]
-        if j is not None:
-            out.append((old[j][1], j))
-            before = j
+        kept_at = same[i]
+        if kept_at is not None:
+            out.append((old[kept_at][1], kept_at))
+            before = kept_at
             continue
         q = old_left.get(before)
         if q:
@@ -252,10 +253,8 @@ def being_written(fd: int) -> bool:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
         return e.errno == errno.EAGAIN
-    try:
+    with contextlib.suppress(OSError):  # closing the file drops it too
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
-    except OSError:
-        pass  # closing the file drops it too
     return False
 
 
@@ -399,7 +398,8 @@ class Indexer:
                 if first:
                     task_status.started()
                     first = False
-                while not any(t.root.is_dir() for t in self.trees):
+                # No event says a directory was created where none was: look once a second.
+                while not any(t.root.is_dir() for t in self.trees):  # noqa: ASYNC110
                     await trio.sleep(1.0)
 
     async def _scan_all(self, trees: list[Tree]) -> None:
@@ -457,7 +457,7 @@ class Indexer:
                         continue
                     outcome = await trio.to_thread.run_sync(self._prepare, path, FINAL)
                 self.pending.discard(path)
-                if outcome is not None:
+                if isinstance(outcome, WriteOp):  # the final attempt never asks to wait
                     await writes.send((path, outcome))
                 if path in self.again:
                     self.again.discard(path)
@@ -473,26 +473,25 @@ class Indexer:
     async def _writer(self, writes: trio.MemoryReceiveChannel[tuple[str, WriteOp]]) -> None:
         """Submit prepared writes; keep at most 64 outstanding (backpressure)."""
         limit = trio.Semaphore(64)
-        async with trio.open_nursery() as nursery:
-            async with writes:
-                async for path, op in writes:
-                    await limit.acquire()
-                    self.svc.submit(op)
+        async with trio.open_nursery() as nursery, writes:
+            async for path, op in writes:
+                await limit.acquire()
+                self.svc.submit(op)
 
-                    async def settle(path: str = path, op: WriteOp = op) -> None:
-                        try:
-                            await op.done.wait()
-                            if op.error is not None:
-                                self.progress.errors += 1
-                                log.error("index write failed path=%s: %s", path, op.error)
-                                self._undo(file_uri(path), op)
-                                self._later(path, 1, 1.0)
-                        finally:
-                            limit.release()
+                async def settle(path: str = path, op: WriteOp = op) -> None:
+                    try:
+                        await op.done.wait()
+                        if op.error is not None:
+                            self.progress.errors += 1
+                            log.error("index write failed path=%s: %s", path, op.error)
+                            self._undo(file_uri(path), op)
+                            self._later(path, 1, 1.0)
+                    finally:
+                        limit.release()
 
-                    nursery.start_soon(settle)
-                    if not self.pending and self.progress.phase == "indexing":
-                        self.progress.phase = "watching"
+                nursery.start_soon(settle)
+                if not self.pending and self.progress.phase == "indexing":
+                    self.progress.phase = "watching"
 
     def _undo(self, uri: str, op: WriteOp) -> None:
         """A write failed: what the indexer assumed it did is put back as the capsule has it.
@@ -593,14 +592,10 @@ class Indexer:
                 if m is None:
                     return None
                 for key in m.chunk_keys():
-                    try:
+                    with contextlib.suppress(engine.NotFound):
                         cap.remove(chunk_uri(uri, key))
-                    except engine.NotFound:
-                        pass
-                try:
+                with contextlib.suppress(engine.NotFound):
                     cap.remove(uri)
-                except engine.NotFound:
-                    pass
                 self._set_doc(uri, None)  # digests stay in by_digest: a rename may reuse them
             self.progress.files_deleted += 1
             return m, None, set()
@@ -619,16 +614,15 @@ class Indexer:
                 sources = [self.by_digest.get(d) for d, _ in chunks]
                 reuse_ids = [fid for fid in sources if fid is not None]
             old_chunks = old.chunks if old is not None else []
-            plan, gone = match_chunks(list(zip([d for d, _ in old_chunks], old.chunk_keys() if old else [])),
+            old_keys = old.chunk_keys() if old else []
+            plan, gone = match_chunks(list(zip([d for d, _ in old_chunks], old_keys, strict=False)),
                                       [d for d, _ in chunks])
             vectors = cap.vectors(reuse_ids) if reuse_ids else {}
             out: list[tuple[bytes, int]] = []
             for key in gone:  # first: a fresh key never names a frame removed here
-                try:
+                with contextlib.suppress(engine.NotFound):
                     cap.remove(chunk_uri(uri, key))
-                except engine.NotFound:
-                    pass
-            for i, ((d, c), (key, same)) in enumerate(zip(chunks, plan)):
+            for i, ((d, c), (key, same)) in enumerate(zip(chunks, plan, strict=True)):
                 if same is not None:
                     out.append(old_chunks[same])  # unchanged, maybe moved: no new version, no embedding
                     self.progress.chunks_kept += 1

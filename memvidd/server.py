@@ -22,10 +22,10 @@ reports), and engine errors typed error replies (``error_reply``).
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing, contextmanager
 import os
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any, NoReturn, cast
 
 import msgspec

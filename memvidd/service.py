@@ -32,11 +32,11 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import trio
+import trio.lowlevel
 
 import engine
 
 from .budget import OverBudget
-import trio.lowlevel
 
 log = logging.getLogger("memvidd.service")
 

@@ -22,7 +22,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import pathspec
 from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
@@ -51,7 +51,7 @@ class _LinearPattern(GitIgnoreSpecPattern):
     """
 
     @staticmethod
-    def _translate_segment_glob(pattern: str, range_error: str) -> str:  # type: ignore[override]
+    def _translate_segment_glob(pattern: str, range_error: Literal["literal", "raise"]) -> str:
         regex = GitIgnoreSpecPattern._translate_segment_glob(pattern, range_error)
         pieces = [_no_slash(piece) for piece in regex.split(_STAR)]
         if len(pieces) < 3:  # one `*` at most: nothing to try again
