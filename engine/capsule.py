@@ -52,7 +52,8 @@ from .errors import (
 from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
-from .log import Replay, read_meta, read_record, replay
+from .log import Replay, read_record, replay
+from .reading import Dictionaries, View, Views, load_checkpoint, read_header, read_payload
 from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, ram_root, rrf
 from .table import FOREVER, FrameTable
 from .vectors import as_vector, pack_vectors, unpack_vectors
@@ -218,124 +219,6 @@ def open(  # noqa: A001 - the public name the API promises
         raise
 
 
-def read_header(f: CapsuleFile) -> fmt.Header:
-    """The newest intact header slot [F-02]."""
-    raw = f.pread(0, fmt.LOG_START)
-    if len(raw) < fmt.HEADER.size:
-        raise CorruptionError("file is shorter than its header", offset=0)
-    good = fmt.decode_slots(raw)
-    if not good:
-        raise CorruptionError("both header slots are damaged", offset=0)
-    return max(good, key=lambda h: h.generation)
-
-
-def load_checkpoint(
-    f: CapsuleFile, header: fmt.Header, spill_dir: str | None = None
-) -> tuple[fmt.CheckpointRecord, FrameTable]:
-    """The checkpoint the header points at, and the frame table its segments hold
-    (frame metadata spilled to ``spill_dir``, or kept in memory without one)."""
-    ck_off = header.checkpoint_offset
-    ckpt = read_meta(f, ck_off, fmt.CHECKPOINT, fmt.CheckpointRecord)
-    if ckpt.capsule_id != header.capsule_id:
-        raise CorruptionError("checkpoint belongs to another capsule", offset=ck_off)
-    table = FrameTable(spill_dir)
-    try:
-        for ref in ckpt.segments:
-            seg = read_meta(f, ref.offset, fmt.SEGMENT, fmt.SegmentRecord)
-            if seg.first_id != ref.first_id or len(seg.frames) != ref.count:
-                raise CorruptionError("segment does not match its checkpoint entry", offset=ref.offset)
-            table.load_segment(seg.frames, seg.commits, ref.offset)
-    except BaseException:
-        table.close()
-        raise
-    upgrades = ckpt.extra.get("codec", {})
-    table.dicts = {int(k): v for k, v in upgrades.get("dicts", {}).items()}
-    table.upgraded_upto = upgrades.get("upto", 0)
-    table.dict_trained_at = upgrades.get("trained_at", 0)
-    if table.seq != ckpt.seq or table.next_id != ckpt.next_id:
-        raise CorruptionError("checkpoint segments do not add up", offset=ck_off)
-    return ckpt, table
-
-
-class Dictionaries:
-    """The compression dictionaries of one capsule file [F-16], loaded on first use."""
-
-    def __init__(self, f: CapsuleFile, table: FrameTable) -> None:
-        self._file = f
-        self._table = table
-        self._loaded: dict[int, Any] = {}
-
-    def __call__(self, dict_id: int) -> Any:
-        d = self._loaded.get(dict_id)
-        if d is None:
-            offset = self._table.dicts.get(dict_id)
-            if offset is None:
-                raise CorruptionError(f"a block names dictionary {dict_id}, which the capsule lacks")
-            _, body = read_record(self._file, offset, fmt.DICT)
-            (stored_id,) = fmt.DICT_HEADER.unpack_from(body)
-            if stored_id != dict_id:
-                raise CorruptionError(f"dictionary {dict_id} record holds id {stored_id}", offset=offset)
-            d = self._loaded[dict_id] = codecs.load_dict(body[fmt.DICT_HEADER.size :], offset=offset)
-        return d
-
-
-def read_block(f: CapsuleFile, offset: int, dicts: Dictionaries | None = None) -> bytes:
-    """The decoded bytes of the BLOCK record at ``offset``."""
-    _, body = read_record(f, offset, fmt.BLOCK)
-    codec, _, _, dict_id, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
-    zdict = dicts(dict_id) if dict_id and dicts is not None else None
-    return codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len, offset=offset, zdict=zdict)
-
-
-def read_payload(
-    f: CapsuleFile, m: fmt.FrameMeta, blocks: LRUCache | None = None, dicts: Dictionaries | None = None,
-) -> bytes:
-    """A frame's payload bytes, checked against its digest."""
-    if m.block < 0:
-        return b""
-    raw = blocks.get(m.block) if blocks is not None else None
-    if raw is None:
-        raw = read_block(f, m.block, dicts)
-        if blocks is not None:
-            blocks.put(m.block, raw)
-    payload = raw[m.start : m.start + m.length]
-    if hashlib.blake2b(payload, digest_size=16).digest() != m.digest:
-        raise CorruptionError(f"payload of frame {m.id} fails its digest", offset=m.block)
-    return payload
-
-
-class View:
-    """One consistent way to read frames: a frame table and the file its locations
-    point into, with that file's block cache and dictionaries.
-
-    A compaction's switch makes a new file, a new table and new caches, and replaces the
-    capsule's view with one assignment. A reader pins the view current when it starts
-    (``Capsule._pin``) and reads every location through it, so a location from one
-    file never meets the bytes of another, however the threads interleave. A replaced
-    view stays open until its last reader lets go, then gives back its table's spill
-    file and the old file's descriptor (and with it the old file's disk space)."""
-
-    __slots__ = ("table", "file", "blocks", "dicts", "pins", "retired")
-
-    def __init__(self, table: FrameTable, f: CapsuleFile, blocks: LRUCache, dicts: Dictionaries) -> None:
-        self.table = table
-        self.file = f
-        self.blocks = blocks
-        self.dicts = dicts
-        self.pins = 0  # readers using it (guarded by Capsule._pin_lock)
-        self.retired = False  # a compaction replaced it: close when pins reach 0
-
-    def payload(self, m: fmt.FrameMeta) -> bytes:
-        return read_payload(self.file, m, self.blocks, self.dicts)
-
-    def text(self, m: fmt.FrameMeta) -> str:
-        return self.payload(m).decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        self.table.close()
-        self.file.close()
-
-
 def _vec_binding(model: str) -> dict[str, Any]:
     return {"model": model, "dim": MODELS[model].dim}
 
@@ -471,9 +354,7 @@ class Capsule:
         self._new_rules: dict[str, Any] | None = None  # set while a rule change is written
         self._expiry = retention.Expiry()
         self.clock = time.time  # what "now" is for expiry (tests move it)
-        self._view: View | None = None  # what readers pin; replaced by compaction's switch
-        self._retired: list[View] = []  # views a compaction replaced, still pinned by a reader
-        self._pin_lock = threading.Lock()
+        self._views = Views()  # what readers pin; compaction's switch replaces the current one
         self._table: FrameTable  # set by _load (and by each compaction's switch)
         try:
             self._load()
@@ -481,8 +362,8 @@ class Capsule:
                 self._embedder = None
                 self.attach_embedder(embedder)
         except BaseException:
-            if self._view is not None:
-                self._view.table.close()  # its spill file; the caller closes the capsule file
+            if self._views.current is not None:
+                self._views.current.table.close()  # its spill file; the caller closes the capsule file
             raise
 
     @property
@@ -509,20 +390,10 @@ class Capsule:
     def _pin(self) -> View:
         """The current view, kept open until ``_unpin``. Callers hold the capsule lock,
         so the view matches the table they just read from."""
-        with self._pin_lock:
-            view = self._view
-            assert view is not None
-            view.pins += 1
-        return view
+        return self._views.pin()
 
     def _unpin(self, view: View) -> None:
-        with self._pin_lock:
-            view.pins -= 1
-            last = view.retired and view.pins == 0
-            if last:
-                self._retired.remove(view)
-        if last:
-            view.close()
+        self._views.unpin(view)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[View]:
@@ -533,18 +404,6 @@ class Capsule:
             yield view
         finally:
             self._unpin(view)
-
-    def _retire(self, view: View) -> None:
-        """A compaction replaced ``view``: close it now, or when its last reader is done."""
-        with self._pin_lock:
-            view.retired = True
-            idle = view.pins == 0
-            if not idle:
-                self._retired.append(view)
-        if idle:
-            view.close()
-
-    # -- opening ----------------------------------------------------------------------
 
     def _spill_dir(self) -> str | None:
         """Where the frame table keeps frame metadata: the index directory (disk); for an
@@ -560,9 +419,7 @@ class Capsule:
         self._dicts = Dictionaries(self._file, table)
         # Fresh small puts use the newest dictionary [F-16]
         self._fresh_dict = (max(table.dicts), self._dicts(max(table.dicts))) if table.dicts else None
-        old, self._view = self._view, View(table, self._file, self._blocks, self._dicts)
-        if old is not None:
-            self._retire(old)
+        self._views.replace(View(table, self._file, self._blocks, self._dicts))
         self._ckpt = ckpt
         self._ckpt_end = self._header.checkpoint_offset + self._header.checkpoint_length
         self._counters: dict[str, int] = dict(ckpt.counters)
@@ -1881,8 +1738,9 @@ class Capsule:
 
     def _text_of(self, m: fmt.FrameMeta) -> str:
         """``m``'s text through the current view (callers hold the lock)."""
-        assert self._view is not None
-        return self._view.text(m)
+        view = self._views.current
+        assert view is not None
+        return view.text(m)
 
     def _read_lexfile(self, offset: int, length: int) -> bytes:
         _, body = read_record(self._file, offset, fmt.LEXFILE)
@@ -2110,9 +1968,7 @@ class Capsule:
                 if self._indexes is not None:
                     self._indexes.close(None if self.readonly or self._broken else self._table)
                     self._indexes = None
-                for view in [self._view, *self._retired]:
-                    if view is not None:
-                        view.close()  # its table and file: the current one is self._file
+                self._views.close()  # tables and files: the current view's is self._file
 
     def __enter__(self) -> Capsule:
         return self

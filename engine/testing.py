@@ -168,5 +168,4 @@ class CrashFile(_Wrapper):
 def process_death(cap: Any) -> None:
     """Release what the kernel releases when a process dies (descriptors: the capsule
     file, the frame tables' spill files) and nothing a close would write."""
-    for view in (cap._view, *cap._retired):  # noqa: SLF001 - a test seam into the capsule
-        view.close()
+    cap._views.close()  # noqa: SLF001 - a test seam into the capsule

@@ -23,11 +23,12 @@ from typing import Any
 import msgspec
 
 from . import format as fmt
-from .capsule import Dictionaries, genesis, genesis_extra, load_checkpoint, read_payload, unlock
+from .capsule import genesis, genesis_extra, unlock
 from .capsule import open as open_capsule
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
 from .log import LogCursor, later_proof, opened
+from .reading import Dictionaries, load_checkpoint, read_payload
 from .table import FrameTable
 
 MAX_LISTED = 50  # errors listed in a report; the count is always exact

@@ -483,4 +483,4 @@ def test_a_pinned_view_outlives_compactions_then_gives_its_file_back(tmp_path):
             cap.get(uri="p://nothing")
         cap.changes(0)
         cap.timeline()
-        assert cap._view.pins == 0
+        assert cap._views.current.pins == 0
