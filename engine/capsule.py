@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,7 @@ class Capsule:
         self._embed_queue: deque[int] = deque()
         self._embed_stats = {"embedded": 0, "seconds": 0.0, "errors": 0}
         self._embed_error: str | None = None
+        self._vector_sink: Callable[[], None] | None = None  # see hand_vectors_to
         self._embedding_inflight = 0
         self._rewarm_pending = False
         self._upgrade_lock = threading.Lock()  # one codec upgrade (or compaction) at a time
@@ -1796,7 +1797,8 @@ class Capsule:
 
     def _embed_loop(self) -> None:
         """Embed queued frames in batches; vectors land in the index at once, on disk at
-        the next commit (or right away when no puts are staged)."""
+        the next commit: right away when no puts are staged, unless they are handed to a
+        writer (``hand_vectors_to``)."""
         assert self._embedder is not None
         while True:
             self._embed_wake.wait()
@@ -1833,11 +1835,23 @@ class Capsule:
                 self._embedding_inflight = 0
                 if self._indexes is not None:
                     self._indexes.add_vectors([m.id for m in batch], vectors)
-                if not self._pending and not self._broken:
+                sink = self._vector_sink
+                if sink is None and not self._pending and not self._broken:
                     try:
                         self._commit()
                     except (StorageError, CapsuleBroken) as e:
                         self._embed_error = str(e)
+            if sink is not None:
+                sink()  # outside the lock: the writer it wakes takes it to commit
+
+    def hand_vectors_to(self, ready: Callable[[], None] | None) -> None:
+        """Leave vectors to the writer: from now on the embedding thread commits none
+        itself. Embedded vectors wait (searchable already) for the next commit, whoever
+        makes it, and ``ready()`` is called from the embedding thread each time some are
+        waiting, so that a program with one writer (the daemon) commits them in its own
+        writer slot. ``None``: the embedding thread commits them itself again."""
+        with self._lock:
+            self._vector_sink = ready
 
     def wait_embedded(self, timeout: float | None = None) -> bool:
         """Block until every queued frame has its vector; False on timeout or error."""

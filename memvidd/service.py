@@ -20,11 +20,15 @@ through ``trio.to_thread`` so the event loop never blocks on disk or CPU:
   overlap (one maintenance slot).
 - writes that commit on their own (rewind, rule changes) take their place in the write
   queue like puts: what was queued before them is committed first, what comes after
-  them is staged after them.
+  them is staged after them;
+- the writer slot is the only path that commits: the engine's embedding thread hands its
+  vectors over (``Capsule.hand_vectors_to``) and rings the committer, which commits them
+  with the next puts or, if none are queued, on their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -139,6 +143,11 @@ class CapsuleService:
         self.compactions = {"runs": 0, "automatic": 0, "reclaimed": 0, "failures": 0}
         self._maintenance = trio.CapacityLimiter(1)  # codec upgrades and compactions, one at a time
         self._stopping = threading.Event()  # set on close: a compaction under way gives up
+        # The writer slot is the only path that commits: vectors the engine embeds wait
+        # for it (rung from the embedding thread) instead of being committed there.
+        self._vectors_waiting = False
+        self._token = trio.lowlevel.current_trio_token()
+        cap.hand_vectors_to(self._vectors_ready)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -182,9 +191,19 @@ class CapsuleService:
                 await trio.sleep(self.interval)  # gather more requests into this fsync
             await self.commit_queued()
 
+    def _vectors_ready(self) -> None:
+        """Called from the engine's embedding thread: have the committer commit them."""
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._wake_for_vectors)
+
+    def _wake_for_vectors(self) -> None:
+        self._vectors_waiting = True
+        self._dirty.set()
+
     async def commit_queued(self) -> None:
         batch, self._queue = self._queue, []
-        if not batch:
+        vectors, self._vectors_waiting = self._vectors_waiting, False
+        if not batch and not vectors:
             return
 
         def commit(group: list[WriteOp]) -> BaseException | None:
@@ -225,7 +244,7 @@ class CapsuleService:
                 except Exception as e:  # noqa: BLE001 - a refused or broken op fails alone
                     op.error = e
                 group.append(op)
-            if group:
+            if group or (vectors and not batch):  # vectors alone: a commit of their own
                 failed = commit(group)
                 commits, failure = commits + (failed is None), failed or failure
             return commits, failure

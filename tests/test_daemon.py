@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import aclosing
 
 import msgspec
@@ -300,3 +301,29 @@ def test_wire_messages_roundtrip_and_ignore_unknown_fields():
     assert p.request_decoder.decode(p.encoder.encode(msg)) == msg
     newer = msgspec.msgpack.encode({"op": "find", "id": 1, "query": "q", "a_future_field": [1, 2]})
     assert p.request_decoder.decode(newer).query == "q"
+
+
+@pytest.mark.timeout(180)
+def test_vectors_are_committed_by_the_writer_slot_with_the_real_model(tmp_path):
+    """With the embedding model loaded, a put becomes semantically searchable and its
+    vector durable, and the commit that stores the vector is the daemon's own (its writer
+    slot is the only path that commits: the engine's embedding thread hands vectors over)."""
+    d = DaemonProc(tmp_path)
+    d.config.write_text(d.config.read_text().replace('model = "none"', f'model = "{engine.DEFAULT_MODEL}"'))
+    try:
+        d.start(timeout=120)
+        with Client(d.socket) as c:
+            c.put("photosynthesis converts light into chemical energy", uri="doc://bio")
+            commits = c.stats()["daemon"]["commits"]
+
+            deadline = time.monotonic() + 120
+            while not ((s := c.stats())["vectors"]["frames_with_vectors"] == 1 and s["daemon"]["commits"] > commits):
+                assert time.monotonic() < deadline, f"no vector committed by the daemon: {s['daemon']}"
+                time.sleep(0.05)  # the daemon sends no event when a vector lands
+            hits = c.find("how plants make energy from sunlight", mode="vec", k=1)
+            assert hits and hits[0].uri == "doc://bio"
+        assert d.stop() == 0
+    finally:
+        d.close()
+    with engine.open(tmp_path / "default.mv2") as cap:  # durable: in the file, not only in memory
+        assert cap.stats()["vectors"]["frames_with_vectors"] == 1

@@ -4,6 +4,7 @@ the indexes, caches, and bad input. The semantic tests run the real embedding mo
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,24 @@ def test_vectors_are_searchable_before_they_are_durable(path, embedder):
         assert cap.find("photosynthesis", mode="lex")  # lexical at once, whatever the embedder does
         assert cap.wait_embedded(timeout=60)
         assert cap.find("how plants make energy from sunlight", mode="vec", k=1)[0].uri == "doc://bio"
+
+
+@pytest.mark.timeout(90)
+def test_vectors_handed_to_the_writer_wait_for_its_commit(path, embedder):
+    """With a writer to hand them to (the daemon's writer slot), the embedding thread
+    commits no vectors: they are searchable at once, rung for, and durable with the
+    writer's next commit."""
+    rung = threading.Event()
+    with engine.create(path, embedder=embedder) as cap:
+        cap.hand_vectors_to(rung.set)
+        cap.put("photosynthesis converts light into chemical energy", uri="doc://bio")
+        seq = cap.commit()
+        assert rung.wait(60)
+        assert cap.find("how plants make energy from sunlight", mode="vec", k=1)[0].uri == "doc://bio"
+        assert cap.seq == seq  # the embedding thread committed nothing
+        assert "vectors" not in _kinds(path)
+        assert cap.commit() == seq + 1  # the writer's commit carries them
+        assert _kinds(path)["vectors"] == 1
 
 
 def test_doctor_reindex_rebuilds_both_indexes_from_the_capsule(path, embedder, tmp_path):
