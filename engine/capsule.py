@@ -18,7 +18,6 @@ import contextlib
 import datetime as _dt
 import errno
 import hashlib
-import math
 import os
 import threading
 import time
@@ -50,24 +49,22 @@ from .errors import (
     StorageError,
 )
 from .fileio import CapsuleFile, OsFile, fsync_dir, link_unnamed
+from .genesis import genesis, genesis_extra, new_header, unlock, vec_binding
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
 from .lexical import Filters
 from .log import Replay, read_record, replay
+from .metadata import (
+    check_sizes,
+    opt_str,
+    tags_of,
+    to_epoch,
+)
 from .reading import Dictionaries, View, Views, load_checkpoint, read_header, read_payload
 from .search import MAX_K, MODES, Hit, Hits, Indexes, fingerprint, ram_root, rrf
 from .table import FOREVER, FrameTable
 from .vectors import as_vector, pack_vectors, unpack_vectors
 
 MAX_PAYLOAD = 256 << 20
-# Frame metadata limits, in UTF-8 bytes (docs/format.md [F-09]): a put past one is refused
-# before anything is written. Generous for real input (a percent-encoded PATH_MAX path
-# fits a URI), small enough that no frame can make its metadata or index entries huge.
-MAX_URI_BYTES = 16 << 10  # also the parent URI
-MAX_TITLE_BYTES = 4 << 10
-MAX_KIND_BYTES = 256
-MAX_TAGS = 256
-MAX_TAG_KEY_BYTES = 256
-MAX_TAG_VALUE_BYTES = 4 << 10
 MUTABLE_LEX_FILES = {"meta.json", ".managed.json"}  # Tantivy rewrites these in place
 LEX_COPY_MIN_FRAMES = 2048  # copy the lexical index into the capsule after this much growth
 SMALL_VECTOR_RECORD = 64  # VECTORS records with fewer vectors are folded at checkpoints
@@ -156,39 +153,13 @@ def create(
     opts = _options(options)
     if model is not None and model not in MODELS:
         raise InvalidArgument(f"unknown model {model!r}; known: {sorted(MODELS)}")
-    header, sealer, ckpt_raw = new_header(uuid.uuid4().bytes, {"vec": _vec_binding(model)} if model else {},
+    header, sealer, ckpt_raw = new_header(uuid.uuid4().bytes, {"vec": vec_binding(model)} if model else {},
                                           passphrase, kdf)
     slot = fmt.encode_header(header)
     initial = slot + slot + ckpt_raw  # both slots valid from the start [F-02]
     f = (file_factory or OsFile.create)(path, initial)
     f.sealer = sealer
     return Capsule(f, header, readonly=False, opts=opts, embedder=embedder)
-
-
-def new_header(
-    capsule_id: bytes, extra: dict[str, Any], passphrase: str | bytes | None, kdf: crypto.KdfParams | None,
-) -> tuple[fmt.Header, crypto.Sealer | None, bytes]:
-    """A new capsule's header, its sealer (encrypted capsules), and its genesis record."""
-    keyslot, sealer = b"", None
-    if passphrase is not None:
-        slot, data_key = crypto.new_keyslot(passphrase, capsule_id, kdf)
-        keyslot, sealer = crypto.encode_keyslot(slot), crypto.Sealer(data_key, capsule_id)
-    first = genesis(capsule_id, extra, sealer)
-    header = fmt.Header(1, capsule_id, time.time(), fmt.LOG_START, len(first),
-                        flags=fmt.HEADER_ENCRYPTED if sealer else 0, keyslot=keyslot)
-    return header, sealer, first
-
-
-def unlock(f: CapsuleFile, header: fmt.Header, passphrase: str | bytes | None) -> None:
-    """Give ``f`` the sealer of an encrypted capsule [F-19] (``WrongPassphrase`` if the
-    passphrase does not open its key slot)."""
-    if header.flags & fmt.HEADER_ENCRYPTED:
-        if passphrase is None:
-            raise InvalidArgument(f"{f.path} is encrypted: open it with its passphrase")
-        data_key = crypto.unlock(crypto.decode_keyslot(header.keyslot), passphrase, header.capsule_id)
-        f.sealer = crypto.Sealer(data_key, header.capsule_id)
-    elif passphrase is not None:
-        raise InvalidArgument(f"{f.path} is not encrypted: open it without a passphrase")
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -217,94 +188,6 @@ def open(  # noqa: A001 - the public name the API promises
     except BaseException:
         f.close()
         raise
-
-
-def _vec_binding(model: str) -> dict[str, Any]:
-    return {"model": model, "dim": MODELS[model].dim}
-
-
-def genesis_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """What a genesis checkpoint holds of a later checkpoint's ``extra``: the model
-    binding and a branch's origin; the rest is rebuilt from the records (compaction,
-    branches, doctor)."""
-    out: dict[str, Any] = {}
-    if "vec" in extra:
-        out["vec"] = {"model": extra["vec"]["model"], "dim": extra["vec"]["dim"]}
-    if "origin" in extra:
-        out["origin"] = extra["origin"]
-    return out
-
-
-def genesis(capsule_id: bytes, extra: dict[str, Any], sealer: fmt.Sealing | None = None) -> bytes:
-    """The first record of every capsule: the empty checkpoint at LOG_START [F-02].
-
-    It binds the embedding model (``extra["vec"]``) for good, and a branch's origin;
-    every later checkpoint carries them forward.
-    """
-    return fmt.meta_record(fmt.CHECKPOINT, fmt.CheckpointRecord(capsule_id, 0, 0, 0, [], {}, extra),
-                           sealer=sealer, offset=fmt.LOG_START)
-
-
-def _timestamp(value: Any) -> float:
-    if value is None:
-        return time.time()
-    if isinstance(value, _dt.datetime):
-        if value.tzinfo is None:
-            raise InvalidArgument("timestamp datetime must be timezone-aware")
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise InvalidArgument(f"timestamp must be epoch seconds or an aware datetime, not {value!r}")
-
-
-def _opt_str(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
-    _utf8(name, value)
-    return value
-
-
-def _utf8(name: str, value: str) -> None:
-    """Metadata is stored as UTF-8: a lone surrogate (e.g. from JSON "\\ud800") cannot be."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidArgument(f"{name} is not valid Unicode text (character {e.start})") from None
-
-
-def _check_sizes(meta: Mapping[str, Any]) -> None:
-    """Refuse frame metadata past the limits (``MAX_URI_BYTES`` and the others)."""
-    for name, limit in (("uri", MAX_URI_BYTES), ("parent", MAX_URI_BYTES), ("title", MAX_TITLE_BYTES),
-                        ("kind", MAX_KIND_BYTES)):
-        _fits(name, meta[name], limit)
-    tags = meta["tags"]
-    if len(tags) > MAX_TAGS:
-        raise InvalidArgument(f"{len(tags)} tags exceed the limit of {MAX_TAGS} tags")
-    for k, v in tags.items():
-        _fits("a tag key", k, MAX_TAG_KEY_BYTES)
-        _fits(f"tag {k!r}", v, MAX_TAG_VALUE_BYTES)
-
-
-def _fits(name: str, value: str | None, limit: int) -> None:
-    if value is not None and len(value) * 4 > limit:  # only long text can be too long
-        size = len(value.encode("utf-8"))
-        if size > limit:
-            raise InvalidArgument(f"{name} of {size} bytes exceeds the limit of {limit} bytes")
-
-
-def _tags(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise InvalidArgument("tags must be a mapping of str to str")
-    for k, v in value.items():
-        _utf8("tag key", k)
-        _utf8(f"tag {k!r}", v)
-    return dict(value)
 
 
 class Capsule:
@@ -607,18 +490,18 @@ class Capsule:
             raise InvalidArgument(f"payload must be str or bytes, not {type(data).__name__}")
         if len(payload) > MAX_PAYLOAD:
             raise InvalidArgument(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-        uri = _opt_str("uri", uri)
+        uri = opt_str("uri", uri)
         if uri == "":
             raise InvalidArgument("uri must not be empty")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
             raise InvalidArgument("chunk must be a non-negative int")
         meta_args: dict[str, Any] = dict(
-            uri=uri, title=_opt_str("title", title), kind=_opt_str("kind", kind),
-            tags=_tags(tags), timestamp=_timestamp(timestamp), parent=_opt_str("parent", parent),
+            uri=uri, title=opt_str("title", title), kind=opt_str("kind", kind),
+            tags=tags_of(tags), timestamp=to_epoch(timestamp), parent=opt_str("parent", parent),
             expires=None if expires is None else (
-                time.time() + expires.total_seconds() if isinstance(expires, _dt.timedelta) else _timestamp(expires)),
+                time.time() + expires.total_seconds() if isinstance(expires, _dt.timedelta) else to_epoch(expires)),
         )
-        _check_sizes(meta_args)
+        check_sizes(meta_args)
         vec = None
         if vector is not None:
             if self._vec is None:
@@ -1378,8 +1261,8 @@ class Capsule:
         ``expired``."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise InvalidArgument("limit must be a non-negative int")
-        lo = None if since is None else _timestamp(since)
-        hi = None if until is None else _timestamp(until)
+        lo = None if since is None else to_epoch(since)
+        hi = None if until is None else to_epoch(until)
         with self._lock:
             self._check_open()
             self._expire_due()
@@ -1507,7 +1390,7 @@ class Capsule:
             if not 0 <= as_of <= head:
                 raise InvalidArgument(f"as_of commit {as_of} is outside 0..{head}")
             return as_of
-        return self._table.seq_at_time(_timestamp(as_of))
+        return self._table.seq_at_time(to_epoch(as_of))
 
     def _info(self, m: fmt.FrameMeta) -> FrameInfo:
         t = self._table
@@ -1556,8 +1439,8 @@ class Capsule:
         if isinstance(snippet_chars, bool) or not isinstance(snippet_chars, int) or snippet_chars < 0:
             raise InvalidArgument("snippet_chars must be a non-negative int")
         filters = Filters(
-            scope=_opt_str("scope", scope), tags=_tags(tags), kind=_opt_str("kind", kind),
-            since=None if since is None else _timestamp(since), until=None if until is None else _timestamp(until),
+            scope=opt_str("scope", scope), tags=tags_of(tags), kind=opt_str("kind", kind),
+            since=None if since is None else to_epoch(since), until=None if until is None else to_epoch(until),
         )
         warnings = []
         if k > MAX_K:

@@ -46,7 +46,7 @@ class Rewriter:
     ranges, then ``finish``. ``out`` is an unnamed, locked file (``OsFile.unnamed``)."""
 
     def __init__(self, src: Capsule, out: OsFile, header: fmt.Header, genesis: bytes) -> None:
-        """``header`` and ``genesis`` start the new file (``capsule.new_header``), and
+        """``header`` and ``genesis`` start the new file (``genesis.new_header``), and
         ``out.sealer`` seals its records when it is to be encrypted."""
         self.src = src
         self.out = out

@@ -23,10 +23,10 @@ from typing import Any
 import msgspec
 
 from . import format as fmt
-from .capsule import genesis, genesis_extra, unlock
 from .capsule import open as open_capsule
 from .errors import CorruptionError, EngineError, NotACapsule
 from .fileio import OsFile
+from .genesis import genesis, genesis_extra, unlock
 from .log import LogCursor, later_proof, opened
 from .reading import Dictionaries, load_checkpoint, read_payload
 from .table import FrameTable

@@ -431,7 +431,7 @@ def test_front_matter_past_the_capsules_tag_limits_is_clipped_not_refused(tmp_pa
     """Tags come from front matter: a huge value or key must not make the file unindexable
     (the capsule refuses tags past its limits)."""
     import engine
-    from engine import capsule as capsule_limits
+    from engine import metadata as capsule_limits
     from memvidd import chunker
 
     text = "---\ntitle: " + "\u00e9" * 50_000 + "\n" + "k" * 5000 + ": v\nok: yes\n---\n# Heading\n\nbody text\n"

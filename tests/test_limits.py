@@ -18,6 +18,7 @@ import pytest
 import engine
 from daemon_util import ROOT, DaemonProc
 from engine import capsule as capsule_mod
+from engine import metadata
 from engine import lexical
 from memvidd import protocol as p
 from memvidd.client import Client, RemoteError
@@ -113,7 +114,7 @@ OPEN_AND_SEARCH = textwrap.dedent("""
 @pytest.mark.timeout(120)
 def test_a_capsule_with_a_huge_uri_opens_and_indexes_in_bounded_memory(path, monkeypatch):
     # Written the way the old code could: past today's limit.
-    monkeypatch.setattr(capsule_mod, "MAX_URI_BYTES", 1 << 30, raising=False)
+    monkeypatch.setattr(metadata, "MAX_URI_BYTES", 1 << 30)
     with engine.create(path, model=None) as cap:
         cap.put("the needle", uri=DEEP)
         cap.put("another needle", uri="x:a/b")
@@ -147,11 +148,11 @@ def test_the_daemon_answers_bad_request_to_a_uri_past_the_limit(tmp_path):
 def test_the_protocol_checks_the_engines_own_limits():
     """The daemon refuses at the protocol what the engine would refuse, with the same
     numbers: one set of limits, whichever door a frame comes through."""
-    from engine import capsule
+    from engine import metadata
     from memvidd import protocol
 
-    assert protocol.MAX_URI == capsule.MAX_URI_BYTES
-    assert protocol.MAX_TITLE == capsule.MAX_TITLE_BYTES
-    assert protocol.MAX_NAME == capsule.MAX_KIND_BYTES == capsule.MAX_TAG_KEY_BYTES
-    assert protocol.MAX_TAG_VALUE == capsule.MAX_TAG_VALUE_BYTES
-    assert protocol.MAX_TAGS == capsule.MAX_TAGS
+    assert protocol.MAX_URI == metadata.MAX_URI_BYTES
+    assert protocol.MAX_TITLE == metadata.MAX_TITLE_BYTES
+    assert protocol.MAX_NAME == metadata.MAX_KIND_BYTES == metadata.MAX_TAG_KEY_BYTES
+    assert protocol.MAX_TAG_VALUE == metadata.MAX_TAG_VALUE_BYTES
+    assert protocol.MAX_TAGS == metadata.MAX_TAGS
