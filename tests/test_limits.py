@@ -17,7 +17,6 @@ import pytest
 
 import engine
 from daemon_util import ROOT, DaemonProc
-from engine import capsule as capsule_mod
 from engine import metadata
 from engine import lexical
 from memvidd import protocol as p
