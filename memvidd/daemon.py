@@ -6,7 +6,9 @@ sent only when all of them are up)::
     main
     ├── committer, one per capsule          (group commit: service.py)
     ├── maintenance, one per capsule        (codec upgrades, compaction when idle: service.py)
-    ├── query server                        (server.py)
+    ├── indexer, one per watching capsule   (scan, watch, chunk, write: indexer.py)
+    ├── memory trim                         (malloc_trim while writes go on: memory.py)
+    ├── agent server                        (server.py)
     ├── event server                        (events.py)
     ├── watchdog pings, status updates      (systemd.py)
     └── signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the configuration

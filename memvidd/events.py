@@ -2,7 +2,7 @@
 messages), and get one acknowledgement per event once it is durable.
 
     $ echo '{"text": "user asked about X", "tags": {"role": "user"}}' | socat - UNIX-CONNECT:$sock
-    {"ok":true,"id":42,"seq":17}
+    {"ok":true,"line":1,"id":42,"seq":17}
 
 A connection whose first byte is ``{``, ``[`` or whitespace speaks JSON lines; anything
 else is read as length-prefixed msgpack ``put``/``put_many`` messages and answered with

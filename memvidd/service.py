@@ -1,7 +1,8 @@
 """One capsule, served asynchronously: group commit, reads in threads, tail fan-out.
 
-The engine is synchronous; this module is the only place the daemon calls it, always
-through ``trio.to_thread`` so the event loop never blocks on disk or CPU:
+The engine is synchronous; the daemon calls it through this module, in ``trio.to_thread``
+so the event loop never blocks on disk or CPU (the event loop itself touches only what
+never waits: ``find(cached_only=True)``, ``seq``, ``frame_count``):
 
 - writes (staging puts, commits) go through a single writer slot, and are never
   abandoned on cancellation: a put that reached the engine is either committed or
