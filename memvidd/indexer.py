@@ -710,9 +710,9 @@ class Indexer:
             return
         if p.name == ".gitignore":
             tree.forget_gitignore(p.parent)
-            trio.lowlevel.spawn_system_task(self._rescan, tree)  # newly ignored or un-ignored files
+            self._nursery.start_soon(self._rescan, tree)  # newly ignored or un-ignored files
         if p.is_dir() and not p.is_symlink():
-            trio.lowlevel.spawn_system_task(self._scan_dir, tree, p)  # moved or created with contents
+            self._nursery.start_soon(self._scan_dir, tree, p)  # moved or created with contents
             return
         if not p.exists():
             prefix = file_uri(p) + "/"  # a directory that went away takes its files with it
@@ -728,11 +728,11 @@ class Indexer:
         try:
             self.paths_send.send_nowait((path, 0))
         except trio.WouldBlock:
-            trio.lowlevel.spawn_system_task(self.paths_send.send, (path, 0))
+            self._nursery.start_soon(self.paths_send.send, (path, 0))
 
     def _rescan_all(self, trees: list[Tree]) -> None:
         for tree in trees:
-            trio.lowlevel.spawn_system_task(self._rescan, tree)
+            self._nursery.start_soon(self._rescan, tree)
 
     async def _rescan(self, tree: Tree) -> None:
         await trio.to_thread.run_sync(self._scan, [tree])
