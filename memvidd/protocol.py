@@ -28,7 +28,7 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
 # The engine's own limits on frame metadata (engine/metadata.py, docs/format.md [F-09];
-# tests/test_limits.py keeps the two equal), checked here so that a client learns them
+# tests/engine/test_limits.py keeps the two equal), checked here so that a client learns them
 # before sending and the daemon answers bad_request before any work.
 MAX_URI = 16 << 10  # put/get/remove uri, and a find/tail scope (a URI prefix)
 MAX_TITLE = 4 << 10

@@ -1,6 +1,6 @@
 """Writes golden/vN.mv2 and golden/vN.json (N = the engine's write version; from version 4
 also the encrypted vNe.mv2e and vNe.json). Run once per format version; never rewrite an
-existing golden file: old capsules must keep opening (tests/test_format.py)."""
+existing golden file: old capsules must keep opening (tests/engine/test_format.py)."""
 
 import base64
 import json

@@ -17,7 +17,7 @@ import engine
 from engine import codecs
 from workload import kill_after, power_cut_at, snapshot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 STDLIB = Path(os.__file__).parent
 
 

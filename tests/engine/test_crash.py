@@ -26,7 +26,7 @@ import pytest
 
 import engine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ITERATIONS = 25
 MAX_DELAY = 0.3  # seconds between the child's first acknowledgement and the kill
 WAIT = 30  # timeout of every wait on the child

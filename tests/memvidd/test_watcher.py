@@ -683,7 +683,7 @@ def test_a_writer_opening_the_file_during_the_check_does_not_kill_the_process(tm
     )
     path = write(tmp_path / "f.txt", "x\n")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parent.parent, check=False)
+                       cwd=Path(__file__).resolve().parents[2], check=False)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert int(r.stdout) > 0, "the writer was never seen"
 

@@ -15,7 +15,7 @@ from engine import format as fmt
 from workload import Workload, snapshot
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def build(path: str, commits: int = 20, **options) -> Workload:

@@ -21,7 +21,7 @@ from engine import codecs
 from engine import format as fmt
 from workload import Workload, kill_after, snapshot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def every_view(cap: engine.Capsule) -> list[dict[str, bytes]]:

@@ -15,7 +15,7 @@ import engine
 from engine import format as fmt
 from workload import snapshot
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 @pytest.mark.req("F-01")

@@ -22,7 +22,7 @@ import trio
 
 from memvidd import systemd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 UNITS = ("memvidd.service", "memvidd.socket", "memvidd-events.socket")
 LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 

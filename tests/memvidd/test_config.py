@@ -8,7 +8,7 @@ import pytest
 
 from memvidd import config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def test_embedded_default_is_the_documented_config_toml():
