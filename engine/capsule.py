@@ -271,23 +271,15 @@ class Capsule:
 
     # -- the reader's view [F-17] ------------------------------------------------------
 
-    def _pin(self) -> View:
-        """The current view, kept open until ``_unpin``. Callers hold the capsule lock,
-        so the view matches the table they just read from."""
-        return self._views.pin()
-
-    def _unpin(self, view: View) -> None:
-        self._views.unpin(view)
-
     @contextlib.contextmanager
     def _reading(self) -> Iterator[View]:
         """Pin the current view for a read that does not hold the capsule lock."""
         with self._lock:
-            view = self._pin()
+            view = self._views.pin()
         try:
             yield view
         finally:
-            self._unpin(view)
+            self._views.unpin(view)
 
     def _spill_dir(self) -> str | None:
         """Where the frame table keeps frame metadata: the index directory (disk); for an
@@ -1238,12 +1230,12 @@ class Capsule:
                 raise NotFound(f"frame {fid} has expired under the capsule's retention rules")
             meta = t.frames[fid]
             info = self._info(meta)
-            view = self._pin()
+            view = self._views.pin()
         try:
             payload = view.payload(meta)
             self._prefetch_next(meta, view.table)
         finally:
-            self._unpin(view)
+            self._views.unpin(view)
         return Frame(**msgspec.structs.asdict(info), payload=payload)
 
     def timeline(
@@ -1292,12 +1284,12 @@ class Capsule:
             self._expire_due()
             metas = [m for m in t.frames[first : first + limit] if m.op == fmt.PUT and not self._expired(m.id)]
             infos = [self._info(m) for m in metas]
-            view = self._pin()
+            view = self._views.pin()
         try:
             return [Frame(**msgspec.structs.asdict(i), payload=view.payload(m))
                     for i, m in zip(infos, metas, strict=True)]
         finally:
-            self._unpin(view)
+            self._views.unpin(view)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -1457,7 +1449,7 @@ class Capsule:
                 return None  # type: ignore[return-value]
             ix = self._open_indexes()
             generation = (self._table.seq, len(ix.vec) if ix.vec else 0, len(self._expiry.expired))
-            view = None if cached_only else self._pin()
+            view = None if cached_only else self._views.pin()
         finally:
             self._lock.release()
         try:
@@ -1475,7 +1467,7 @@ class Capsule:
             hits = self._search(ix, view, query, k, used, filters, seq, snippet_chars, all_versions, warnings)
         finally:
             if view is not None:
-                self._unpin(view)
+                self._views.unpin(view)
         ix.results.put((key, generation), hits)
         ix.recent[key] += 1
         return hits
@@ -1697,7 +1689,7 @@ class Capsule:
                     self._embed_wake.clear()
                     continue
                 self._embedding_inflight = len(batch)
-                view = self._pin()
+                view = self._views.pin()
             try:
                 t0 = time.perf_counter()
                 texts = [f"{m.title}\n{view.text(m)}" if m.title else view.text(m) for m in batch]
@@ -1707,7 +1699,7 @@ class Capsule:
                 self._embed_stats["errors"] += 1
                 return
             finally:
-                self._unpin(view)
+                self._views.unpin(view)
             with self._lock:
                 if self._closed:
                     return

@@ -81,18 +81,17 @@ class Share:
         self.pending += n
         return n
 
-    def hold(self, n: int) -> None:
-        """``n`` more bytes held (a reply waiting to be sent) until ``answered(n)``."""
+    def hold(self, n: int, *, spare: int = 0) -> None:
+        """``n`` more bytes held (a reply waiting to be sent) until ``answered(n)``,
+        leaving ``spare`` bytes of the budget free."""
         if not self.closed:
-            self.budget.take(n, n)
+            self.budget.take(n, n, spare=spare)
             self.pending += n
 
     def hold_queued(self, n: int) -> None:
-        """Like ``hold``, for commits queued to a tail stream: those may fill only half of
-        the budget, so streams that fell behind never leave requests without room."""
-        if not self.closed:
-            self.budget.take(n, n, spare=self.budget.limit // 2)
-            self.pending += n
+        """``hold`` for commits queued to a tail stream: those may fill only half of the
+        budget, so streams that fell behind never leave requests without room."""
+        self.hold(n, spare=self.budget.limit // 2)
 
     def answered(self, n: int) -> None:
         if not self.closed:

@@ -80,6 +80,16 @@ def wait_until(d: DaemonProc, done: Callable[[dict[str, Any]], bool], what: str)
         time.sleep(0.02)
 
 
+def given_back(d: DaemonProc, socks: list[socket.socket], acked: dict[int, str]) -> None:
+    """Close ``socks`` (emptying the list): the budget they held returns whole, and the
+    daemon serves on."""
+    for sock in socks:
+        sock.close()
+    socks.clear()
+    wait_until(d, lambda s: s["buffers"]["bytes"] == 0, "the budget is given back")
+    check_healthy(d, acked)
+
+
 def read_line(sock: socket.socket) -> dict[str, Any]:
     """One JSON line, read a byte at a time so that the next one stays in the socket."""
     data = b""
@@ -224,11 +234,7 @@ def test_unfinished_large_messages_stay_within_the_buffer_budget(tmp_path, which
                     told += 1
         assert told == refused
         # the held ones give everything back when they go, and the daemon serves on
-        for sock in socks:
-            sock.close()
-        socks = []
-        wait_until(d, lambda s: s["buffers"]["bytes"] == 0, "the budget is given back")
-        check_healthy(d, acked)
+        given_back(d, socks, acked)
     finally:
         for sock in socks:
             sock.close()
@@ -305,11 +311,7 @@ def test_unread_replies_stay_within_the_buffer_budget(tmp_path, capsys):
                     assert reply.code == p.UNAVAILABLE and reply.retryable and "retry later" in reply.message, reply
                     kinds.add("refused")
         assert kinds == {"frame", "refused"}
-        for sock in socks:
-            sock.close()
-        socks = []
-        wait_until(d, lambda s: s["buffers"]["bytes"] == 0, "the budget is given back")
-        check_healthy(d, acked)
+        given_back(d, socks, acked)
     finally:
         for sock in socks:
             sock.close()
