@@ -78,7 +78,7 @@ def stored_over_raw(stats: dict[str, Any]) -> float:
 def cold_gets(cap: engine.Capsule, ids: list[int]) -> dict[str, Any]:
     times = []
     for fid in ids:
-        cap._blocks.clear()  # a cold block cache: the cost of decoding the frame's block
+        cap._s.blocks.clear()  # a cold block cache: the cost of decoding the frame's block
         t0 = time.perf_counter()
         cap.get(fid)
         times.append(time.perf_counter() - t0)

@@ -347,7 +347,7 @@ def quality_set(name: str, cfg: dict[str, Any], emb: Embedder, tok: TokenCounter
                     warned.append(text)
                 if not hits:
                     empty_lex += 1
-        qv = cap._indexes.query_vectors.get(text) if cap._indexes is not None else None  # read-only peek
+        qv = cap._s.indexes.query_vectors.get(text) if cap._s.indexes is not None else None  # read-only peek
         qvecs[q] = qv if qv is not None else emb.embed([text[:4096]])[0]
         for d in sorted(set(DEPTHS) | {ENGINE_DEPTH}):
             lh = cap.find(text, k=d, mode="lex", snippet_chars=0)
@@ -540,7 +540,7 @@ def bench_quality(cfg: dict[str, Any], emb: Embedder, tok: TokenCounter, tmp: st
 def lex_files(cap: Any) -> dict[str, Any]:
     """The lexical index files the capsule's last checkpoint lists: name -> (offset, bytes).
     Internal state, read only."""
-    return cap._ckpt.extra.get("lex", {}).get("files", {})
+    return cap._s.ckpt.extra.get("lex", {}).get("files", {})
 
 
 def record_breakdown(path: str) -> dict[str, Any]:
@@ -549,7 +549,7 @@ def record_breakdown(path: str) -> dict[str, Any]:
     cap = engine.open(path, readonly=True)
     try:
         lex_refs = {int(o) for o, _ in lex_files(cap).values()}
-        vec_refs = {int(o) for o, _ in cap._vec_refs}
+        vec_refs = {int(o) for o, _ in cap._s.vec_refs}
     finally:
         cap.close()
     kinds: dict[str, dict[str, int]] = {}
@@ -611,7 +611,7 @@ def build_speed_capsule(path: str, ixdir: str | None, uris: list[str], texts: li
             log(f"  build {os.path.basename(path)}: {done}/{total}")
     elapsed = time.perf_counter() - t0
     st = cap.stats()
-    extra = {"vectors_bytes": cap._counters.get("bytes.vectors", 0),  # internal counters, read only
+    extra = {"vectors_bytes": cap._s.counters.get("bytes.vectors", 0),  # internal counters, read only
              "lexfile_bytes_live": sum(n for _, n in lex_files(cap).values())}
     t1 = time.perf_counter()
     cap.close()
@@ -638,12 +638,12 @@ def timed_pass(cap: Any, queries: list[str], mode: str, **kw: Any) -> tuple[list
 
 
 def bench_latency(cap: Any, queries: list[str], mid_seq: int) -> dict[str, Any]:
-    ix = cap._indexes
+    ix = cap._s.indexes
     res: dict[str, Any] = {"queries": len(queries), "k": K, "snippet_chars": 200,
                            "note": "find() with defaults (k=10, snippet_chars=200). 'first': first run of "
                                    "each query (vec embeds the query; hybrid runs after vec, so its query "
                                    "vector is already cached). 'cold': result cache cleared "
-                                   "(cap._indexes.results.clear()), query vector cached. 'cached': the same "
+                                   "(cap._s.indexes.results.clear()), query vector cached. 'cached': the same "
                                    "queries again, result-cache hits."}
     for mode in ("lex", "vec", "hybrid"):
         first, c0, _ = timed_pass(cap, queries, mode)

@@ -16,26 +16,38 @@ records would be folded again by the next checkpoint, doubling their bytes), and
 lexical index copy that the source's checkpoint names is carried over as it is (a fresh
 copy of the working index may be larger, and a capsule without one must rebuild it).
 
-``Capsule.compact`` and ``Capsule.branch`` (``engine/capsule.py``) drive it.
+``Compactor`` drives it for ``Capsule.compact`` (the rewrite replaces the file, while
+puts and queries go on) and ``Capsule.branch`` (the rewrite is a new capsule).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 
-from . import codecs
+from . import codecs, crypto
 from . import format as fmt
-from .errors import Cancelled, StorageError
-from .fileio import CAPSULE_MODE, OsFile
+from .appender import Appender
+from .cache import LRUCache
+from .checkpoint import Checkpointer
+from .errors import Cancelled, CapsuleExists, InvalidArgument, StorageError
+from .fileio import CAPSULE_MODE, OsFile, fsync_dir, link_unnamed
+from .genesis import genesis, genesis_extra, new_header
 from .log import read_meta, read_record
+from .reading import read_header
 from .retention import PURGED
-
-if TYPE_CHECKING:
-    from .capsule import Capsule
+from .search import fingerprint
+from .staging import Writer
+from .state import CapsuleState
+from .upgrader import Upgrader, read_and_encode
 
 FLUSH_BYTES = 4 << 20
 WINDOW_FRAMES = 1024  # frames re-encoded per step (bounds memory, not the result)
@@ -43,9 +55,10 @@ WINDOW_FRAMES = 1024  # frames re-encoded per step (bounds memory, not the resul
 
 class Rewriter:
     """Writes commits ``1..n`` of ``src`` into ``out``; call ``copy`` for consecutive
-    ranges, then ``finish``. ``out`` is an unnamed, locked file (``OsFile.unnamed``)."""
+    ranges, then ``finish``. ``out`` is an unnamed, locked file (``unnamed``). It reads
+    the source's frame table as it grows: commits made meanwhile can be copied next."""
 
-    def __init__(self, src: Capsule, out: OsFile, header: fmt.Header, genesis: bytes) -> None:
+    def __init__(self, src: CapsuleState, out: OsFile, header: fmt.Header, genesis: bytes) -> None:
         """``header`` and ``genesis`` start the new file (``genesis.new_header``), and
         ``out.sealer`` seals its records when it is to be encrypted."""
         self.src = src
@@ -61,7 +74,7 @@ class Rewriter:
         self.blocks: dict[int, int] = {}  # source block offset -> offset here
         self.dicts: dict[int, Any] = {}  # dictionary id -> loaded dictionary
         self.stats = {"frames": 0, "commits": 0, "blocks_copied": 0, "blocks_encoded": 0, "purged": 0}
-        c = src._counters
+        c = src.counters
         self.counters = {k: c.get(k, 0) for k in ("upgrade.frames", "upgrade.blocks", "upgrade.saved")}
         self.last_user: dict[int, int] | None = None  # block -> last frame in it (branches)
         self.tainted: set[int] = set()
@@ -93,12 +106,12 @@ class Rewriter:
 
     def copy_dicts(self) -> None:
         """Carry the source's dictionaries over, named by a RELOCATE at commit 0."""
-        t = self.src._table
+        t = self.src.table
         refs = []
         for dict_id, offset in sorted(t.dicts.items()):
-            _, body = read_record(self.src._file, offset, fmt.DICT)
+            _, body = read_record(self.src.file, offset, fmt.DICT)
             refs.append(self._dict_record(dict_id, body))
-            self.dicts[dict_id] = self.src._dicts(dict_id)
+            self.dicts[dict_id] = self.src.dicts(dict_id)
         if refs:
             self._relocate([], refs, upto=0)
 
@@ -115,10 +128,10 @@ class Rewriter:
         """This copy stops at commit ``last_seq`` (a branch): an upgraded block that also
         holds later frames is re-encoded, so no later content reaches the copy."""
         self.last_user = {}
-        for m in self.src._table.frames:
+        for m in self.src.table.frames:
             if m.block >= 0:
                 self.last_user[m.block] = m.id
-        self.end_id = self.src._table.first_after(last_seq)
+        self.end_id = self.src.table.first_after(last_seq)
 
     def _count(self, codec: int, raw: int, stored: int) -> None:
         name = codecs.NAMES[codec]
@@ -128,9 +141,9 @@ class Rewriter:
     def copy(self, last_seq: int, *, level: int, cancel: threading.Event | None = None) -> None:
         """Copy the source's commits after ``self.seq`` up to ``last_seq``; ``Cancelled``
         as soon as ``cancel`` is set (checked between windows of ~1,000 frames)."""
-        t = self.src._table
+        t = self.src.table
         # Blocks that hold an expired frame are re-encoded without it, never copied.
-        self.tainted = {t.frames[f].block for f in list(self.src._expiry.expired) if t.frames[f].block >= 0}
+        self.tainted = {t.frames[f].block for f in list(self.src.expiry.expired) if t.frames[f].block >= 0}
         while self.seq < last_seq:
             # A window of whole commits, about WINDOW_FRAMES frames.
             _check(cancel)
@@ -147,15 +160,15 @@ class Rewriter:
     def _payloads(self, frames: list[fmt.FrameMeta], level: int) -> dict[int, tuple[int, int]]:
         """Write the blocks of ``frames``; returns frame id -> (block offset, start) here."""
         src = self.src
-        upto = src._table.upgraded_upto
+        upto = src.table.upgraded_upto
         lu = self.last_user
-        expired = src._expiry.expired
+        expired = src.expiry.expired
         frames = [m for m in frames if m.id not in expired]  # their payloads are dropped [F-24]
         fresh = [m for m in frames if m.id >= upto or m.block in self.tainted
                  or (lu is not None and lu.get(m.block, -1) >= self.end_id)]
         zdict = (max(self.dicts), self.dicts[max(self.dicts)]) if self.dicts else None
-        new_dict, encoded = src._encode_upgrade(src._file, src._dicts, fresh, zdict, level,
-                                                next_dict=max(self.dicts, default=0) + 1)
+        new_dict, encoded = read_and_encode(src.file, src.dicts, fresh, zdict, level, src.opts.level,
+                                            next_dict=max(self.dicts, default=0) + 1)
         if new_dict is not None:
             dict_id = new_dict[0]
             ref = self._dict_record(dict_id, fmt.DICT_HEADER.pack(dict_id) + new_dict[1])
@@ -178,7 +191,7 @@ class Rewriter:
                 continue
             copied = self.blocks.get(m.block)
             if copied is None:  # a block already upgraded, or one not worth re-encoding
-                _, body = read_record(src._file, m.block, fmt.BLOCK)
+                _, body = read_record(src.file, m.block, fmt.BLOCK)
                 copied = self.blocks[m.block] = self._put(fmt.BLOCK, body)
                 codec, _, _, _, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
                 self._count(codec, raw_len, len(body) - fmt.BLOCK_HEADER.size)
@@ -189,11 +202,11 @@ class Rewriter:
     def _commit(self, seq: int, where: dict[int, tuple[int, int]], *, last: bool) -> None:
         """Copy commit ``seq``; its vectors wait for the window's ``last`` commit."""
         src = self.src
-        info = src._table.commits[seq - 1]
-        rec = read_meta(src._file, info.offset, fmt.COMMIT, fmt.CommitRecord)
-        expired = src._expiry.expired
+        info = src.table.commits[seq - 1]
+        rec = read_meta(src.file, info.offset, fmt.COMMIT, fmt.CommitRecord)
+        expired = src.expiry.expired
         frames = []
-        for m in src._table.frames[self.next_id : src._table.first_after(seq)]:
+        for m in src.table.frames[self.next_id : src.table.first_after(seq)]:
             if m.id in expired and m.op == fmt.PUT:
                 # Purged: the frame keeps its id and place in history, not its content.
                 frames.append(msgspec.structs.replace(m, block=PURGED, start=0, length=0, digest=b"",
@@ -203,7 +216,7 @@ class Rewriter:
             block, start = where.get(m.id, (-1, 0))
             frames.append(msgspec.structs.replace(m, block=block, start=start))
         for ref in rec.vectors:
-            rh, body = read_record(src._file, ref.offset, fmt.VECTORS)
+            rh, body = read_record(src.file, ref.offset, fmt.VECTORS)
             stored = fmt.meta_body(rh, body, fmt.VectorsRecord, offset=ref.offset)
             if stored.ids:
                 width = len(stored.data) // len(stored.ids)
@@ -238,7 +251,7 @@ class Rewriter:
             return None
         files = {}
         for name, (offset, length) in stored["files"].items():
-            _, body = read_record(self.src._file, offset, fmt.LEXFILE)
+            _, body = read_record(self.src.file, offset, fmt.LEXFILE)
             files[name] = [self._put(fmt.LEXFILE, body), length]
         return {**stored, "files": files}
 
@@ -248,6 +261,131 @@ class Rewriter:
         self.flush()
         self.out.sync()
         return self.pos
+
+
+class Compactor:
+    """Compaction and branches of one open capsule."""
+
+    def __init__(self, state: CapsuleState, writer: Writer, upgrader: Upgrader, checkpointer: Checkpointer) -> None:
+        self._s = state
+        self._writer = writer
+        self._upgrader = upgrader
+        self._checkpointer = checkpointer
+
+    def compact(self, *, level: int, cancel: threading.Event | None) -> dict[str, Any]:
+        """See ``Capsule.compact``."""
+        s = self._s
+        s.check_writable()
+        if not isinstance(s.file, OsFile):
+            raise InvalidArgument("compaction needs a capsule on a real file")
+        real = s.real_path
+        directory = os.path.dirname(real)
+        with self._upgrader.lock:
+            before = s.app.log_end
+            out = unnamed(directory)
+            try:
+                with s.lock:
+                    s.check_writable()
+                    src = s.file
+                    assert isinstance(src, OsFile)
+                    out.keep_mode_of(src)
+                    # The same capsule (id, key slot, data key): only the bytes change.
+                    out.sealer = src.sealer
+                    h = s.header
+                    first = genesis(s.capsule_id, genesis_extra(s.ckpt.extra), out.sealer)
+                    start = fmt.Header(1, h.capsule_id, h.created, fmt.LOG_START, len(first),
+                                       flags=h.flags, keyslot=h.keyslot)
+                    w = Rewriter(s, out, start, first)
+                    w.copy_dicts()
+                    snapshot = s.table.seq
+                w.copy(snapshot, level=level, cancel=cancel)
+                with self._quiet():
+                    w.copy(s.table.seq, level=level)
+                    lex = w.copy_lexfiles(s.ckpt.extra.get("lex"))
+                    w.finish()
+                    if not src.still_at(real):
+                        raise StorageError("compact", real, OSError(
+                            errno.ESTALE, "the capsule file was moved or replaced while open; not compacting"))
+                    link_unnamed(out, real + ".compacting", replace=real)
+                    fsync_dir(directory)
+                    rewritten = out.size()
+                    self._switch(out)
+                    if lex is not None:  # the same commits, at new offsets
+                        s.ckpt.extra["lex"] = {**lex, "fingerprint": fingerprint(s.table, lex["seq"])}
+                    # Only what indexes the frames for a fast open: copying the lexical
+                    # index is the next checkpoint's business, not a compaction's.
+                    self._checkpointer.checkpoint(lex="keep")
+            except BaseException:
+                if out is not s.file:
+                    out.close()
+                raise
+            return {"bytes_before": before, "bytes_after": s.app.log_end,
+                    "checkpoint_bytes": s.app.log_end - rewritten, **w.stats}
+
+    def branch(
+        self, path: str, *, as_of: Any, passphrase: str | bytes | None, kdf: crypto.KdfParams | None,
+        level: int, origin: bool,
+    ) -> dict[str, Any]:
+        """Write the branch file (see ``Capsule.branch``); its indexes are the caller's."""
+        s = self._s
+        if os.path.lexists(path):
+            raise CapsuleExists(f"{path} already exists")
+        with self._upgrader.lock:
+            with s.lock:
+                s.check_open()
+                seq = s.resolve_as_of(as_of)
+                extra = genesis_extra(s.ckpt.extra)
+                if origin:
+                    extra["origin"] = {
+                        "capsule_id": uuid.UUID(bytes=s.capsule_id).hex, "path": os.path.abspath(s.path),
+                        "seq": seq, "time": s.table.commit_times[seq - 1] if seq else s.header.created,
+                    }
+            header, sealer, first = new_header(uuid.uuid4().bytes, extra, passphrase, kdf)  # Argon2id: unlocked
+            with s.lock:
+                out = unnamed(os.path.dirname(os.path.abspath(path)))
+                out.sealer = sealer
+                w = Rewriter(s, out, header, first)
+                w.limit(seq)
+                w.copy_dicts()
+            try:
+                w.copy(seq, level=level)
+                w.finish()
+                link_unnamed(out, path)
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
+            finally:
+                out.close()
+        return {"path": path, "seq": seq, **w.stats}
+
+    @contextlib.contextmanager
+    def _quiet(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the lock at a moment when nothing is staged (a writer thread may be
+        between its puts and its commit: let it finish rather than switch under it)."""
+        s = self._s
+        deadline = time.monotonic() + timeout
+        while True:
+            with s.lock:
+                s.check_writable()
+                if not self._writer.pending:
+                    yield
+                    return
+            if time.monotonic() > deadline:
+                raise Cancelled("compaction gave up: staged puts were not committed within 30 s; "
+                                "the capsule is unchanged")
+            time.sleep(0.001)
+
+    def _switch(self, f: OsFile) -> None:
+        """Continue on the rewritten file ``f`` (lock held). Readers still using the old
+        file finish on it through the view they pinned; it closes when they are done."""
+        s = self._s
+        indexes = s.indexes
+        f.path = s.path
+        s.app = Appender(f, read_header(f), 0)
+        s.indexes = None  # the same frames: keep them, but do not feed them the replay
+        s.blocks = LRUCache(s.opts.block_cache_bytes, size=len)
+        s.load()
+        s.indexes = indexes
+        if indexes is not None:
+            indexes.blocks = s.blocks
 
 
 def _check(cancel: threading.Event | None) -> None:

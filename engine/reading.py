@@ -82,6 +82,10 @@ class Dictionaries:
             d = self._loaded[dict_id] = codecs.load_dict(body[fmt.DICT_HEADER.size :], offset=offset)
         return d
 
+    def add(self, dict_id: int, loaded: Any) -> None:
+        """A dictionary just written (its record is in the table once relocated)."""
+        self._loaded[dict_id] = loaded
+
 
 def read_block(f: CapsuleFile, offset: int, dicts: Dictionaries | None = None) -> bytes:
     """The decoded bytes of the BLOCK record at ``offset``."""

@@ -163,6 +163,11 @@ class Expiry:
                     self._expire(m, fresh)
         return fresh
 
+    @property
+    def seen(self) -> int:
+        """Frames below this id have been considered."""
+        return self._seen
+
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
 

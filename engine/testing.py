@@ -168,4 +168,4 @@ class CrashFile(_Wrapper):
 def process_death(cap: Any) -> None:
     """Release what the kernel releases when a process dies (descriptors: the capsule
     file, the frame tables' spill files) and nothing a close would write."""
-    cap._views.close()  # noqa: SLF001 - a test seam into the capsule
+    cap._s.views.close()  # a test seam into the capsule

@@ -452,7 +452,7 @@ class AgentServer:
                     async def find() -> p.FindReply:
                         # A cache hit costs microseconds: answer it here rather than pay a
                         # thread hop (~0.1 ms) for it.
-                        hits = svc.cap.find(req.query, cached_only=True, **args)
+                        hits = svc.cap.find_cached(req.query, **args)
                         if hits is None:
                             hits = await svc.read(svc.cap.find, req.query, **args)
                         return p.FindReply(id=rid, hits=[p.HitOut.of(h) for h in hits],

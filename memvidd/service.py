@@ -2,7 +2,7 @@
 
 The engine is synchronous; the daemon calls it through this module, in ``trio.to_thread``
 so the event loop never blocks on disk or CPU (the event loop itself touches only what
-never waits: ``find(cached_only=True)``, ``seq``, ``frame_count``):
+never waits: ``find_cached``, ``seq``, ``frame_count``):
 
 - writes (staging puts, commits) go through a single writer slot, and are never
   abandoned on cancellation: a put that reached the engine is either committed or

@@ -18,6 +18,7 @@ import pytest
 
 import engine
 from engine import codecs
+from engine import compact as compact_mod
 from engine import format as fmt
 from workload import Workload, kill_after, snapshot
 
@@ -235,7 +236,7 @@ def test_branch_holds_the_past_and_nothing_after_it(tmp_path):
             if i % 20 == 19:
                 cap.commit()
         cap.upgrade_codecs()  # groups by id: a block now holds frames from before and after `mid`
-        assert len({cap._table.frames[i].block for i in (195, 205)}) == 1
+        assert len({cap._s.table.frames[i].block for i in (195, 205)}) == 1
         report = cap.branch(tmp_path / "b.mv2", as_of=mid)
         assert report["seq"] == mid
         with pytest.raises(engine.CapsuleExists):
@@ -262,7 +263,7 @@ def decoded_blocks(path: Path) -> bytes:
     """Every BLOCK record of a file, decoded: what the file really holds."""
     data = path.read_bytes()
     with engine.open(str(path), readonly=True) as cap:
-        dicts = cap._dicts
+        dicts = cap._s.dicts
     out = []
     pos = fmt.LOG_START
     while pos < len(data):
@@ -326,23 +327,23 @@ def test_rewind_to_a_time_and_to_the_empty_capsule(tmp_path):
             cap.rewind(1)
 
 
-def test_a_cancelled_compaction_changes_nothing(tmp_path):
+def test_a_cancelled_compaction_changes_nothing(tmp_path, monkeypatch):
     path = str(tmp_path / "x.mv2")
     build(path, commits=120)
     before = Path(path).read_bytes()
     cancel = threading.Event()
     with engine.open(path) as cap:
         views = every_view(cap)
-        real = cap._encode_upgrade
+        real = compact_mod.read_and_encode
 
         def slow_then_cancel(*a, **kw):  # the stop request arrives while the copy runs
             cancel.set()
             return real(*a, **kw)
 
-        cap._encode_upgrade = slow_then_cancel
+        monkeypatch.setattr(compact_mod, "read_and_encode", slow_then_cancel)
         with pytest.raises(engine.Cancelled):
             cap.compact(cancel=cancel)
-        del cap._encode_upgrade
+        monkeypatch.undo()
         assert every_view(cap) == views
     assert Path(path).read_bytes() == before
     assert not list(tmp_path.glob("*.compacting"))
@@ -390,10 +391,10 @@ def test_readers_during_the_switch_never_see_an_error(tmp_path):
     with engine.create(str(tmp_path / "s.mv2"), model=None) as cap:
         ids = [cap.put(f"frame {i} " * 50) for i in range(100)]
         cap.commit()
-        with cap._reading() as view:
+        with cap._s.reading() as view:
             old = [view.table.frames[i] for i in (ids[5], ids[70])]
             cap.compact()
-            assert old[0].block != cap._table.frames[ids[5]].block
+            assert old[0].block != cap._s.table.frames[ids[5]].block
             assert [view.text(m) for m in old] == ["frame 5 " * 50, "frame 70 " * 50]
 
 
@@ -403,7 +404,7 @@ def test_a_search_that_starts_inside_the_switch_reads_one_file(tmp_path, monkeyp
     lock looks up its hits while the switch has loaded the new frame table but the
     capsule still names the old file's caches (the switch is reading a dictionary). It
     must read locations and bytes from the same file."""
-    from engine import capsule as capsule_mod
+    from engine import state as state_mod
 
     with engine.create(str(tmp_path / "w.mv2"), model=None, index_dir=str(tmp_path / "ix")) as cap:
         for i in range(300):
@@ -414,13 +415,13 @@ def test_a_search_that_starts_inside_the_switch_reads_one_file(tmp_path, monkeyp
         in_window, searched = threading.Event(), threading.Event()
         result: list[object] = []
 
-        real_resolve = cap._resolve_mode
+        real_resolve = cap._query.resolve_mode
 
         def late_resolve(mode, ix):  # the reader, past the lock, waits for the switch's window
             assert in_window.wait(20)
             return real_resolve(mode, ix)
 
-        class SlowDictionaries(capsule_mod.Dictionaries):
+        class SlowDictionaries(state_mod.Dictionaries):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 if not in_window.is_set():
@@ -434,10 +435,10 @@ def test_a_search_that_starts_inside_the_switch_reads_one_file(tmp_path, monkeyp
                 result.append(e)
             searched.set()
 
-        monkeypatch.setattr(cap, "_resolve_mode", late_resolve)
+        monkeypatch.setattr(cap._query, "resolve_mode", late_resolve)
         t = threading.Thread(target=reader, daemon=True)
         t.start()
-        monkeypatch.setattr(capsule_mod, "Dictionaries", SlowDictionaries)
+        monkeypatch.setattr(state_mod, "Dictionaries", SlowDictionaries)
         cap.compact()
         t.join(20)
         assert searched.is_set()
@@ -464,7 +465,7 @@ def test_a_pinned_view_outlives_compactions_then_gives_its_file_back(tmp_path):
     with engine.create(path, model=None) as cap:
         ids = [cap.put(f"pinned {i} " * 40, uri=f"p://{i}") for i in range(200)]
         cap.commit()
-        with cap._reading() as view:
+        with cap._s.reading() as view:
             before = view.table.frames[ids[7]]
             for i in range(3):
                 cap.put(f"edit {i}", uri="p://7")
@@ -483,4 +484,4 @@ def test_a_pinned_view_outlives_compactions_then_gives_its_file_back(tmp_path):
             cap.get(uri="p://nothing")
         cap.changes(0)
         cap.timeline()
-        assert cap._views.current.pins == 0
+        assert cap._s.views.current.pins == 0

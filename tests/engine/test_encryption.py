@@ -108,7 +108,7 @@ def rewrite_body(data: bytearray, pos: int, body: bytes) -> None:
 
 def block_frames(path: str) -> dict[int, int]:
     with engine.open(path, passphrase=PASS, readonly=True) as cap:
-        return {m.block: m.id for m in cap._table.frames if m.block >= 0}
+        return {m.block: m.id for m in cap._s.table.frames if m.block >= 0}
 
 
 @pytest.mark.req("F-19")

@@ -297,17 +297,17 @@ def test_checkpoints_merge_segments_and_reopen_matches(path):
 def test_segments_stop_merging_at_their_size_cap(path, monkeypatch):
     """A merge holds its frames in memory: capped, a checkpoint's memory stays bounded
     however big the capsule grows (issue 5), and segments grow in number instead."""
-    from engine import capsule
+    from engine import appender, checkpoint
 
-    monkeypatch.setattr(capsule, "MAX_SEGMENT_FRAMES", 40)
-    monkeypatch.setattr(capsule, "SPOOL_BYTES", 256)  # and the records go out in many writes
+    monkeypatch.setattr(checkpoint, "MAX_SEGMENT_FRAMES", 40)
+    monkeypatch.setattr(appender, "SPOOL_BYTES", 256)  # and the records go out in many writes
     with engine.create(path, checkpoint_frames=5) as cap:
         for i in range(400):
             cap.put(f"frame {i}", uri=f"u{i % 37}")
             if i % 3 == 2:
                 cap.commit()
         cap.commit()
-        sizes = [s.count for s in cap._ckpt.segments]  # noqa: SLF001 - the policy under test
+        sizes = [s.count for s in cap._s.ckpt.segments]  # noqa: SLF001 - the policy under test
         before = [cap.get(uri=f"u{j}").text for j in range(37)]
     assert max(sizes) <= 40 and 390 < sum(sizes) <= 400 and len(sizes) >= 10  # the rest: the tail
     with engine.open(path) as cap:
@@ -361,7 +361,7 @@ def test_counts_an_event_loop_reads_never_wait_for_the_writer(tmp_path):
         held, release = threading.Event(), threading.Event()
 
         def writer() -> None:
-            with cap._lock:
+            with cap._s.lock:
                 held.set()
                 release.wait(20)
 
@@ -370,7 +370,7 @@ def test_counts_an_event_loop_reads_never_wait_for_the_writer(tmp_path):
         assert held.wait(10)
         try:
             assert (cap.seq, cap.frame_count) == (1, 1)
-            assert cap._lock.acquire(timeout=0.05) is False  # stats() would have waited here
+            assert cap._s.lock.acquire(timeout=0.05) is False  # stats() would have waited here
         finally:
             release.set()
             t.join(10)

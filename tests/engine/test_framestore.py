@@ -268,7 +268,7 @@ def test_an_encrypted_capsule_spills_its_frames_to_ram_backed_storage_only(path)
     from engine.search import ram_root
 
     def spill_of(cap) -> str:
-        return os.readlink(f"/proc/self/fd/{cap._table.frames._fd}")  # noqa: SLF001
+        return os.readlink(f"/proc/self/fd/{cap._s.table.frames._fd}")  # noqa: SLF001
 
     with engine.create(path, model=None) as cap:
         cap.put("plain", uri="mem://a")

@@ -316,7 +316,7 @@ def test_a_damaged_last_commit_is_an_error_when_a_codec_upgrade_follows_it(path)
             cap.put(f"note {i} " * 50, uri=f"u{i}")
             cap.commit()
         assert cap.upgrade_codecs()["blocks"]
-        commit = cap._last_commit
+        commit = cap._s.last_commit
     with open(path, "r+b") as f:
         f.seek(commit + fmt.RECORD_SIZE + 3)
         b = f.read(1)

@@ -67,7 +67,7 @@ def test_max_age_per_tag_and_for_the_capsule(cap):
     cap.set_rules({"default": {"max_age_s": 10 * HOUR}, "tags": {"kind=chat": {"max_age_s": 2 * HOUR}}})
     cap.clock.now += 8 * HOUR  # note is 11 h old now, new_chat 8 h
     assert {f.id for f in cap.timeline()} == set()
-    assert chat in cap._expiry.expired
+    assert chat in cap._s.expiry.expired
 
 
 @pytest.mark.req("F-24")
@@ -94,7 +94,7 @@ def test_budget_drops_the_oldest_first(cap):
     assert [f.id for f in cap.timeline()] == ids[-4:]
     cap.put("y" * 1000, uri="u://new")
     cap.commit()
-    assert len(cap.timeline()) == 4 and ids[6] in cap._expiry.expired
+    assert len(cap.timeline()) == 4 and ids[6] in cap._s.expiry.expired
 
 
 def test_rules_are_history_and_travel_with_the_file(tmp_path, cap):
@@ -177,7 +177,7 @@ def test_compaction_reclaims_expired_bytes_for_good(tmp_path, cap, upgraded):
         if rh.kind == fmt.BLOCK:
             codec, _, _, dict_id, raw_len = fmt.BLOCK_HEADER.unpack_from(body)
             plain.append(codecs.decode(codec, body[fmt.BLOCK_HEADER.size :], raw_len,
-                                       zdict=cap._dicts(dict_id) if dict_id else None))
+                                       zdict=cap._s.dicts(dict_id) if dict_id else None))
         pos += fmt.RECORD_SIZE + rh.length
     assert b"SECRET-EXPIRED" not in b"".join(plain) and b"kept note 5" in b"".join(plain)
     assert engine.verify(cap.path).ok

@@ -187,8 +187,7 @@ def test_prefetch_warms_the_next_chunks(path):
         ids = [cap.put(f"chunk {i} " * 200, uri=f"file:///doc.md#{i}", parent="file:///doc.md", chunk=i) for i in range(5)]
         cap.commit()
         cap.get(ids[0])
-        cap._bg.shutdown(wait=True)  # let the prefetch finish before looking
-        cap._bg = None
+        cap._warmer.stop()  # let the prefetch finish before looking
         hits_before = cap.stats()["block_cache"]["hits"]
         cap.get(ids[1])
         cap.get(ids[2])
@@ -325,11 +324,11 @@ def test_doctor_reindex_rebuilds_both_indexes_from_the_capsule(path, embedder, t
 def test_cached_only_answers_hits_and_declines_misses(path):
     with engine.create(path, model=None) as cap:
         fill(cap)
-        assert cap.find("bread", mode="lex", cached_only=True) is None  # indexes not open yet
+        assert cap.find_cached("bread", mode="lex") is None  # indexes not open yet
         first = cap.find("bread", mode="lex")
-        hit = cap.find("bread", mode="lex", cached_only=True)
+        hit = cap.find_cached("bread", mode="lex")
         assert hit is not None and hit.cached and [h.frame_id for h in hit] == [h.frame_id for h in first]
-        assert cap.find("flour", mode="lex", cached_only=True) is None  # a miss does no search
+        assert cap.find_cached("flour", mode="lex") is None  # a miss does no search
 
 
 def test_text_with_undecodable_bytes_is_indexed(path):

@@ -270,7 +270,7 @@ def test_damaged_dictionary(tmp_path, later_commit):
     payloads = fill(path, events(1000), per_commit=50)
     with engine.open(path) as cap:
         cap.upgrade_codecs()
-        offset = cap._table.dicts[1]
+        offset = cap._s.table.dicts[1]
         if later_commit:
             cap.put("after the upgrade")
             cap.commit()
@@ -299,7 +299,7 @@ def test_a_new_dictionary_as_the_capsule_grows(tmp_path):
     fill(path, events(1500), per_commit=100)
     with engine.open(path) as cap:
         cap.upgrade_codecs()
-        first = cap._table.dict_trained_at
+        first = cap._s.table.dict_trained_at
         assert cap.stats()["upgrades"]["dictionaries"] == 1 and first > 0
         more = events(8 * first, seed=5)
         for i in range(0, len(more), 200):

@@ -61,7 +61,7 @@ def test_doctor_cuts_a_torn_tail(path):
 def test_doctor_rebuilds_a_damaged_segment(path):
     w = build(path, checkpoint_frames=5)
     with engine.open(path, readonly=True) as cap:
-        seg = cap._ckpt.segments[0]
+        seg = cap._s.ckpt.segments[0]
     with open(path, "r+b") as f:
         f.seek(seg.offset + fmt.RECORD_SIZE + 3)
         f.write(b"\xde\xad")
@@ -81,7 +81,7 @@ def test_cli_verify_and_doctor_exit_codes(path):
     ok = cli("verify", path, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
     with engine.open(path, readonly=True) as cap:
-        seg = cap._ckpt.segments[0]
+        seg = cap._s.ckpt.segments[0]
     with open(path, "r+b") as f:
         f.seek(seg.offset + fmt.RECORD_SIZE + 1)
         f.write(b"\x00\x00\x00")
