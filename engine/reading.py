@@ -4,7 +4,7 @@ consistent view.
 What readers hold is here: a ``View`` (a frame table and the file its locations point
 into, with that file's block cache and dictionaries) and ``Views``, the current view and
 the ones a compaction replaced that a reader still has pinned. Readers, ``verify`` and
-compaction read through these; writing lives in ``engine/capsule.py``.
+compaction read through these; writing goes through ``engine/appender.py``.
 """
 
 from __future__ import annotations
