@@ -57,7 +57,7 @@ from bench.common import (
 )
 from engine import format as fmt
 from engine.embed import MODELS, MODELS_DIR, Embedder
-from engine.search import rrf
+from engine.query import rrf
 
 DATA = Path("/work/shared/data")
 SETS = ("scifact", "cranfield", "cisi")

@@ -28,7 +28,7 @@ from .errors import (
 from .fileio import private_dir
 from .format import READ_VERSION, WRITE_VERSION
 from .keymap import KeyMap, halves
-from .search import Hit, Hits
+from .query import Hit, Hits
 from .verify import Report, doctor, verify
 
 __all__ = [

@@ -34,9 +34,8 @@ from .errors import CapsuleExists, InvalidArgument, NotFound
 from .fileio import CapsuleFile, OsFile
 from .frames import Frame, FrameInfo, Frames, Timeline
 from .genesis import new_header, unlock, vec_binding
-from .query import FindOptions, Query
+from .query import FindOptions, Hits, Query
 from .reading import read_header
-from .search import Hits
 from .staging import MAX_PAYLOAD, Writer
 from .state import CapsuleState, Options
 from .upgrader import Upgrader

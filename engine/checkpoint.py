@@ -20,8 +20,8 @@ from . import crypto
 from . import format as fmt
 from .appender import Spool
 from .errors import StorageError
+from .indexes import fingerprint
 from .lexical import SCHEMA_VERSION as LEX_SCHEMA
-from .search import fingerprint
 from .state import CapsuleState
 from .vectors import pack_vectors
 

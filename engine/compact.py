@@ -41,10 +41,10 @@ from .checkpoint import Checkpointer
 from .errors import Cancelled, CapsuleExists, InvalidArgument, StorageError
 from .fileio import CAPSULE_MODE, OsFile, fsync_dir, link_unnamed
 from .genesis import genesis, genesis_extra, new_header
+from .indexes import fingerprint
 from .log import read_meta, read_record
 from .reading import read_header
 from .retention import PURGED
-from .search import fingerprint
 from .staging import Writer
 from .state import CapsuleState
 from .upgrader import Upgrader, read_and_encode

@@ -6,7 +6,7 @@ FOREVER) and "what was visible as of S" (``seq <= S < end``) with filters evalua
 inside the index. When a frame is superseded its document is replaced by one carrying
 the new ``end``; nothing else ever changes.
 
-The index lives in a working directory (a derived cache, see ``engine/search.py``);
+The index lives in a working directory (a derived cache, see ``engine/indexes.py``);
 its files are copied into the capsule at checkpoints so a lost cache is restored, not
 rebuilt.
 """

@@ -1,6 +1,6 @@
 """Query execution: ``find`` over a capsule's search indexes.
 
-The indexes (``engine/search.py``: a Tantivy index and a vector graph, kept in working
+The indexes (``engine/indexes.py``: a Tantivy index and a vector graph, kept in working
 copies outside the capsule) are attached on first use and fed by every commit. A query
 takes, under the lock, the indexes and a pinned view of the frames; then it runs without
 the lock: BM25, the vector graph, or both fused by reciprocal rank (hybrid), with
@@ -20,13 +20,43 @@ import numpy as np
 
 from . import format as fmt
 from .errors import CorruptionError, InvalidArgument
+from .indexes import Indexes
 from .lexical import Filters
 from .log import read_record
 from .metadata import opt_str, tags_of, to_epoch
 from .reading import View
-from .search import MAX_K, MODES, Hit, Hits, Indexes, rrf
 from .state import CapsuleState
 from .table import FOREVER
+
+RRF_K = 60
+MODES = ("auto", "lex", "vec", "hybrid")
+MAX_K = 1000
+
+
+class Hit(msgspec.Struct, frozen=True, kw_only=True):
+    frame_id: int
+    uri: str | None
+    title: str | None
+    score: float
+    snippet: str
+    highlights: list[tuple[int, int]]  # character spans in ``snippet``
+    tags: dict[str, str]
+    kind: str | None
+    timestamp: float
+    commit_seq: int  # the version: the commit that created this frame
+    valid_until: int | None  # the commit that superseded or removed it, if any
+    sources: tuple[str, ...]  # which lists it came from: "lex", "vec"
+
+
+class Hits(list[Hit]):
+    """A ranked list of ``Hit`` that also says how it was made."""
+
+    def __init__(self, hits: list[Hit], *, mode: str, seq: int, warnings: list[str], cached: bool = False) -> None:
+        super().__init__(hits)
+        self.mode = mode  # the mode actually used ("auto" resolves to "hybrid" or "lex")
+        self.seq = seq  # the commit the results describe
+        self.warnings = warnings
+        self.cached = cached
 
 
 class FindOptions(msgspec.Struct, kw_only=True, frozen=True):
@@ -271,3 +301,12 @@ class Query:
             ids += i
             rows.append(v)
         return ids, np.concatenate(rows)
+
+
+def rrf(lists: list[list[int]], k: int = RRF_K) -> list[tuple[float, int]]:
+    """Reciprocal-rank fusion: sum of 1/(k + rank) over the lists an id appears in."""
+    scores: dict[int, float] = {}
+    for ranked in lists:
+        for rank, fid in enumerate(ranked, 1):
+            scores[fid] = scores.get(fid, 0.0) + 1.0 / (k + rank)
+    return sorted(((s, fid) for fid, s in scores.items()), key=lambda x: (-x[0], x[1]))

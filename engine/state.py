@@ -29,10 +29,11 @@ from .cache import LRUCache
 from .embed import Embedder, cache_root
 from .errors import CapsuleBroken, CapsuleClosed, CorruptionError, InvalidArgument, ReadOnlyError
 from .fileio import CapsuleFile
+from .indexes import Indexes
 from .log import Replay, read_record, replay
 from .metadata import to_epoch
+from .ramcopies import ram_root
 from .reading import Dictionaries, View, Views, load_checkpoint
-from .search import Indexes, ram_root
 from .table import FrameTable
 from .vectors import unpack_vectors
 

@@ -19,7 +19,7 @@ import pytest
 import engine
 from engine import crypto
 from engine import format as fmt
-from engine.search import ram_root
+from engine.ramcopies import ram_root
 from workload import Workload, power_cut_at, snapshot
 
 FAST = engine.KdfParams(memory_cost=1024, iterations=1)  # tests only: real Argon2id, tiny costs

@@ -265,7 +265,7 @@ def test_an_encrypted_capsule_spills_its_frames_to_ram_backed_storage_only(path)
     """Frame metadata (URIs, titles, tags) is plaintext in the spill file: for an
     encrypted capsule it goes where its decrypted indexes go, never to the disk cache."""
     from engine.embed import cache_root
-    from engine.search import ram_root
+    from engine.ramcopies import ram_root
 
     def spill_of(cap) -> str:
         return os.readlink(f"/proc/self/fd/{cap._s.table.frames._fd}")  # noqa: SLF001

@@ -17,11 +17,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from daemon_util import ROOT
 
 import engine
-from daemon_util import ROOT
 from engine import ramcopies
-from engine.search import ram_root
+from engine.ramcopies import ram_root
 
 
 def shared() -> Path:

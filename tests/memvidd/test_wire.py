@@ -19,7 +19,7 @@ import pytest
 
 import engine
 from daemon_util import ROOT, DaemonProc
-from engine.search import MODES
+from engine.query import MODES
 from memvidd import protocol as p
 
 HEAVY = ("engine", "trio", "numpy", "tantivy", "usearch", "onnxruntime", "fastembed")

@@ -1,7 +1,8 @@
-"""Retrieval over a capsule: the two indexes, their working copies, fusion and caches.
+"""The search indexes of a capsule: the two indexes, their working copies and caches.
 
 ``Indexes`` keeps the lexical (Tantivy) and semantic (USearch) indexes of one open
-capsule current, and answers ``find``. Both are derived data:
+capsule current and answers their lookups for ``engine/query.py``, which runs ``find``.
+Both are derived data:
 
 - their working copies live in a cache directory keyed by the capsule id and path, with
   a ``state.json`` recording which commit each one covers and that commit's fingerprint,
@@ -12,8 +13,8 @@ capsule current, and answers ``find``. Both are derived data:
   committed and the graph is rebuilt from them when its working copy is missing;
 - on open, each index is caught up with the commits made after the point it covers.
 
-Ranking: BM25 (AND of the terms, OR when AND finds fewer than k), cosine over the HNSW
-graph, and hybrid = reciprocal-rank fusion (k=60) of the two lists.
+Ranking here: BM25 (AND of the terms, OR when AND finds fewer than k) and cosine over
+the HNSW graph; fusing the two is the query's business.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from . import ramcopies
@@ -43,37 +43,6 @@ from .lexical import SCHEMA_VERSION, Filters, LexIndex
 from .ramcopies import Claim, ram_root
 from .table import FrameTable
 from .vectors import VecIndex
-
-RRF_K = 60
-MODES = ("auto", "lex", "vec", "hybrid")
-MAX_K = 1000
-
-
-class Hit(msgspec.Struct, frozen=True, kw_only=True):
-    frame_id: int
-    uri: str | None
-    title: str | None
-    score: float
-    snippet: str
-    highlights: list[tuple[int, int]]  # character spans in ``snippet``
-    tags: dict[str, str]
-    kind: str | None
-    timestamp: float
-    commit_seq: int  # the version: the commit that created this frame
-    valid_until: int | None  # the commit that superseded or removed it, if any
-    sources: tuple[str, ...]  # which lists it came from: "lex", "vec"
-
-
-class Hits(list[Hit]):
-    """A ranked list of ``Hit`` that also says how it was made."""
-
-    def __init__(self, hits: list[Hit], *, mode: str, seq: int, warnings: list[str], cached: bool = False) -> None:
-        super().__init__(hits)
-        self.mode = mode  # the mode actually used ("auto" resolves to "hybrid" or "lex")
-        self.seq = seq  # the commit the results describe
-        self.warnings = warnings
-        self.cached = cached
-
 
 _serial = itertools.count()
 
@@ -402,11 +371,3 @@ class Indexes:
             "attach": {**self.timings, "origin": self.origin},
         }
 
-
-def rrf(lists: list[list[int]], k: int = RRF_K) -> list[tuple[float, int]]:
-    """Reciprocal-rank fusion: sum of 1/(k + rank) over the lists an id appears in."""
-    scores: dict[int, float] = {}
-    for ranked in lists:
-        for rank, fid in enumerate(ranked, 1):
-            scores[fid] = scores.get(fid, 0.0) + 1.0 / (k + rank)
-    return sorted(((s, fid) for fid, s in scores.items()), key=lambda x: (-x[0], x[1]))
