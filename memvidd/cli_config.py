@@ -76,8 +76,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
             raise SystemExit(f"memvidd: the daemon at {c.path} ({c.server.server}) reloads on SIGHUP only: "
                              "kill -HUP its pid, or systemctl --user reload memvidd")
         reply = c.reload()
-    if args.json:
-        print(msgspec.json.encode(reply).decode())
+    if args.json:  # every field, empty lists too (the wire leaves them out)
+        print(msgspec.json.encode({k: v for k, v in msgspec.structs.asdict(reply).items() if k != "id"}).decode())
     else:
         print(f"reloaded {reply.source}" + ("" if reply.applied or reply.pending or reply.errors
                                              else ": nothing changed"))
