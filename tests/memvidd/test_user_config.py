@@ -27,7 +27,7 @@ from memvidd.client import Client
 
 pytestmark = pytest.mark.timeout(90)
 
-LEAKED = ("XDG_CONFIG_HOME", config.ENV, "MEMVIDD_SOCKET")
+LEAKED = ("XDG_CONFIG_HOME", "MEMVIDD_CONFIG", "MEMVIDD_SOCKET")
 
 USER_CONFIG = """
 [daemon]
