@@ -116,6 +116,9 @@ class AsyncClient(_Requests):
     async def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
         return await self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
 
+    async def reload(self) -> p.ReloadReply:
+        return await self._call(p.Reload(id=self._id()))
+
     async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
         await self._send(p.Tail(id=self._id(), **kw))
         while True:

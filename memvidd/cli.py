@@ -1,7 +1,8 @@
 """The ``memvidd`` command line: one function per subcommand, argparse wiring at the end.
 
-Client commands (status, put, find, get, timeline, tail, stats) talk to a running daemon
-over ``--socket`` (default ``$MEMVIDD_SOCKET``, then the configured socket). With
+Client commands (status, put, find, get, timeline, tail, stats, reload) talk to a running
+daemon over ``--socket`` (default: the socket of ``--config``, ``$MEMVIDD_SOCKET``, then the
+configuration every command finds: ``cli_config.py``). With
 ``--capsule FILE`` they work on the file directly, without a daemon: reads open it
 read-only; ``put`` writes it unless a daemon holds it.
 
@@ -35,8 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import cli_config
 from . import protocol as p
-from .client import Client, RemoteError, default_socket
+from .cli_config import connect as _client
+from .client import RemoteError
+from .config import ConfigError
 
 if TYPE_CHECKING:
     import engine
@@ -87,7 +91,8 @@ def _encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
 def cmd_verify(args: argparse.Namespace) -> int:
     import engine
 
-    report = engine.verify(args.file, passphrase=_passphrase(args))
+    path, passphrase = _source(args)
+    report = engine.verify(path, passphrase=passphrase)
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -95,8 +100,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import engine
 
-    report = engine.doctor(args.file, dry_run=args.dry_run, reindex=args.reindex,
-                           passphrase=_passphrase(args))
+    path, passphrase = _source(args)
+    report = engine.doctor(path, dry_run=args.dry_run, reindex=args.reindex, passphrase=passphrase)
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -179,15 +184,6 @@ def _tags(pairs: list[str] | None) -> dict[str, str] | None:
             raise SystemExit(f"memvidd: --tag wants key=value, got {pair!r}")
         out[key] = value
     return out
-
-
-def _client(args: argparse.Namespace) -> Client:
-    path = args.socket or default_socket()
-    try:
-        return Client(path, timeout=args.timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise SystemExit(f"memvidd: no daemon listening at {path} (start one with `memvidd run`, "
-                         "or use --capsule FILE to work on a capsule directly)") from None
 
 
 def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
@@ -467,10 +463,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str | None]:
     passphrase = _passphrase(args)
     if args.capsule:
         return args.capsule, passphrase
-    try:
-        c = config_mod.load(args.config).default_capsule
-    except config_mod.ConfigError as e:
-        raise SystemExit(f"memvidd: {e}") from None
+    c = cli_config.configured(args).default_capsule
     if passphrase is None and c.passphrase_sources():
         import engine
 
@@ -575,24 +568,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import config as config_mod
     from .daemon import run
 
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as e:
-        print(f"memvidd: {e}", file=sys.stderr)
-        return 2
-    daemon = cfg.daemon
-    if args.socket:
-        daemon = msgspec.structs.replace(daemon, socket=args.socket)
-    if args.events_socket:
-        daemon = msgspec.structs.replace(daemon, events_socket=args.events_socket)
-    capsules = list(cfg.capsule)
-    if args.capsule:
-        capsules[0] = msgspec.structs.replace(capsules[0], path=args.capsule)
-    if args.watch:
-        capsules[0] = msgspec.structs.replace(capsules[0], watch=[*capsules[0].watch, *args.watch])
-    embedding = cfg.embedding if not args.no_embed else msgspec.structs.replace(cfg.embedding, model="none")
-    cfg = msgspec.structs.replace(cfg, daemon=daemon, capsule=capsules, embedding=embedding)
-    return run(cfg)
+    def configure() -> config_mod.Config:
+        """The configuration found now (a reload looks again: a file `memvidd init` wrote
+        since the start is read), with the command line's options over it."""
+        cfg = config_mod.load(config_mod.locate(args.config))
+        daemon = cfg.daemon
+        if args.socket:
+            daemon = msgspec.structs.replace(daemon, socket=args.socket)
+        if args.events_socket:
+            daemon = msgspec.structs.replace(daemon, events_socket=args.events_socket)
+        capsules = list(cfg.capsule)
+        if args.capsule:
+            capsules[0] = msgspec.structs.replace(capsules[0], path=args.capsule)
+        if args.watch:
+            capsules[0] = msgspec.structs.replace(capsules[0], watch=[*capsules[0].watch, *args.watch])
+        embedding = cfg.embedding if not args.no_embed else msgspec.structs.replace(cfg.embedding, model="none")
+        return msgspec.structs.replace(cfg, daemon=daemon, capsule=capsules, embedding=embedding)
+
+    return run(configure(), configure)
+
+
+CONFIG_HELP = ("configuration file (default: $MEMVIDD_CONFIG, then $XDG_CONFIG_HOME/memvidd/config.toml "
+               "if it exists, then the embedded default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the daemon in the foreground")
-    r.add_argument("--config", help="configuration file (default: the embedded config.toml)")
+    r.add_argument("--config", help=CONFIG_HELP)
     r.add_argument("--capsule", help="path of the default capsule (overrides the config)")
     r.add_argument("--socket", help="agent socket path")
     r.add_argument("--events-socket", help="event socket path")
@@ -623,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_cmd(name: str, help: str, func: Any, *, direct: bool = True) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--socket", help="daemon socket (default: $MEMVIDD_SOCKET, then the config)")
+        c.add_argument("--socket", help="daemon socket (default: that of --config, $MEMVIDD_SOCKET, then the config's)")
+        c.add_argument("--config", help=CONFIG_HELP)
         c.add_argument("--name", help="capsule name in the daemon (default: its default capsule)")
         if direct:
             c.add_argument("--capsule", metavar="FILE", help="use this capsule file directly, without a daemon")
@@ -667,6 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     client_cmd("stats", "capsule statistics", cmd_stats)
+    client_cmd("reload", "have the daemon re-read its configuration and apply what changed",
+               cli_config.cmd_reload, direct=False)
+    i = sub.add_parser("init", help="write the commented default configuration where every command finds it")
+    i.add_argument("--config", help="where (default: $MEMVIDD_CONFIG, then $XDG_CONFIG_HOME/memvidd/config.toml)")
+    i.set_defaults(func=cli_config.cmd_init)
     c = client_cmd("compact", "rewrite the capsule without its dead bytes (the daemon keeps serving)", cmd_compact)
     c.add_argument("--codecs", action="store_true", help="only upgrade payload codecs (the next compaction reclaims)")
     c.set_defaults(timeout=None)  # as long as it takes
@@ -683,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", metavar="OUT", help="the new capsule file (must not exist)")
     b.add_argument("--as-of", help="commit number, @unix-time or ISO time (default: now)")
     b.add_argument("--capsule", metavar="FILE", help="the capsule to branch (default: the configured default capsule)")
-    b.add_argument("--config", help="configuration naming the default capsule (default: the embedded one)")
+    b.add_argument("--config", help=CONFIG_HELP)
     passphrase_options(b, new=True, what="the capsule branched")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_branch)
@@ -709,13 +712,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_rekey)
 
     v = sub.add_parser("verify", help="check every checksum and invariant of a capsule file")
-    v.add_argument("file")
+    v.add_argument("capsule", nargs="?", metavar="FILE", help="default: the configured default capsule")
+    v.add_argument("--config", help=CONFIG_HELP)
     passphrase_options(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("doctor", help="repair a torn tail or a damaged checkpoint")
-    d.add_argument("file")
+    d.add_argument("capsule", nargs="?", metavar="FILE", help="default: the configured default capsule")
+    d.add_argument("--config", help=CONFIG_HELP)
     d.add_argument("--dry-run", action="store_true", help="report what would be done")
     d.add_argument("--reindex", action="store_true", help="also rebuild the search indexes from the frames")
     passphrase_options(d)
@@ -733,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: Any = args.func(args)
+    except ConfigError as e:  # names the file and the problem
+        print(f"memvidd: {e}", file=sys.stderr)
+        return 2
     except _errors(RemoteError, ValueError, OSError) as e:
         print(f"memvidd: {e}", file=sys.stderr)
         return 1

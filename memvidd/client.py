@@ -67,7 +67,8 @@ def __getattr__(name: str) -> Any:
 
 
 def default_socket() -> str:
-    """``$MEMVIDD_SOCKET``, else the default configuration's socket."""
+    """``$MEMVIDD_SOCKET``, else the socket of the configuration every command finds
+    (``$MEMVIDD_CONFIG``, the user's config.toml, the embedded default: ``config.locate``)."""
     env = os.environ.get("MEMVIDD_SOCKET")
     if env:
         return env
@@ -229,6 +230,12 @@ class Client(_Requests):
 
     def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
         return self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
+
+    def reload(self) -> p.ReloadReply:
+        """Have the daemon re-read its configuration file and apply what changed; the
+        reply lists the changes (``"reload" in self.server.features`` first: older
+        daemons reload on SIGHUP only)."""
+        return self._call(p.Reload(id=self._id()))
 
     def tail(self, **kw: Any) -> Iterator[p.FrameOut]:
         """Frames as they are committed, until the daemon ends the stream or the

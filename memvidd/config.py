@@ -1,13 +1,17 @@
-"""The daemon's configuration: strict msgspec structs decoded from TOML.
+"""The daemon's configuration: strict msgspec structs decoded from TOML, and where it is.
 
 ``config.toml`` at the repository root documents every key; the same file ships inside
-the package (``memvidd/default_config.toml``, kept identical by a test) and is what runs
-when no ``--config`` is given. An unknown key or a bad value is an error naming the key
-and the file, and the daemon does not start.
+the package (``memvidd/default_config.toml``, kept identical by a test). Every command
+finds the same file (``locate``): ``--config``, else ``$MEMVIDD_CONFIG``, else the user's
+``$XDG_CONFIG_HOME/memvidd/config.toml`` (``~/.config/...``) if it exists, else the
+embedded default. ``memvidd init`` writes the default there (``user_path``). An unknown
+key or a bad value is an error naming the key and the file, never a silent fallback to
+the default, and the daemon does not start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from importlib import resources
@@ -132,6 +136,19 @@ def private_socket_dir(path: str) -> None:
         raise ConfigError(f"socket {path}: {e}") from None
 
 
+def private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700: what they will hold (capsules,
+    their names) is nobody else's business. Existing directories are left as they are."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)  # the umask may have narrowed what mkdir gave
+
+
 def expand(value: str) -> str:
     """``~`` and ``$VARS`` expanded, with the XDG base directories' documented fallbacks."""
     home = os.path.expanduser("~")
@@ -150,7 +167,7 @@ def default_text() -> str:
     return resources.files("memvidd").joinpath("default_config.toml").read_text()
 
 
-def parse(text: str, source: str) -> Config:
+def parse(text: str, source: str, *, client: bool = False) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -174,7 +191,7 @@ def parse(text: str, source: str) -> Config:
     names = [c.name for c in cfg.capsule]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: capsule names must be unique, got {names}")
-    if cfg.embedding.model != "none":
+    if cfg.embedding.model != "none" and not client:
         from engine import MODELS  # here: a client reading the config has no use for the engine
 
         if cfg.embedding.model not in MODELS:
@@ -183,19 +200,42 @@ def parse(text: str, source: str) -> Config:
     return msgspec.structs.replace(cfg, source=source)
 
 
-def default_socket() -> str:
-    """The agent socket of the embedded default configuration (what a client connects to
-    when told nothing), read without checking the rest, which would load the engine."""
-    daemon = tomllib.loads(default_text()).get("daemon", {})
-    return expand(msgspec.convert(daemon, Daemon).socket)
+ENV = "MEMVIDD_CONFIG"
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """The configuration in ``path``, or the embedded default."""
+def user_path() -> Path:
+    """The user's configuration file, ``$XDG_CONFIG_HOME/memvidd/config.toml`` (its
+    documented fallback: ``~/.config/memvidd/config.toml``), whether it exists or not."""
+    return Path(expand("$XDG_CONFIG_HOME/memvidd/config.toml"))
+
+
+def locate(explicit: str | os.PathLike[str] | None = None) -> str | None:
+    """The configuration file every command uses: ``explicit`` (``--config``), else
+    ``$MEMVIDD_CONFIG``, else the user's file if it exists; None: the embedded default.
+    A file named by the first two must exist (``load`` says so); the user's file is
+    looked for, as is the default in its place."""
+    if explicit is not None:
+        return os.fspath(explicit)
+    if os.environ.get(ENV):
+        return os.environ[ENV]
+    path = user_path()
+    return str(path) if os.path.lexists(path) else None  # a dangling link: an error, not the default
+
+
+def default_socket(explicit: str | os.PathLike[str] | None = None) -> str:
+    """The agent socket of the configuration ``locate`` finds (what a client connects to
+    when told nothing): the whole file is checked, except what would load the engine."""
+    return expand(load(locate(explicit), client=True).daemon.socket)
+
+
+def load(path: str | os.PathLike[str] | None = None, *, client: bool = False) -> Config:
+    """The configuration in ``path``, or the embedded default. ``client``: a command that
+    talks to a daemon or reads a capsule, which skips the one check that loads the engine
+    (the embedding model's name: the daemon checks it when it starts)."""
     if path is None:
-        return parse(default_text(), "<default config.toml>")
+        return parse(default_text(), "<default config.toml>", client=client)
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), client=client)

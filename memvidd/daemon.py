@@ -13,6 +13,10 @@ sent only when all of them are up)::
     ├── watchdog pings, status updates      (systemd.py)
     └── signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the configuration
 
+A reload (SIGHUP, or a ``reload`` request) re-reads the configuration and applies what
+changed without a restart: capsules opened and closed, watch lists and globs, limits,
+watcher and durability settings (``reload.py`` says which settings wait for a restart).
+
 Shutdown: STOPPING=1, stop accepting and cancel the connections, then, shielded and
 bounded by ``shutdown-grace-s``, commit what is staged and close every capsule. Anything
 acknowledged was durable already; a put staged but not yet acknowledged is committed too.
@@ -29,19 +33,23 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 import engine
 
 from . import __version__, systemd
-from .config import CapsuleConfig, Config, ConfigError, expand, load, private_socket_dir
+from . import protocol as p
+from .config import CapsuleConfig, Config, ConfigError, expand, load, private_dirs, private_socket_dir
 from .events import EventServer
 from .indexer import Indexer
 from .memory import fix_mmap_threshold, serve_trim
+from .reload import changes, plan
 from .server import AgentServer
 from .service import CapsuleService
 from .tree import Tree
@@ -156,24 +164,15 @@ def _open_capsule(c: CapsuleConfig, cfg: Config, embedder: engine.Embedder | Non
     return cap
 
 
-def private_dirs(directory: Path) -> None:
-    """Create ``directory`` and its missing parents 0700: what they will hold (capsules,
-    their names) is nobody else's business. Existing directories are left as they are."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=0o700)
-        os.chmod(d, 0o700)  # the umask may have narrowed what mkdir gave
-
-
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, reread: Callable[[], Config] | None = None) -> None:
+        """``reread``: how a reload reads the configuration again (default: ``cfg.source``
+        read again, or ``cfg`` itself if it is the embedded default)."""
         self.cfg = cfg
+        self.reread = reread or (lambda: cfg if cfg.source.startswith("<") else load(cfg.source))
+        self._reloading = trio.Lock()
         self.services: dict[str, CapsuleService] = {}
-        self.committers: dict[str, trio.CancelScope] = {}
+        self.tasks: dict[str, trio.Nursery] = {}  # each capsule's tasks: cancelled when it is removed
         self.embedder: engine.Embedder | None = None
         self.queries: AgentServer | None = None
         self.created_sockets: list[str] = []
@@ -214,7 +213,7 @@ class Daemon:
                 self.services, cfg.default_capsule.name, max_frame=cfg.limits.max_frame_bytes,
                 max_put=cfg.limits.max_put_bytes, max_connections=cfg.limits.max_connections,
                 tail_buffer=cfg.limits.tail_buffer, version=f"memvidd {__version__}",
-                max_buffer=cfg.limits.max_buffer_bytes,
+                max_buffer=cfg.limits.max_buffer_bytes, reload=self.reload,
             )
             queries = self.queries
 
@@ -253,39 +252,44 @@ class Daemon:
     async def _add_capsule(self, c: CapsuleConfig) -> None:
         passphrase = read_passphrase(c)
         cap = await trio.to_thread.run_sync(open_capsule, c, self.cfg, self.embedder, passphrase)
-        svc = CapsuleService(c.name, cap, interval_ms=self.cfg.durability.interval_ms
-                             if self.cfg.durability.policy == "interval" else 0, passphrase=passphrase)
+        svc = CapsuleService(c.name, cap, interval_ms=self._interval_ms(), passphrase=passphrase)
         self.services[c.name] = svc
-        indexer = None
-        if c.watch:
-            w = self.cfg.watcher
-            trees = [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
-                     for root in c.watch]
-            indexer = Indexer(svc, trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
-            svc.indexer = indexer
-        scope = trio.CancelScope()
-        self.committers[c.name] = scope  # removing the capsule stops its committer and watcher
+        trees = self._trees(c)
+        svc.indexer = self._indexer(svc, trees) if trees else None
 
         async def capsule_tasks(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with trio.open_nursery() as tasks:
-                    await tasks.start(svc.serve_committer)
-                    if c.engine.upgrade_codecs or c.engine.compact_dead_ratio > 0:
-                        await tasks.start(partial(svc.serve_maintenance, idle_s=c.engine.upgrade_idle_ms / 1000,
-                                                  cold_commits=c.engine.upgrade_cold_commits,
-                                                  upgrade=c.engine.upgrade_codecs,
-                                                  compact_ratio=c.engine.compact_dead_ratio))
-                    if indexer is not None:
-                        await tasks.start(indexer.run)  # watching before READY; the scan goes on
-                    task_status.started()
+            async with trio.open_nursery() as tasks:
+                self.tasks[c.name] = tasks
+                await tasks.start(svc.serve_committer)
+                if c.engine.upgrade_codecs or c.engine.compact_dead_ratio > 0:
+                    await tasks.start(partial(svc.serve_maintenance, idle_s=c.engine.upgrade_idle_ms / 1000,
+                                              cold_commits=c.engine.upgrade_cold_commits,
+                                              upgrade=c.engine.upgrade_codecs,
+                                              compact_ratio=c.engine.compact_dead_ratio))
+                if svc.indexer is not None:
+                    await tasks.start(svc.indexer.run)  # watching before READY; the scan goes on
+                task_status.started()
 
         await self.nursery.start(capsule_tasks)
         log.info("capsule open name=%s path=%s frames=%s watching=%s", c.name, cap.path, cap.frame_count,
                  ",".join(c.watch) or "-")
 
+    def _interval_ms(self) -> int:
+        d = self.cfg.durability
+        return d.interval_ms if d.policy == "interval" else 0
+
+    def _trees(self, c: CapsuleConfig) -> list[Tree]:
+        w = self.cfg.watcher
+        return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
+                for root in c.watch]
+
+    def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> Indexer:
+        w = self.cfg.watcher
+        return Indexer(svc, trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
+
     async def _remove_capsule(self, name: str) -> None:
         svc = self.services.pop(name)
-        self.committers.pop(name).cancel()
+        self.tasks.pop(name).cancel_scope.cancel()  # its committer, maintenance and watcher
         with trio.CancelScope(shield=True):
             await svc.close()
         log.info("capsule closed name=%s", name)
@@ -293,33 +297,85 @@ class Daemon:
     async def _signals(self, received: Any) -> None:
         async for sig in received:
             if sig == signal.SIGHUP:
-                await self._reload()
+                with contextlib.suppress(ConfigError):  # logged; the running configuration goes on
+                    await self.reload()
             else:
                 log.info("signal=%s", signal.Signals(sig).name)
                 return
 
-    async def _reload(self) -> None:
-        """SIGHUP: re-read the configuration file; open added capsules, close removed ones."""
-        systemd.notify("RELOADING=1")
+    async def reload(self) -> p.ReloadReply:
+        """Re-read the configuration and apply what changed (SIGHUP, or a ``reload``
+        request); what changed is logged and returned. ``ConfigError`` if it cannot be
+        read: the running configuration goes on unchanged."""
+        async with self._reloading:  # one at a time: a SIGHUP during a requested one waits
+            # Shielded: never half applied because the client that asked hung up.
+            with trio.CancelScope(shield=True):
+                systemd.notify("RELOADING=1")
+                try:
+                    reply = await self._reload()
+                finally:
+                    systemd.notify("READY=1", f"STATUS={self._status()}")
+        return reply
+
+    async def _reload(self) -> p.ReloadReply:
         try:
-            new = load(self.cfg.source) if not self.cfg.source.startswith("<") else self.cfg
+            new = await trio.to_thread.run_sync(self.reread)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
-            systemd.notify("READY=1")
-            return
-        old_names = {c.name for c in self.cfg.capsule}
-        new_names = {c.name for c in new.capsule}
-        for name in old_names - new_names:
-            await self._remove_capsule(name)
-        for c in new.capsule:
-            if c.name not in old_names:
+            raise ConfigError(f"{e} (the running configuration is kept)") from None
+        before = self.cfg
+        self.cfg, pending = plan(before, new)
+        self._apply_settings()
+        errors = []
+        served = {c.name: c for c in before.capsule}
+        for c in self.cfg.capsule:  # added ones first: the default capsule is never missing
+            if c.name not in served:
                 try:
                     await self._add_capsule(c)
                 except (engine.EngineError, OSError, ConfigError) as e:
-                    log.error("reload: cannot open capsule name=%s: %s", c.name, e)
-        self.cfg = new
-        log.info("reloaded capsules=%s", ",".join(self.services))
-        systemd.notify("READY=1", f"STATUS={self._status()}")
+                    errors.append(f"capsule {c.name} not added: {e}")
+        for name in served.keys() - {c.name for c in self.cfg.capsule}:
+            await self._remove_capsule(name)
+        # What runs is what opened: a capsule that failed is tried again by the next reload.
+        self.cfg = msgspec.structs.replace(self.cfg, capsule=[c for c in self.cfg.capsule if c.name in self.services])
+        for c in self.cfg.capsule:
+            old = served.get(c.name)
+            if old is not None and ((old.watch, old.include, old.exclude) != (c.watch, c.include, c.exclude)
+                                    or before.watcher != self.cfg.watcher):
+                await self._rewatch(c)
+        if self.queries is not None and self.cfg.capsule:
+            self.queries.default = self.cfg.default_capsule.name
+        applied = changes(before, self.cfg)
+        for line in applied:
+            log.info("reload: %s", line)
+        for line in pending:
+            log.warning("reload: %s", line)
+        for line in errors:
+            log.error("reload: %s", line)
+        log.info("reloaded source=%s changes=%s capsules=%s", new.source, len(applied), ",".join(self.services))
+        return p.ReloadReply(source=new.source, applied=applied, pending=pending, errors=errors)
+
+    def _apply_settings(self) -> None:
+        """The settings read where they are used (limits, durability, log level)."""
+        cfg = self.cfg
+        logging.getLogger().setLevel(cfg.daemon.log_level.upper())
+        for svc in self.services.values():
+            svc.interval = self._interval_ms() / 1000
+        q = self.queries
+        if q is not None:
+            q.max_frame, q.max_put, q.tail_buffer = cfg.limits.max_frame_bytes, cfg.limits.max_put_bytes, \
+                cfg.limits.tail_buffer
+            q.door.limit = q.events.limit = cfg.limits.max_connections
+            q.budget.limit = cfg.limits.max_buffer_bytes
+
+    async def _rewatch(self, c: CapsuleConfig) -> None:
+        """Capsule ``c`` watches its new roots, with its new globs and watcher settings."""
+        svc, trees, w = self.services[c.name], self._trees(c), self.cfg.watcher
+        if svc.indexer is not None:
+            svc.indexer.retarget(trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
+        elif trees:
+            svc.indexer = self._indexer(svc, trees)
+            await self.tasks[c.name].start(svc.indexer.run)
 
     def _status(self) -> str:
         # On the event loop: lock-free counts only (stats() waits for a writer's fsync).
@@ -347,11 +403,11 @@ def _sole(e: BaseException) -> BaseException:
     return e
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, reread: Callable[[], Config] | None = None) -> int:
     setup_logging(cfg.daemon.log_level)
     fix_mmap_threshold()  # before the heaps fill: see memory.py
     try:
-        return trio.run(Daemon(cfg).run)
+        return trio.run(Daemon(cfg, reread).run)
     except BaseException as raised:  # noqa: BLE001 - re-raised unless it is a start-up refusal
         e = _sole(raised)
         if isinstance(e, (ConfigError, engine.UnsafeDirectory)):

@@ -263,7 +263,7 @@ class Wait(float):
 
 
 class Progress(msgspec.Struct):
-    phase: str = "starting"  # starting, scanning, indexing, watching
+    phase: str = "starting"  # starting, scanning, indexing, watching; missing (no root exists), idle (no root)
     files_seen: int = 0
     files_to_index: int = 0
     files_indexed: int = 0
@@ -300,7 +300,8 @@ class Indexer:
         self.writing: dict[str, float] = {}  # path -> when it was first seen open for writing
         self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
         self.progress = Progress(started=time.time())
-        self._root_event = trio.Event()
+        self._changed = trio.Event()  # the roots to watch, or the set of them that exists, changed
+        self.missing: set[str] = set()  # roots that are not (yet) directories
         self.stop = threading.Event()
 
     # -- state ------------------------------------------------------------------------
@@ -344,6 +345,7 @@ class Indexer:
             mb_read=round(self.progress.bytes_read / 1e6, 3),
             files_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
             roots=[str(t.root) for t in self.trees],
+            missing=sorted(self.missing),  # roots that are not directories: watched once they are
             # A copy first (one C call, whole under the GIL): the writer thread changes it.
             skipped={clean(uri_path(u)): why
                      for u, why in itertools.islice(self.skipped.copy().items(), SKIPPED_SHOWN)},
@@ -370,37 +372,62 @@ class Indexer:
             task_status.started()
 
     async def _supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch the roots that exist, scan them, and start over when that set changes
-        (a root that disappears and comes back is watched and scanned again)."""
-        first = True
+        """Watch the roots that exist, scan them, and start over when that set changes (a
+        root that appears, or disappears and comes back, is watched and scanned again) or
+        the roots themselves do (``retarget``)."""
+        started = False
         while True:
-            present = [t for t in self.trees if t.root.is_dir()]
-            if present:
-                self.stop = threading.Event()
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self._watch, present)  # watches in place before the scan
-                    if first:
-                        task_status.started()
-                        first = False
-                    await self._scan_all(present)
-                    self._root_event = trio.Event()
-                    while [t for t in self.trees if t.root.is_dir()] == present:
-                        # Roots rarely come and go: a cheap poll, cut short when the
-                        # watcher sees a root itself removed (it may be back at once,
-                        # but the old watch died with the old directory).
-                        with trio.move_on_after(1.0):
-                            await self._root_event.wait()
-                        if self._root_event.is_set():
-                            break
-                    self.stop.set()
-                    nursery.cancel_scope.cancel()
-            else:
-                if first:
+            self._changed = trio.Event()  # made before the scan: a change during it is not lost
+            trees = self.trees
+            present = [t for t in trees if t.root.is_dir()]
+            self._report_missing(trees, present)
+            if not present:
+                self.progress.phase = "missing" if trees else "idle"
+                if not started:
                     task_status.started()
-                    first = False
-                # No event says a directory was created where none was: look once a second.
-                while not any(t.root.is_dir() for t in self.trees):  # noqa: ASYNC110
-                    await trio.sleep(1.0)
+                    started = True
+                await self._until_changed(trees, present)
+                continue
+            self.stop = threading.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._watch, present)  # watches in place before the scan
+                if not started:
+                    task_status.started()
+                    started = True
+                await self._scan_all(present)
+                await self._until_changed(trees, present)
+                self.stop.set()
+                nursery.cancel_scope.cancel()
+
+    async def _until_changed(self, trees: list[Tree], present: list[Tree]) -> None:
+        """Until ``retarget``, the watcher seeing a root itself removed (it may be back at
+        once, but the old watch died with the old directory), or a root appearing or
+        going. That last one is looked for once a second: no event says that a directory
+        was created where none was (watching the nearest existing parent instead would
+        mean following each level of a ``mkdir -p`` as it appears, for roots that rarely
+        come and go); a stat per root a second costs nothing."""
+        while not self._changed.is_set() and [t for t in trees if t.root.is_dir()] == present:
+            with trio.move_on_after(1.0):
+                await self._changed.wait()
+
+    def _report_missing(self, trees: list[Tree], present: list[Tree]) -> None:
+        """Log each root that went missing (or came back) once; ``stats`` lists them."""
+        missing = {str(t.root) for t in trees} - {str(t.root) for t in present}
+        for root in sorted(missing - self.missing):
+            log.warning("watch directory missing capsule=%s path=%s: not a directory (yet); it is watched "
+                        "once it exists", self.svc.name, root)
+        for root in sorted(self.missing - missing):
+            if any(str(t.root) == root for t in trees):
+                log.info("watch directory found capsule=%s path=%s", self.svc.name, root)
+        self.missing = missing
+
+    def retarget(self, trees: list[Tree], *, chunk_size: int, overlap: int, debounce_ms: int) -> None:
+        """Watch ``trees`` from now on, with these settings (a reload): their roots are
+        watched and scanned again, so that files newly included or excluded are indexed or
+        removed. The files of a root no longer watched keep their frames as they are."""
+        self.trees = trees
+        self.chunk_size, self.overlap, self.debounce_ms = chunk_size, overlap, debounce_ms
+        self._changed.set()
 
     async def _scan_all(self, trees: list[Tree]) -> None:
         self.progress.phase = "scanning"
@@ -520,16 +547,18 @@ class Indexer:
         writing, as an editor does between the writes of one save)."""
         uri = file_uri(path)
         tree = self.tree_of(path)
+        if tree is None:  # under no watched root (any more: a reload): its frames stay as they are
+            return None
         known = self.docs.get(uri)
         p = Path(path)
         try:
-            st = p.stat() if tree is not None and tree.inside(p) else None
+            st = p.stat() if tree.inside(p) else None
         except OSError:
             st = None
-        if st is None or tree is None or not tree.accepts(p) or not tree.check_file(p, st):
+        if st is None or not tree.accepts(p) or not tree.check_file(p, st):
             # Decide at apply time, not now: an add of this file may be prepared and not
             # yet applied (self.docs would not show it), and ops apply in order.
-            return self._delete(uri) if known is not None or (tree is not None and tree.accepts(p)) else None
+            return self._delete(uri) if known is not None or tree.accepts(p) else None
         if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns and attempt == SCAN:
             self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
@@ -703,7 +732,7 @@ class Indexer:
     def _on_change(self, change: watchfiles.Change, path: str) -> None:
         p = Path(path)
         if any(t.root == p for t in self.trees):  # a root itself went or came: re-watch
-            self._root_event.set()
+            self._changed.set()
             return
         tree = self.tree_of(path)
         if tree is None:

@@ -23,7 +23,9 @@ DEFAULT_MAX_FRAME = 16 << 20  # bytes of one message body (the wire's max_frame)
 FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "tail",
             "capsules", "flush", "verify", "pipelining", "as_of",
             # version 2
-            "expires", "compact", "rewind", "rules", "set_rules")
+            "expires", "compact", "rewind", "rules", "set_rules",
+            # later additions within version 2 (optional: check ``features`` before sending)
+            "reload")
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
@@ -211,8 +213,15 @@ class Rules(Msg, frozen=True):
     as_of: AsOf = None
 
 
+class Reload(Msg, frozen=True):
+    """Re-read the daemon's configuration file and apply what changed (as SIGHUP does);
+    feature ``reload``, added within version 2."""
+
+    id: int = 0
+
+
 Request = (Hello | Put | PutMany | Find | Get | Timeline | Remove | Stats | Tail | Capsules | Flush | Verify
-           | Compact | Rewind | SetRules | Rules)
+           | Compact | Rewind | SetRules | Rules | Reload)
 
 # -- replies ---------------------------------------------------------------------------
 
@@ -453,6 +462,16 @@ class RulesReply(Msg, frozen=True):
     seq: int = 0  # set_rules: the commit that recorded them; rules: the head when read
 
 
+class ReloadReply(Msg, frozen=True):
+    """What a reload did, one line a person reads for each change."""
+
+    id: int = 0
+    source: str = ""  # the configuration file read ("<default config.toml>": the embedded one)
+    applied: list[str] = []  # changes in force now
+    pending: list[str] = []  # changes read but applied only by a restart (the sockets, the model, ...)
+    errors: list[str] = []  # changes that failed (e.g. a capsule that cannot be opened)
+
+
 class TailEvent(Msg, frozen=True):
     id: int = 0  # the id of the Tail request
     frame: FrameOut | None = None
@@ -471,7 +490,7 @@ class Error(Msg, frozen=True):
 
 
 Reply = (HelloReply | PutReply | FindReply | GetReply | TimelineReply | RemoveReply | StatsReply
-         | CapsulesReply | FlushReply | VerifyReply | CompactReply | RewindReply | RulesReply
+         | CapsulesReply | FlushReply | VerifyReply | CompactReply | RewindReply | RulesReply | ReloadReply
          | TailEvent | TailEnd | Error)
 
 # Error codes (docs/protocol.md lists when each is sent).

@@ -35,6 +35,7 @@ import engine
 
 from . import protocol as p
 from .budget import Budget, OverBudget, Share
+from .config import ConfigError
 from .framing import MessageReader, MessageTooLarge, TruncatedMessage, pack_message
 from .peer import peer_uid
 from .service import CapsuleService, Subscriber, WriteOp, frame_filter
@@ -85,6 +86,8 @@ def error_reply(req_id: int, e: BaseException) -> p.Error:
         return p.Error(id=req_id, code=p.CORRUPT, message=str(e))
     if isinstance(e, (engine.CapsuleBroken, engine.CapsuleClosed, engine.CapsuleLocked)):
         return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=True)
+    if isinstance(e, ConfigError):  # a reload of a configuration that cannot be used
+        return p.Error(id=req_id, code=p.BAD_REQUEST, message=str(e))
     if isinstance(e, LookupError):
         return p.Error(id=req_id, code=p.NO_SUCH_CAPSULE, message=str(e.args[0] if e.args else e))
     log.exception("internal error", exc_info=e)
@@ -333,7 +336,8 @@ class AgentServer:
 
     def __init__(self, services: dict[str, CapsuleService], default: str, *, max_frame: int,
                  max_put: int, max_connections: int, tail_buffer: int, version: str,
-                 max_buffer: int = 256 << 20) -> None:
+                 max_buffer: int = 256 << 20,
+                 reload: Callable[[], Awaitable[p.ReloadReply]] | None = None) -> None:
         self.services = services
         self.default = default
         self.max_frame = max_frame
@@ -344,6 +348,7 @@ class AgentServer:
         self.events = Door(max_connections, "events")  # the event socket's own count
         self.budget = Budget(max_buffer)  # shared with the event socket
         self.served = 0
+        self.reload = reload  # the daemon's: re-read the configuration, apply what changed
 
     def service(self, name: str | None) -> CapsuleService:
         svc = self.services.get(name or self.default)
@@ -414,7 +419,8 @@ class AgentServer:
             match req:
                 case p.Hello():
                     reply: p.HelloReply | p.Error = p.HelloReply(
-                        id=rid, server=self.version, features=list(p.FEATURES),
+                        id=rid, server=self.version,
+                        features=[f for f in p.FEATURES if f != "reload" or self.reload is not None],
                         capsules=list(self.services), default_capsule=self.default, max_frame=self.max_frame,
                         max_put=self.max_put,
                     )
@@ -556,6 +562,15 @@ class AgentServer:
                         return p.RulesReply(id=rid, rules=await svc.read(svc.cap.rules, as_of=as_of), seq=seq)
 
                     await conn.read(rules, fail)
+                case p.Reload():
+                    reloader = self.reload
+                    if reloader is None:
+                        raise engine.InvalidArgument("this server has no configuration to reload")
+
+                    async def reload() -> p.ReloadReply:
+                        return msgspec.structs.replace(await reloader(), id=rid)
+
+                    await conn.read(reload, fail)
                 case p.Tail():
                     svc = self.service(req.capsule)
                     # Subscribed before the next request is read: a reply to any later
