@@ -48,7 +48,7 @@ from bench.common import (
 )
 from bench.daemon_process import Daemon, daemon_dirs
 from memvidd.client import Client
-from memvidd.indexer import file_uri
+from memvidd.ingest import file_uri
 
 MODEL = "all-MiniLM-L6-v2"
 

@@ -6,7 +6,7 @@ sent only when all of them are up)::
     main
     ├── committer, one per capsule          (group commit: service.py)
     ├── maintenance, one per capsule        (codec upgrades, compaction when idle: service.py)
-    ├── indexer, one per watching capsule   (scan, watch, chunk, write: indexer.py)
+    ├── indexer, one per watching capsule   (scan, watch, chunk, write: ingest.py)
     ├── memory trim                         (malloc_trim while writes go on: memory.py)
     ├── agent server                        (server.py)
     ├── event server                        (events.py)
@@ -47,7 +47,7 @@ from . import __version__, systemd
 from . import protocol as p
 from .config import CapsuleConfig, Config, ConfigError, expand, load, private_dirs, private_socket_dir
 from .events import EventServer
-from .indexer import Indexer
+from .ingest import IngestPipeline
 from .memory import fix_mmap_threshold, serve_trim
 from .reload import changes, plan
 from .server import AgentServer
@@ -283,9 +283,9 @@ class Daemon:
         return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
                 for root in c.watch]
 
-    def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> Indexer:
+    def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> IngestPipeline:
         w = self.cfg.watcher
-        return Indexer(svc, trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
+        return IngestPipeline(svc, trees, chunk_size=w.chunk_size, overlap=w.chunk_overlap, debounce_ms=w.debounce_ms)
 
     async def _remove_capsule(self, name: str) -> None:
         svc = self.services.pop(name)

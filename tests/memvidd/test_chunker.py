@@ -1,5 +1,5 @@
 """Pure units of the directory indexer: how files are cut into chunks (memvidd/chunker.py),
-how new chunks take over the frames of old ones (memvidd/indexer.match_chunks) and which
+how new chunks take over the frames of old ones (memvidd/ingest.match_chunks) and which
 files under a root are documents (memvidd/tree.py). No watcher, no capsule."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from memvidd.chunker import chunk_document, file_kind
-from memvidd.indexer import digest, match_chunks
+from memvidd.ingest import digest, match_chunks
 from memvidd.tree import Tree, is_binary
 
 pytestmark = pytest.mark.timeout(120)
@@ -242,7 +242,7 @@ def test_chunk_texts_are_stable_for_unchanged_text():
     assert chunk_document("m.py", text) == chunk_document("m.py", text)
 
 
-# -- chunk identity (memvidd/indexer.match_chunks) -----------------------------------------
+# -- chunk identity (memvidd/ingest.match_chunks) -----------------------------------------
 
 
 def d(name: str) -> bytes:

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from test_watcher import DAEMON_CONFIG, all_frames, hits, manifest, mkroot, until, watching, write
 
 import engine
-from memvidd import chunker, indexer
+from memvidd import chunker, ingest
 from memvidd.chunker import ChunkTimeout, chunk_document
 from memvidd.client import Client
-from memvidd.indexer import match_chunks
+from memvidd.ingest import match_chunks
 from memvidd.tree import Moved, Tree, spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -216,7 +216,7 @@ async def test_a_file_too_slow_to_chunk_is_skipped_until_it_changes_even_after_a
         chunked.append(name)
         return chunk_document(name, text, **kw)
 
-    monkeypatch.setattr("memvidd.indexer.chunk_document", spy)
+    monkeypatch.setattr("memvidd.ingest.chunk_document", spy)
     async with watching(tmp_path, root, chunk_budget_s=0.5) as ix:  # a restart: nothing is read again
         cap = ix.svc.cap
         await until(lambda: ix.progress.phase == "watching" and not ix.pending, ix=ix)
@@ -245,7 +245,7 @@ async def test_a_file_the_chunker_fails_on_is_skipped_with_the_reason(tmp_path, 
             raise RuntimeError("a chunker bug")
         return chunk_document(name, text, **kw)
 
-    monkeypatch.setattr("memvidd.indexer.chunk_document", failing)  # no real text fails today
+    monkeypatch.setattr("memvidd.ingest.chunk_document", failing)  # no real text fails today
     async with watching(tmp_path, root) as ix:
         cap = ix.svc.cap
         await until(lambda: manifest(cap, bad) is not None and hits(cap, "wombat"), ix=ix)
@@ -335,7 +335,7 @@ async def test_a_symlink_swapped_in_after_the_checks_is_not_followed(tmp_path, m
             swapped_in.append(True)
         return ok
 
-    real_being_written = indexer.being_written
+    real_being_written = ingest.being_written
 
     def swap_back_once_open(fd: int) -> bool:
         if swapped_in and check == "check_file":
@@ -345,7 +345,7 @@ async def test_a_symlink_swapped_in_after_the_checks_is_not_followed(tmp_path, m
         return real_being_written(fd)
 
     monkeypatch.setattr(Tree, check, check_then_swap)
-    monkeypatch.setattr(indexer, "being_written", swap_back_once_open)
+    monkeypatch.setattr(ingest, "being_written", swap_back_once_open)
     async with watching(tmp_path, root) as ix:
         cap = ix.svc.cap
         await until(lambda: manifest(cap, target) is not None and not ix.pending, ix=ix)

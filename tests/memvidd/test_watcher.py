@@ -26,16 +26,16 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from daemon_util import DaemonProc
 
 import engine
-from daemon_util import DaemonProc
 from memvidd.chunker import chunk_document
 from memvidd.client import Client
-from memvidd.indexer import (
+from memvidd.ingest import (
     CHUNK_KIND,
     FILE_KIND,
     DigestMap,
-    Indexer,
+    IngestPipeline,
     Known,
     Manifest,
     being_written,
@@ -59,7 +59,7 @@ def watch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(WATCH_THREAD)]
 
 
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "", ix: Indexer | None = None) -> Any:
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "", ix: IngestPipeline | None = None) -> Any:
     """Poll ``cond`` every 20 ms until it is truthy; fail after ``timeout`` seconds."""
     deadline = trio.current_time() + timeout
     while True:
@@ -80,14 +80,14 @@ def open_capsule(tmp_path: Path) -> engine.Capsule:
 
 
 @asynccontextmanager
-async def watching(tmp_path: Path, *roots: Path | Tree, **options: Any) -> AsyncIterator[Indexer]:
+async def watching(tmp_path: Path, *roots: Path | Tree, **options: Any) -> AsyncIterator[IngestPipeline]:
     """A capsule (created, or reopened if the test made one before), its service with the
-    committer running, and an Indexer watching ``roots`` that has done its initial scan;
+    committer running, and an IngestPipeline watching ``roots`` that has done its initial scan;
     everything stopped and closed on exit."""
     cap = open_capsule(tmp_path)
     svc = CapsuleService("test", cap)
     trees = [r if isinstance(r, Tree) else Tree(r) for r in roots]
-    ix = Indexer(svc, trees, debounce_ms=20, **options)
+    ix = IngestPipeline(svc, trees, debounce_ms=20, **options)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.serve_committer)
@@ -665,7 +665,7 @@ def test_a_writer_opening_the_file_during_the_check_does_not_kill_the_process(tm
     it and the kernel signals the holder: with SIGIO, the default, that kills the process."""
     code = (
         "import os, sys, threading, time\n"
-        "from memvidd.indexer import being_written\n"
+        "from memvidd.ingest import being_written\n"
         "p = sys.argv[1]\n"
         "end = time.monotonic() + 1.0\n"
         "def writer():\n"
@@ -1173,7 +1173,7 @@ async def test_cancelling_the_indexer_stops_its_watcher_thread(tmp_path):
     root = mkroot(tmp_path)
     cap = open_capsule(tmp_path)
     svc = CapsuleService("test", cap)
-    ix = Indexer(svc, [Tree(root)], debounce_ms=20)
+    ix = IngestPipeline(svc, [Tree(root)], debounce_ms=20)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.serve_committer)

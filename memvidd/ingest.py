@@ -65,7 +65,7 @@ from .chunker import ChunkTimeout, Document, chunk_document, file_kind
 from .service import CapsuleService, WriteOp
 from .tree import Moved, Tree, is_binary
 
-log = logging.getLogger("memvidd.indexer")
+log = logging.getLogger("memvidd.ingest")
 
 FILE_KIND = "file"
 CHUNK_KIND = "chunk"
@@ -279,7 +279,7 @@ class Progress(msgspec.Struct):
     scan_seconds: float = 0.0
 
 
-class Indexer:
+class IngestPipeline:
     def __init__(self, svc: CapsuleService, trees: list[Tree], *, chunk_size: int = 1500, overlap: int = 150,
                  debounce_ms: int = 20, step_ms: int = 5, workers: int = 2, queue: int = 256,
                  chunk_budget_s: float | None = None) -> None:
