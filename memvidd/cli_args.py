@@ -1,0 +1,96 @@
+"""What the command line's option values mean (times, tags, passphrases), and how a command
+prints for programs (``--json``): shared by every ``memvidd`` subcommand.
+
+Loads neither the engine nor trio: a command that talks to a daemon stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:
+    import engine
+
+
+def errors(*known: type[Exception], engine: str = "EngineError") -> tuple[type[Exception], ...]:
+    """``known``, and the engine's exception class ``engine`` if a command has imported the
+    engine (if none has, none of its exceptions can have been raised). For an ``except``
+    clause, which evaluates it when an exception is raised, after the command ran."""
+    loaded = sys.modules.get("engine")
+    return (*known, getattr(loaded, engine)) if loaded is not None else known
+
+
+PASSPHRASE_SOURCES = ("env", "file", "credential")
+
+
+def passphrase(args: argparse.Namespace, prefix: str = "") -> str | None:
+    """The passphrase from the ``--{prefix}passphrase-*`` option given (None: none)."""
+    sources = {k: v for k in PASSPHRASE_SOURCES
+               if (v := getattr(args, f"{prefix}passphrase_{k}", None)) is not None}
+    if not sources:
+        return None
+    import engine
+
+    return engine.read_passphrase(**sources)
+
+
+def encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
+    return SystemExit(f"memvidd: {e} (--passphrase-file PATH, --passphrase-env VAR or --passphrase-credential NAME)")
+
+
+def emit(args: argparse.Namespace, obj: Any, human: Any) -> None:
+    """Print ``obj`` as one line of JSON with ``--json``; else call ``human()``."""
+    if args.json:
+        print(msgspec.json.encode(msgspec.to_builtins(obj)).decode())
+    else:
+        human()
+
+
+def as_of(value: str | None) -> int | float | None:
+    """``--as-of 12`` is commit 12; ``@1700000000`` or an ISO time is a point in time."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        return float(value[1:])
+    if value.isdigit():
+        return int(value)
+    t = dt.datetime.fromisoformat(value)
+    return (t if t.tzinfo else t.astimezone()).timestamp()
+
+
+def when(value: str | None) -> float | None:
+    """``--since`` / ``--until``: ``@unix-time`` or an ISO time (a bare number is Unix seconds too)."""
+    a = as_of(value)
+    return float(a) if a is not None else None
+
+
+def tags(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"memvidd: --tag wants key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def expires(value: str | None) -> float | None:
+    """``--expires 3600`` is an hour from now; ``@1700000000`` or an ISO time is a time."""
+    if value is None:
+        return None
+    try:
+        return time.time() + float(value)
+    except ValueError:
+        pass
+    if value.startswith("@"):
+        return float(value[1:])
+    t = dt.datetime.fromisoformat(value)
+    return (t if t.tzinfo else t.astimezone()).timestamp()

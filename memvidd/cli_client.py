@@ -1,0 +1,270 @@
+"""``memvidd`` commands on a capsule's content: ``put``, ``find``, ``get``, ``timeline``,
+``tail``, ``stats``, and its life: ``compact``, ``rewind``, ``rules``.
+
+Each talks to a running daemon (``--socket``, else the configured one: ``cli_config``), or
+with ``--capsule FILE`` works on the file directly, without a daemon: reads open it
+read-only; writes need the file not to be held by a daemon. Talking to a daemon loads
+only the client, the protocol and what the command prints; the engine (numpy, tantivy,
+usearch, ...) is imported by ``--capsule``, when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import cli_args
+from . import protocol as p
+from .cli_config import connect
+from .client import RemoteError
+
+if TYPE_CHECKING:
+    import engine
+
+
+def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
+    """The ``--capsule FILE`` of a client command, opened (read-only unless ``write``)."""
+    import engine
+
+    embedder = engine.Embedder() if getattr(args, "mode", None) in ("vec", "hybrid") else None
+    passphrase = cli_args.passphrase(args)
+    try:
+        return engine.open(args.capsule, readonly=not write, embedder=embedder, passphrase=passphrase)
+    except engine.CapsuleLocked as e:
+        raise SystemExit(f"memvidd: {e}: a daemon holds it; talk to it with --socket") from None
+    except engine.WrongPassphrase:
+        raise
+    except engine.InvalidArgument as e:
+        if passphrase is None and "encrypted" in str(e):
+            raise cli_args.encrypted_hint(e) from None
+        raise
+
+
+def _frame_text(f: Any) -> str:
+    text = getattr(f, "text", None)
+    if text is None and getattr(f, "payload", None) is not None:
+        text = f.payload.decode("utf-8", errors="replace") if f.is_text else f"<{len(f.payload)} bytes>"
+    return text if text is not None else f"<{f.length} bytes>"
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    if args.file:
+        raw = Path(args.file).read_bytes()
+        data: str | bytes = raw  # as bytes, unless it is UTF-8 text
+        with contextlib.suppress(UnicodeDecodeError):
+            data = raw.decode("utf-8")
+    elif args.text == "-":
+        data = sys.stdin.read()
+    elif args.text is not None:
+        data = args.text
+    else:
+        raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
+    meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=cli_args.tags(args.tag),
+                                  expires=cli_args.expires(args.expires)).items() if v is not None}
+    if args.capsule:
+        if not os.path.exists(args.capsule):
+            import engine
+
+            cap = engine.create(args.capsule, model=None, passphrase=cli_args.passphrase(args))
+        else:
+            cap = _direct(args, write=True)
+        with cap:
+            fid = cap.put(data, **meta)
+            seq = cap.commit()
+    else:
+        with connect(args) as c:
+            reply = c._call(c._put(data, capsule=args.name, **meta))
+            fid, seq = reply.frame_ids[0], reply.seq
+    cli_args.emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    kw = dict(k=args.k, mode=args.mode, scope=args.scope, tags=cli_args.tags(args.tag), kind=args.kind,
+              since=cli_args.when(args.since), until=cli_args.when(args.until), as_of=cli_args.as_of(args.as_of))
+    if args.capsule:
+        with _direct(args) as cap:
+            if kw["mode"] == "auto" and cap.stats()["vectors"] is not None:
+                kw["mode"] = "lex"  # no model loaded for a one-shot read: say --mode hybrid for it
+            found = cap.find(args.query, **kw)
+            hits, mode = [p.HitOut.of(h) for h in found], found.mode
+    else:
+        with connect(args) as c:
+            reply = c.find_reply(args.query, capsule=args.name, **kw)
+            hits, mode = reply.hits, reply.mode
+
+    def human() -> None:
+        if not hits:
+            print(f"no results ({mode})")
+        for h in hits:
+            print(f"{h.score:.4f}  #{h.frame_id}  {h.uri or ''}  [{'+'.join(h.sources)}]")
+            if h.snippet:
+                print("    " + h.snippet.replace("\n", " ")[:200])
+
+    cli_args.emit(args, {"mode": mode, "hits": hits}, human)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.uri is None):
+        raise SystemExit("memvidd: get needs a frame ID or --uri")
+    if args.capsule:
+        with _direct(args) as cap:
+            f = cap.get(args.id, uri=args.uri, as_of=cli_args.as_of(args.as_of))
+            out = {**msgspec.to_builtins(msgspec.structs.replace(f, payload=b"")), "text": _frame_text(f)}
+            out.pop("payload", None)
+    else:
+        with connect(args) as c:
+            frame = c.get(args.id, uri=args.uri, as_of=cli_args.as_of(args.as_of), capsule=args.name)
+            out = msgspec.to_builtins(frame)
+    cli_args.emit(args, out, lambda: print(out.get("text") or f"<{out['length']} bytes>"))
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    kw = dict(since=cli_args.when(args.since), until=cli_args.when(args.until), limit=args.limit, reverse=args.reverse,
+              as_of=cli_args.as_of(args.as_of))
+    if args.capsule:
+        with _direct(args) as cap:
+            entries = cap.timeline(**kw)
+            rows, expired = [msgspec.to_builtins(e) for e in entries], entries.expired
+    else:
+        with connect(args) as c:
+            reply = c.timeline_reply(capsule=args.name, **kw)
+            rows, expired = [msgspec.to_builtins(e) for e in reply.entries], reply.expired
+
+    def human() -> None:
+        for e in rows:
+            when = dt.datetime.fromtimestamp(e["timestamp"]).isoformat(timespec="seconds")
+            print(f"{when}  #{e['id']}  {e['uri'] or ''}  {e['title'] or ''}")
+        if expired:
+            print(f"({expired} expired frames hidden by the retention rules)")
+
+    cli_args.emit(args, rows, human)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    args.timeout = None
+    with connect(args) as c:
+        try:
+            for f in c.tail(capsule=args.name, scope=args.scope, kind=args.kind, tags=cli_args.tags(args.tag)):
+                if args.json:
+                    print(msgspec.json.encode(f).decode(), flush=True)
+                else:
+                    print(f"#{f.id}  {f.uri or ''}  {(f.text or '')[:120]!r}", flush=True)
+        except KeyboardInterrupt:
+            pass
+        except RemoteError as e:
+            print(f"memvidd: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats: dict[str, Any] | p.CapsuleStats
+    if args.capsule:
+        with _direct(args) as cap:
+            stats = cap.stats()
+    else:
+        with connect(args) as c:
+            stats = c.stats(capsule=args.name)
+    cli_args.emit(args, stats, lambda: print(json.dumps(msgspec.to_builtins(stats), indent=2, default=str)))
+    return 0
+
+
+# -- the capsule's life: compaction, rewind, retention ----------------------------------------
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    report: dict[str, Any] | p.CompactReport  # read alike: a CompactReport reads as its map
+    if args.capsule:
+        with _direct(args, write=True) as cap:
+            if args.codecs:
+                before = cap.stats()["file_bytes"]
+                done = cap.upgrade_codecs()
+                report = {"bytes_before": before, "bytes_after": cap.stats()["file_bytes"], **done}
+            else:
+                report = cap.compact()
+    else:
+        with connect(args) as c:
+            report = c.compact(codecs_only=args.codecs, capsule=args.name)
+
+    def human() -> None:
+        before, after = report["bytes_before"], report["bytes_after"]
+        if args.codecs:
+            print(f"codecs upgraded: {report['moved']} frames into {report['blocks']} blocks, "
+                  f"{report['saved']} bytes saved (reclaimed by the next compaction); "
+                  f"file {before} -> {after} bytes" + (" (stopped: puts were arriving)" if report.get("busy") else ""))
+        else:
+            ckpt = report.get("checkpoint_bytes")
+            if after <= before:
+                share = f"{before - after} bytes ({(before - after) / before:.0%}) reclaimed"
+            else:  # nothing was dead: what grew is the checkpoint that makes opening fast
+                share = (f"{after - before} bytes more: nothing was dead, and the new checkpoint "
+                         f"({ckpt} bytes) indexes every frame so the capsule opens without replaying its log")
+            print(f"compacted: {before} -> {after} bytes, {share}; "
+                  f"{report.get('frames', '?')} frames, {report.get('commits', '?')} commits kept")
+
+    cli_args.emit(args, report, human)
+    return 0
+
+
+def cmd_rewind(args: argparse.Namespace) -> int:
+    to = cli_args.as_of(args.to)
+    if args.capsule:
+        with _direct(args, write=True) as cap:
+            seq = cap.rewind(to)
+    else:
+        with connect(args) as c:
+            seq = c.rewind(to, capsule=args.name)  # type: ignore[arg-type]
+    cli_args.emit(args, {"seq": seq, "to": to}, lambda: print(f"rewound to {args.to}: the head is commit {seq}"))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    if args.set is not None and args.as_of is not None:
+        print("memvidd: rules --as-of shows past rules; it cannot be combined with --set", file=sys.stderr)
+        return 2
+    try:
+        if args.set is not None:
+            new = json.loads(args.set)
+            if not isinstance(new, dict):
+                raise SystemExit('memvidd: --set wants a JSON object, e.g. \'{"default": {"max_age_s": 86400}}\'')
+            if args.capsule:
+                with _direct(args, write=True) as cap:
+                    seq = cap.set_rules(new, force=args.force)
+                    rules = cap.rules()
+            else:
+                with connect(args) as c:
+                    reply = c.set_rules(new, force=args.force, capsule=args.name)
+                    rules, seq = reply.rules, reply.seq
+        elif args.capsule:
+            with _direct(args) as cap:
+                seq, rules = cap.seq, cap.rules(as_of=cli_args.as_of(args.as_of))
+        else:
+            with connect(args) as c:
+                reply = c.rules(as_of=cli_args.as_of(args.as_of), capsule=args.name)
+                rules, seq = reply.rules, reply.seq
+    except cli_args.errors(RemoteError, engine="InvalidArgument") as e:
+        if "force" in str(e):
+            print(f"memvidd: {e} (rules --set ... --force)", file=sys.stderr)
+            return 1
+        raise
+
+    def human() -> None:
+        print(json.dumps(rules, indent=2) if rules else "no retention rules")
+        if args.set is not None:
+            print(f"recorded by commit {seq}")
+
+    cli_args.emit(args, {"rules": rules, "seq": seq}, human)
+    return 0
+
