@@ -15,6 +15,7 @@ sets off. The parts:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import uuid
@@ -485,12 +486,21 @@ class Capsule:
                 "block_cache": s.blocks.stats(),
             }
 
+    def vector_coverage(self) -> float | None:
+        """The share of text frames that have a vector (searchable by meaning), as in
+        ``stats()["vectors"]["coverage"]`` but without its cost; None: no vectors here."""
+        s = self._s
+        with s.lock:
+            if s.vec is None:
+                return None
+            have, text = self._embedding.coverage()
+        return math.floor(have / text * 10_000) / 10_000 if text else 1.0  # 1.0 only when complete
+
     def _vector_stats(self) -> dict[str, Any] | None:
         s = self._s
         if s.vec is None:
             return None
-        text = sum(1 for m in s.table.frames if m.op == fmt.PUT and m.is_text)
-        have = sum(s.has_vec) + len(s.ready_vectors)
+        have, text = self._embedding.coverage()
         return {
             "model": s.vec["model"], "dim": s.vec["dim"], "text_frames": text,
             "frames_with_vectors": have, "coverage": round(have / text, 4) if text else 1.0,

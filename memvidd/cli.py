@@ -71,13 +71,15 @@ AS_OF_HELP = "commit number, @unix-time or ISO time (e.g. 2024-05-01T12:00)"
 TIME_HELP = "@unix-time or ISO time (e.g. 2024-05-01 or 2024-05-01T12:00)"
 JSON_HELP = "print for programs: the reply as one line of JSON, every field, nothing cut"
 FIND_EPILOG = """\
-output: for each hit, its relevance (0-100, the best hit of the list is 100), the place
-(path:start-end for a file's chunk, else the frame's URI), its title (the enclosing
-heading or def/class), and a snippet with the query's terms in bold (in [brackets] when
-the output is not a terminal; NO_COLOR=1 turns colour off). The list stops where
-relevance falls below 25 (a quarter of the best hit's): those hits match far worse (one
-query word of several, or a distant meaning). --all shows them, -k bounds the list
-either way, and --json prints the daemon's list unchanged."""
+output: for each hit, its relevance (0-100: its score as a share of the best hit's), its
+place (path:first-last for a chunk of a watched file, else the frame's URI), its title
+(the enclosing heading, or the def/class it starts with) and its frame id, then a snippet
+with the query's terms in bold (in [brackets] when the output is not a terminal, or with
+NO_COLOR set). The list stops at the first hit below 50, less than half the best: in
+hybrid mode, a hit found by only one of the two searches (words, meaning) where the best
+was found by both. --all shows those too; -k bounds the list either way; --json prints
+the daemon's reply unchanged (every hit, raw scores, path and lines).
+Notes (a partial semantic search, a lowered -k) go to stderr."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only frames with this tag (repeatable: every one must match)")
     c.add_argument("--kind", help="only frames of this kind (chunk: parts of watched files; note, ...)")
     c.add_argument("--since", metavar="WHEN", help=f"only frames whose event time is at or after WHEN: {TIME_HELP}")
-    c.add_argument("--until", metavar="WHEN", help=f"only frames whose event time is before WHEN: {TIME_HELP}")
+    c.add_argument("--until", metavar="WHEN", help=f"only frames whose event time is at or before WHEN: {TIME_HELP}")
     c.add_argument("--as-of", metavar="WHEN", help=f"search the capsule as it was then: {AS_OF_HELP}")
     c = client_cmd("get", "one frame, by id or --uri", cli_client.cmd_get)
     c.add_argument("id", nargs="?", type=int, help="the frame id (as find and timeline show it)")
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=20, metavar="N", help="at most N frames (default: 20)")
     c.add_argument("--reverse", action="store_true", help="newest first")
     c.add_argument("--since", metavar="WHEN", help=f"from this time on: {TIME_HELP}")
-    c.add_argument("--until", metavar="WHEN", help=f"before this time: {TIME_HELP}")
+    c.add_argument("--until", metavar="WHEN", help=f"up to this time: {TIME_HELP}")
     c.add_argument("--as-of", metavar="WHEN", help=f"the frames as the capsule had them then: {AS_OF_HELP}")
     c = client_cmd("tail", "print frames as they are committed", cli_client.cmd_tail, direct=False)
     c.add_argument("--scope", metavar="PREFIX", help="only frames whose URI starts with PREFIX")

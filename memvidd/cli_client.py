@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import cli_args
+from . import cli_args, cli_output
 from . import protocol as p
 from .cli_config import connect
 from .client import RemoteError
+from .readiness import with_readiness
 
 if TYPE_CHECKING:
     import engine
@@ -91,25 +92,21 @@ def cmd_find(args: argparse.Namespace) -> int:
     kw = dict(k=args.k, mode=args.mode, scope=args.scope, tags=cli_args.tags(args.tag), kind=args.kind,
               since=cli_args.when(args.since), until=cli_args.when(args.until), as_of=cli_args.as_of(args.as_of))
     if args.capsule:
+        from .replies import find_reply
+
         with _direct(args) as cap:
-            if kw["mode"] == "auto" and cap.stats()["vectors"] is not None:
+            if kw["mode"] == "auto" and cap.model is not None:
                 kw["mode"] = "lex"  # no model loaded for a one-shot read: say --mode hybrid for it
-            found = cap.find(args.query, **kw)
-            hits, mode = [p.HitOut.of(h) for h in found], found.mode
+            reply = find_reply(0, cap, None, args.query, kw)
     else:
         with connect(args) as c:
             reply = c.find_reply(args.query, capsule=args.name, **kw)
-            hits, mode = reply.hits, reply.mode
-
-    def human() -> None:
-        if not hits:
-            print(f"no results ({mode})")
-        for h in hits:
-            print(f"{h.score:.4f}  #{h.frame_id}  {h.uri or ''}  [{'+'.join(h.sources)}]")
-            if h.snippet:
-                print("    " + h.snippet.replace("\n", " ")[:200])
-
-    cli_args.emit(args, {"mode": mode, "hits": hits}, human)
+    if args.json:  # the reply as it came, every hit (no cut), the empty fields too
+        out = {k: v for k, v in msgspec.structs.asdict(reply).items() if k != "id"}
+        print(msgspec.json.encode(out).decode())
+        return 0
+    cli_output.print_hits(reply.hits, reply.mode, show_all=args.all)
+    cli_output.notes(reply.warnings)
     return 0
 
 
@@ -170,14 +167,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats: dict[str, Any] | p.CapsuleStats
     if args.capsule:
         with _direct(args) as cap:
-            stats = cap.stats()
+            stats = with_readiness(msgspec.convert(cap.stats(), p.CapsuleStats))
     else:
         with connect(args) as c:
             stats = c.stats(capsule=args.name)
-    cli_args.emit(args, stats, lambda: print(json.dumps(msgspec.to_builtins(stats), indent=2, default=str)))
+        if stats.ready is msgspec.UNSET:  # a daemon from before the flag
+            stats = with_readiness(stats)
+    cli_args.emit(args, stats, lambda: cli_output.print_stats(stats))
     return 0
 
 

@@ -265,8 +265,9 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes | None = None
 
 
-class HitOut(msgspec.Struct, frozen=True, kw_only=True):
-    """A search result on the wire: the engine's ``Hit``, field for field."""
+class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A search result on the wire: the engine's ``Hit``, field for field, and where a
+    chunk of a watched file sits in it (added within version 2; absent for other hits)."""
 
     frame_id: int
     uri: str | None
@@ -280,12 +281,16 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True):
     commit_seq: int
     valid_until: int | None
     sources: list[str]  # which ranked lists it came from: "lex", "vec"
+    path: str | None = None  # a watched file's chunk: the file's path
+    lines: tuple[int, int] | None = None  # ...and the chunk's lines in it, first and last (1-based)
 
     @classmethod
-    def of(cls, hit: Any) -> HitOut:
-        """The wire hit of the engine's ``Hit`` (or of anything with its fields): the one
-        place where a hit changes shape, for the daemon and for ``memvidd find --capsule``."""
-        return msgspec.convert(hit, cls, from_attributes=True)
+    def of(cls, hit: Any, place: tuple[str, tuple[int, int] | None] | None = None) -> HitOut:
+        """The wire hit of the engine's ``Hit`` (or of anything with its fields), with its
+        ``place`` (path, lines) when it is a chunk of a watched file (``manifest.places``):
+        the one place where a hit changes shape, for the daemon and ``memvidd find --capsule``."""
+        out = msgspec.convert(hit, cls, from_attributes=True)
+        return out if place is None else msgspec.structs.replace(out, path=place[0], lines=place[1])
 
 
 class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -320,6 +325,9 @@ class FindReply(Msg, frozen=True):
     seq: int = 0
     warnings: list[str] = []
     cached: bool = False
+    # vec and hybrid: the share of the text frames that had a vector when it searched
+    # (1.0: all; below, a warning says the semantic part was partial). Added within version 2.
+    coverage: float | None = None
 
 
 class GetReply(Msg, frozen=True):
@@ -358,8 +366,12 @@ class DaemonStats(Record, frozen=True):
 class CapsuleStats(Record, frozen=True):
     """``stats``: the top level of the engine's ``Capsule.stats()`` (its sections, which grow
     with the engine, as maps), plus the daemon's counters and, when the capsule has a
-    watcher, the indexer's. A key the engine adds needs a field here (a test checks)."""
+    watcher, the indexer's. A key the engine adds needs a field here (a test checks).
+    ``ready`` and ``ready_in_s`` sum it up (``readiness.py``; added within version 2)."""
 
+    # Scanned, nothing queued, being indexed or staged, and every text frame with its vector.
+    ready: bool | msgspec.UnsetType = msgspec.UNSET
+    ready_in_s: float | None | msgspec.UnsetType = msgspec.UNSET  # estimated; None: cannot be told yet
     path: str = ""
     capsule_id: str = ""
     format: dict[str, int] = {}  # read_version, write_version

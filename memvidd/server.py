@@ -26,7 +26,7 @@ import os
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import msgspec
 import trio
@@ -37,7 +37,10 @@ from . import protocol as p
 from .budget import Budget, OverBudget, Share
 from .config import ConfigError
 from .framing import MessageReader, MessageTooLarge, TruncatedMessage, pack_message
+from .manifest import CHUNK_KIND
 from .peer import peer_uid
+from .readiness import with_readiness
+from .replies import find_reply
 from .service import CapsuleService, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
@@ -457,13 +460,12 @@ class AgentServer:
 
                     async def find() -> p.FindReply:
                         # A cache hit costs microseconds: answer it here rather than pay a
-                        # thread hop (~0.1 ms) for it.
+                        # thread hop (~0.1 ms) for it, unless it needs the capsule again
+                        # (file hits' lines, vector coverage).
                         hits = svc.cap.find_cached(req.query, **args)
-                        if hits is None:
-                            hits = await svc.read(svc.cap.find, req.query, **args)
-                        return p.FindReply(id=rid, hits=[p.HitOut.of(h) for h in hits],
-                                           mode=cast(p.Mode, hits.mode),  # one of MODES, "auto" resolved
-                                           seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
+                        if hits is not None and hits.mode == "lex" and not any(h.kind == CHUNK_KIND for h in hits):
+                            return find_reply(rid, svc.cap, hits)
+                        return await svc.read(find_reply, rid, svc.cap, hits, req.query, args)
 
                     await conn.read(find, fail)
                 case p.Get():
@@ -497,7 +499,7 @@ class AgentServer:
                             upgrades=dict(svc.upgrades), compactions=dict(svc.compactions))
                         indexer = svc.indexer.stats() if svc.indexer is not None else msgspec.UNSET
                         s = msgspec.structs.replace(s, daemon=daemon, indexer=indexer)
-                        return p.StatsReply(id=rid, stats=s)
+                        return p.StatsReply(id=rid, stats=with_readiness(s))
 
                     await conn.read(stats, fail)
                 case p.Capsules():
