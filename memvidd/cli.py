@@ -29,12 +29,13 @@ when they run: a ``memvidd find`` then starts about as fast as Python itself.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any
 
 import msgspec
 
-from . import __version__, cli_client, cli_config, cli_files, cli_status
+from . import __version__
 from .cli_args import errors
 from .client import RemoteError
 from .config import ConfigError
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             y.add_argument("--new-passphrase-credential", metavar="NAME",
                            help="read the new one from this systemd credential")
 
-    def client_cmd(name: str, help: str, func: Any, *, direct: bool = True, **kw: Any) -> argparse.ArgumentParser:
+    def client_cmd(name: str, help: str, func: str, *, direct: bool = True, **kw: Any) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", **kw)
         c.add_argument("--socket", help="daemon socket (default: that of --config, $MEMVIDD_SOCKET, then the config's)")
         c.add_argument("--config", help=CONFIG_HELP)
@@ -127,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     c = client_cmd("status", "is a daemon running, what does it serve, and how far is its indexing",
-                   cli_status.cmd_status, direct=False)
+                   "cli_status.cmd_status", direct=False)
     c.add_argument("--once", action="store_true",
                    help="print one snapshot and exit (the default when the output is not a terminal)")
     c.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
                    help="how often the live view asks the daemon (default: 0.5)")
-    c = client_cmd("put", "store a text (argument, '-' for stdin, or --file)", cli_client.cmd_put)
+    c = client_cmd("put", "store a text (argument, '-' for stdin, or --file)", "cli_client.cmd_put")
     c.add_argument("text", nargs="?", help="the text to store ('-': read it from stdin)")
     c.add_argument("--file", help="store this file's content (as text if it is UTF-8, else as bytes)")
     c.add_argument("--uri", help="the frame's URI: a put to a URI that has a frame makes a new version of it")
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", help="the frame's kind (e.g. note, log), which find --kind filters on")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the frame (repeatable)")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
-    c = client_cmd("find", "search (lexical, semantic or hybrid)", cli_client.cmd_find, epilog=FIND_EPILOG,
+    c = client_cmd("find", "search (lexical, semantic or hybrid)", "cli_client.cmd_find", epilog=FIND_EPILOG,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("query", help="what to look for: words, a phrase in \"quotes\", or a question")
     c.add_argument("-k", type=int, default=10, metavar="N", help="at most N hits (default: 10)")
@@ -155,34 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", metavar="WHEN", help=f"only frames whose event time is at or after WHEN: {TIME_HELP}")
     c.add_argument("--until", metavar="WHEN", help=f"only frames whose event time is at or before WHEN: {TIME_HELP}")
     c.add_argument("--as-of", metavar="WHEN", help=f"search the capsule as it was then: {AS_OF_HELP}")
-    c = client_cmd("get", "one frame, by id or --uri", cli_client.cmd_get)
+    c = client_cmd("get", "one frame, by id or --uri", "cli_client.cmd_get")
     c.add_argument("id", nargs="?", type=int, help="the frame id (as find and timeline show it)")
     c.add_argument("--uri", help="the live frame of this URI instead (the version as of --as-of)")
     c.add_argument("--as-of", metavar="WHEN", help=f"the version visible then: {AS_OF_HELP}")
-    c = client_cmd("timeline", "frames in time order", cli_client.cmd_timeline)
+    c = client_cmd("timeline", "frames in time order", "cli_client.cmd_timeline")
     c.add_argument("--limit", type=int, default=20, metavar="N", help="at most N frames (default: 20)")
     c.add_argument("--reverse", action="store_true", help="newest first")
     c.add_argument("--since", metavar="WHEN", help=f"from this time on: {TIME_HELP}")
     c.add_argument("--until", metavar="WHEN", help=f"up to this time: {TIME_HELP}")
     c.add_argument("--as-of", metavar="WHEN", help=f"the frames as the capsule had them then: {AS_OF_HELP}")
-    c = client_cmd("tail", "print frames as they are committed", cli_client.cmd_tail, direct=False)
+    c = client_cmd("tail", "print frames as they are committed", "cli_client.cmd_tail", direct=False)
     c.add_argument("--scope", metavar="PREFIX", help="only frames whose URI starts with PREFIX")
     c.add_argument("--kind", help="only frames of this kind")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only frames with this tag (repeatable)")
     client_cmd("stats", "a capsule's summary: size, frames, indexing, vectors, ready or not (--json: every figure)",
-               cli_client.cmd_stats)
+               "cli_client.cmd_stats")
     client_cmd("reload", "have the daemon re-read its configuration and apply what changed",
-               cli_config.cmd_reload, direct=False)
+               "cli_config.cmd_reload", direct=False)
     i = sub.add_parser("init", help="write the commented default configuration where every command finds it")
     i.add_argument("--config", help="where (default: $MEMVIDD_CONFIG, then $XDG_CONFIG_HOME/memvidd/config.toml)")
-    i.set_defaults(func=cli_config.cmd_init)
+    i.set_defaults(func="cli_config.cmd_init")
     c = client_cmd("compact", "rewrite the capsule without its dead bytes (the daemon keeps serving)",
-                   cli_client.cmd_compact)
+                   "cli_client.cmd_compact")
     c.add_argument("--codecs", action="store_true", help="only upgrade payload codecs (the next compaction reclaims)")
     c.set_defaults(timeout=None)  # as long as it takes
-    c = client_cmd("rewind", "make a past state the head again (history kept)", cli_client.cmd_rewind)
+    c = client_cmd("rewind", "make a past state the head again (history kept)", "cli_client.cmd_rewind")
     c.add_argument("to", metavar="TO", help=AS_OF_HELP)
-    c = client_cmd("rules", "show or set the retention rules", cli_client.cmd_rules)
+    c = client_cmd("rules", "show or set the retention rules", "cli_client.cmd_rules")
     c.add_argument("--set", metavar="JSON",
                    help="new rules, e.g. "
                         '\'{"default": {"max_age_s": 2592000}, "tags": {"kind=log": {"max_versions": 3}}}\'')
@@ -196,34 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help=CONFIG_HELP)
     passphrase_options(b, new=True, what="the capsule branched")
     b.add_argument("--json", action="store_true", help=JSON_HELP)
-    b.set_defaults(func=cli_files.cmd_branch)
+    b.set_defaults(func="cli_files.cmd_branch")
 
     e = sub.add_parser("encrypt", help="an encrypted copy (.mv2e) of a plain capsule")
     e.add_argument("input", metavar="IN", help="the plain capsule (left as it is)")
     e.add_argument("output", metavar="OUT", help="the encrypted copy to write (must not exist)")
     passphrase_options(e, new=True, what="OUT (either option group)")
     e.add_argument("--json", action="store_true", help=JSON_HELP)
-    e.set_defaults(func=cli_files.cmd_encrypt)
+    e.set_defaults(func="cli_files.cmd_encrypt")
 
     e = sub.add_parser("decrypt", help="a plain copy of an encrypted capsule")
     e.add_argument("input", metavar="IN", help="the encrypted capsule (left as it is)")
     e.add_argument("output", metavar="OUT", help="the plain copy to write (must not exist)")
     passphrase_options(e, what="IN")
     e.add_argument("--json", action="store_true", help=JSON_HELP)
-    e.set_defaults(func=cli_files.cmd_decrypt)
+    e.set_defaults(func="cli_files.cmd_decrypt")
 
     e = sub.add_parser("rekey", help="change an encrypted capsule's passphrase (no data re-encrypted)")
     e.add_argument("file", metavar="FILE", help="the encrypted capsule (not served by a running daemon)")
     passphrase_options(e, new=True, what="FILE (the current one)")
     e.add_argument("--json", action="store_true", help=JSON_HELP)
-    e.set_defaults(func=cli_files.cmd_rekey)
+    e.set_defaults(func="cli_files.cmd_rekey")
 
     v = sub.add_parser("verify", help="check every checksum and invariant of a capsule file")
     v.add_argument("capsule", nargs="?", metavar="FILE", help="default: the configured default capsule")
     v.add_argument("--config", help=CONFIG_HELP)
     passphrase_options(v)
     v.add_argument("--json", action="store_true", help=JSON_HELP)
-    v.set_defaults(func=cli_files.cmd_verify)
+    v.set_defaults(func="cli_files.cmd_verify")
 
     d = sub.add_parser("doctor", help="repair a torn tail or a damaged checkpoint")
     d.add_argument("capsule", nargs="?", metavar="FILE", help="default: the configured default capsule")
@@ -232,19 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reindex", action="store_true", help="also rebuild the search indexes from the frames")
     passphrase_options(d)
     d.add_argument("--json", action="store_true", help=JSON_HELP)
-    d.set_defaults(func=cli_files.cmd_doctor)
+    d.set_defaults(func="cli_files.cmd_doctor")
 
     m = sub.add_parser("demo", help="build a small capsule and show history and time travel")
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
     m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")
-    m.set_defaults(func=cli_files.cmd_demo)
+    m.set_defaults(func="cli_files.cmd_demo")
     return p
+
+
+def command(func: Any) -> Any:
+    """A command's function: ``"module.function"`` is imported when it runs, so that a
+    command loads only its own module (a find starts faster without the others)."""
+    if not isinstance(func, str):
+        return func
+    module, _, name = func.rpartition(".")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result: Any = args.func(args)
+        result: Any = command(args.func)(args)
     except ConfigError as e:  # names the file and the problem
         print(f"memvidd: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ from . import cli_args, cli_output
 from . import protocol as p
 from .cli_config import connect
 from .client import RemoteError
-from .readiness import with_readiness
 
 if TYPE_CHECKING:
     import engine
@@ -167,6 +166,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .readiness import with_readiness
+
     if args.capsule:
         with _direct(args) as cap:
             stats = with_readiness(msgspec.convert(cap.stats(), p.CapsuleStats))

@@ -13,10 +13,12 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .protocol import CapsuleStats, HitOut
-from .readiness import Stage, stages
+
+if TYPE_CHECKING:
+    from .readiness import Stage
 
 # A find's list stops at the first hit whose relevance is below this: it scores less than
 # half the best hit (in hybrid mode, found by only one of the two searches where the best
@@ -166,6 +168,8 @@ def ready_text(s: CapsuleStats) -> str:
 
 def print_stats(s: CapsuleStats, out: IO[str] | None = None) -> None:
     """A capsule in about a dozen lines (``stats --json`` has every figure)."""
+    from .readiness import stages  # here: a find does not need it
+
     out = out or sys.stdout
     rows: list[tuple[str, str]] = [("capsule", f"{s.path} (commit {s.commit_seq})")]
     history = [f"{s.superseded_frames:,} older versions" if s.superseded_frames else "",
