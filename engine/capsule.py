@@ -493,8 +493,7 @@ class Capsule:
         with s.lock:
             if s.vec is None:
                 return None
-            have, text = self._embedding.coverage()
-        return math.floor(have / text * 10_000) / 10_000 if text else 1.0  # 1.0 only when complete
+            return _share(*self._embedding.coverage())
 
     def _vector_stats(self) -> dict[str, Any] | None:
         s = self._s
@@ -503,7 +502,7 @@ class Capsule:
         have, text = self._embedding.coverage()
         return {
             "model": s.vec["model"], "dim": s.vec["dim"], "text_frames": text,
-            "frames_with_vectors": have, "coverage": round(have / text, 4) if text else 1.0,
+            "frames_with_vectors": have, "coverage": _share(have, text),
             "embedding": self._embedding.stats(),
         }
 
@@ -542,3 +541,8 @@ class Capsule:
         s = self._s
         state = "closed" if s.closed else ("readonly" if self.readonly else "writer")
         return f"<Capsule {self.path!r} seq={s.table.seq} frames={s.table.next_id} {state}>"
+
+
+def _share(have: int, text: int) -> float:
+    """``have / text`` to 4 decimals, rounded down: 1.0 only when every text frame has one."""
+    return math.floor(have / text * 10_000) / 10_000 if text else 1.0
