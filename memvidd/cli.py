@@ -37,7 +37,7 @@ import msgspec
 
 from . import __version__
 from .cli_args import errors
-from .client import RemoteError
+from .client import ConnectionLost, RemoteError
 from .config import ConfigError
 from .protocol import PROTOCOL_VERSION
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # names the file and the problem
         print(f"memvidd: {e}", file=sys.stderr)
         return 2
-    except errors(RemoteError, ValueError, OSError) as e:
+    except errors(RemoteError, ConnectionLost, ValueError, OSError) as e:  # e.g. a daemon stopped mid-way
         print(f"memvidd: {e}", file=sys.stderr)
         return 1
     return int(result or 0)

@@ -107,8 +107,9 @@ def print_hits(hits: Sequence[HitOut], mode: str, *, show_all: bool = False, out
     n = kept(scores, show_all)
     for h, score in zip(hits[:n], scores, strict=False):
         title = h.title or ""
-        if h.path is not None and title == os.path.basename(h.path):
-            title = ""  # a chunk without a heading or definition: its title is the file name
+        if h.path is not None:  # code chunks are titled "name.py: def f(...)", shown after the path
+            base = os.path.basename(h.path)
+            title = "" if title == base else title.removeprefix(f"{base}: ")
         head = f"{score:>3}  {style.place(place(h))}" + (f"  {style.bold(title)}" if title else "")
         print(f"{head}  {style.dim('#' + str(h.frame_id))}", file=out)
         if h.snippet:

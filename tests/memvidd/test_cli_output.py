@@ -140,6 +140,10 @@ def test_file_hits_carry_path_and_lines_that_follow_inserted_lines(watched):
     # As of before the insertion, the same frame has the lines it had then.
     then = find_json(d, "zebra", "--mode", "lex", "--as-of", str(seq))["hits"][0]
     assert then["frame_id"] == hit["frame_id"] and then["lines"] == [first, last]
+    # Read directly from the file (no daemon), the same conversion gives the same place.
+    direct = memvidd("find", "zebra", "--capsule", str(d.dir / "default.mv2"), "--json")
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["hits"][0]["lines"] == [first + 3, last + 3]
 
 
 def test_find_for_people_place_title_relevance_snippet(watched):
