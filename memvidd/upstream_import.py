@@ -6,8 +6,9 @@ Where they go: by default a new capsule beside the input (``notes.mv2`` ->
 ``notes.memvidd.mv2``; never over an existing file). ``--into CAPSULE`` names another: a new
 file, or an existing capsule, which is written through the daemon when the configured
 daemon serves it (it holds the capsule's writer lock) and opened directly otherwise, as
-``memvidd.sdk`` chooses (``sdk_backends``). The documents are one commit (all or none); the
-frames upstream deleted or superseded are removed in a second, so history has them.
+``memvidd.sdk`` chooses (``sdk_backends``). The documents are put in commits of up to
+``BATCH_BYTES`` of text (a request the daemon takes whole), in upstream's order; the frames
+upstream deleted or superseded are removed afterwards, so history has them.
 
 How an upstream frame becomes a memvidd frame: one per document (the chunk frames of a
 long text are joined back into their document's text); its uri, title, kind and timestamp
@@ -35,6 +36,8 @@ from . import protocol as p
 from . import upstream_format as uf
 
 NEW_SUFFIX = ".memvidd.mv2"
+BATCH_BYTES = 4 << 20  # of payload per put_many: well within a daemon's default max-frame-bytes (16 MiB)
+BATCH_ITEMS = 1000
 
 
 class Planned(msgspec.Struct, kw_only=True):
@@ -134,6 +137,22 @@ def default_target(source: str) -> str:
     return stem + NEW_SUFFIX
 
 
+def batches(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """``items`` in runs of at most ``BATCH_ITEMS`` and (but for one larger item) ``BATCH_BYTES``."""
+    batch: list[dict[str, Any]] = []
+    held = 0
+    for item in items:
+        content = item.get("text") or item.get("data") or b""
+        n = size(content) if isinstance(content, str) else len(content)
+        if batch and (held + n > BATCH_BYTES or len(batch) >= BATCH_ITEMS):
+            yield batch
+            batch, held = [], 0
+        batch.append(item)
+        held += n
+    if batch:
+        yield batch
+
+
 def run(source: str, into: str | None = None, *, socket: str | None = None) -> dict[str, Any]:
     """Import the upstream capsule ``source``; returns the report."""
     from .sdk_backends import CapsuleExistsError, open_backend, translated
@@ -147,7 +166,7 @@ def run(source: str, into: str | None = None, *, socket: str | None = None) -> d
     with translated():
         backend = open_backend(target, mode="auto" if into else "create", read_only=False, socket=socket)
         try:
-            ids = backend.put_many(planned.items) if planned.items else []
+            ids = [fid for batch in batches(planned.items) for fid in backend.put_many(batch)]
             seq = None
             for i in planned.remove:
                 seq = backend.remove(ids[i])
