@@ -131,6 +131,12 @@ def test_create_never_replaces_a_capsule_with_frames(tmp_path):
         memvid.use("basic", str(tmp_path / "missing.mv2"), socket=sock)
     with memvid.use("basic", path, socket=sock) as mem:
         assert [h["title"] for h in mem.find("precious")["hits"]] == ["Keep"]
+        mem.seal()  # as upstream's: the file is released, the handle stays usable
+        with memvid.use("basic", path, socket=sock) as other:
+            other.put(title="Other", label="x", text="another handle wrote this")
+        mem.put(title="Later", label="x", text="written after seal")
+        assert sorted(h["title"] for h in mem.find("handle OR seal")["hits"]) == ["Later", "Other"]
+    assert mem.closed
 
 
 def test_what_is_not_honoured_says_what_to_use(tmp_path):
