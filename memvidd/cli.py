@@ -41,6 +41,7 @@ from . import protocol as p
 from .cli_config import connect as _client
 from .client import RemoteError
 from .config import ConfigError
+from .upstream_import import register as register_import
 
 if TYPE_CHECKING:
     import engine
@@ -731,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
     m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")
     m.set_defaults(func=cmd_demo)
+    register_import(sub)  # memvidd import FILE.mv2: a capsule upstream memvid wrote
     return p
 
 
