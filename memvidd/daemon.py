@@ -280,8 +280,8 @@ class Daemon:
 
     def _trees(self, c: CapsuleConfig) -> list[Tree]:
         w = self.cfg.watcher
-        return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
-                for root in c.watch]
+        return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes,
+                     skip_generated=c.skip_generated) for root in c.watch]
 
     def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> IngestPipeline:
         w = self.cfg.watcher
@@ -340,7 +340,8 @@ class Daemon:
         self.cfg = msgspec.structs.replace(self.cfg, capsule=[c for c in self.cfg.capsule if c.name in self.services])
         for c in self.cfg.capsule:
             old = served.get(c.name)
-            if old is not None and ((old.watch, old.include, old.exclude) != (c.watch, c.include, c.exclude)
+            watched = ("watch", "include", "exclude", "skip_generated")
+            if old is not None and ([getattr(old, k) for k in watched] != [getattr(c, k) for k in watched]
                                     or before.watcher != self.cfg.watcher):
                 await self._rewatch(c)
         if self.queries is not None and self.cfg.capsule:
