@@ -28,6 +28,8 @@ import contextlib
 import logging
 import os
 import resource
+import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -55,6 +57,21 @@ from .service import CapsuleService
 from .tree import Tree
 
 log = logging.getLogger("memvidd.daemon")
+
+
+def typed_command() -> str:
+    """This very memvidd as a shell runs it, for the hints it prints: ``memvidd`` when that
+    is what $PATH finds, else the path of the script that was run (a virtualenv's
+    ``bin/memvidd``), else ``python -m memvidd`` with this interpreter."""
+    argv0 = sys.argv[0]
+    if not argv0 or argv0.endswith("__main__.py") or argv0 == "-c":
+        return f"{shlex.quote(sys.executable)} -m memvidd"
+    script = os.path.abspath(argv0)
+    on_path = shutil.which("memvidd")
+    with contextlib.suppress(OSError):
+        if on_path is not None and os.path.samefile(on_path, script):
+            return "memvidd"
+    return shlex.quote(script)
 
 
 def setup_logging(level: str) -> None:
@@ -233,9 +250,10 @@ class Daemon:
             socket_path = expand(cfg.daemon.socket)
             log.info("ready socket=%s events=%s capsules=%s", socket_path, expand(cfg.daemon.events_socket),
                      ",".join(self.services))
+            me, sock = typed_command(), shlex.quote(socket_path)
             print(f"memvidd ready: socket {socket_path}\n"
-                  f"  try: memvidd put --socket {socket_path} 'hello memory'\n"
-                  f"       memvidd find --socket {socket_path} 'hello'", file=sys.stderr, flush=True)
+                  f"  try: {me} put --socket {sock} 'hello memory'\n"
+                  f"       {me} find --socket {sock} 'hello'", file=sys.stderr, flush=True)
             await self._signals(received)
             systemd.notify("STOPPING=1", "STATUS=stopping")
             log.info("stopping")

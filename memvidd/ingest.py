@@ -321,6 +321,20 @@ class IngestPipeline:
             for d, fid in m.chunks:
                 self.by_digest.set(d, fid)
 
+    def rewound(self) -> None:
+        """The capsule was rewound (called in the writer slot, right after the rewind's
+        commit): the manifests are those of the state it brought back, and the roots are
+        scanned again, so that the files as they are on disk win. Writes prepared before
+        build on the reloaded manifests: each reads them when it is applied."""
+        with self.lock:
+            self.docs, self.skipped, self.by_digest = {}, {}, DigestMap()
+            self.load()
+        trio.from_thread.run_sync(self.rescan)
+
+    def rescan(self) -> None:
+        """Watch and scan every root again (the supervisor starts over)."""
+        self._changed.set()
+
     def _set_doc(self, uri: str, known: Known | None) -> None:
         """``docs[uri] = known`` (None: forget it), and the list of skipped files with it."""
         if known is None:
@@ -430,7 +444,7 @@ class IngestPipeline:
         removed. The files of a root no longer watched keep their frames as they are."""
         self.trees = trees
         self.chunk_size, self.overlap, self.debounce_ms = chunk_size, overlap, debounce_ms
-        self._changed.set()
+        self.rescan()
 
     async def _scan_all(self, trees: list[Tree]) -> None:
         self.progress.phase = "scanning"
