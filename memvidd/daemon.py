@@ -246,7 +246,6 @@ class Daemon:
                     task_status.started()
 
             await nursery.start(serve_all)
-            systemd.notify("READY=1", f"STATUS={self._status()}")
             socket_path = expand(cfg.daemon.socket)
             log.info("ready socket=%s events=%s capsules=%s", socket_path, expand(cfg.daemon.events_socket),
                      ",".join(self.services))
@@ -254,6 +253,7 @@ class Daemon:
             print(f"memvidd ready: socket {socket_path}\n"
                   f"  try: {me} put --socket {sock} 'hello memory'\n"
                   f"       {me} find --socket {sock} 'hello'", file=sys.stderr, flush=True)
+            systemd.notify("READY=1", f"STATUS={self._status()}")  # after the hints: READY means they are out
             await self._signals(received)
             systemd.notify("STOPPING=1", "STATUS=stopping")
             log.info("stopping")
