@@ -307,8 +307,13 @@ class IngestPipeline:
     # -- state ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the manifests of every live file frame (start-up; worker thread)."""
+        """Read the manifests of every live file frame (start-up, or after a rewind; a
+        worker thread). Built apart and put in place at once: the event loop may be
+        reading ``docs`` meanwhile."""
         cap = self.svc.cap
+        docs: dict[str, Known] = {}
+        skipped: dict[str, str] = {}
+        by_digest = DigestMap()
         for info in cap.timeline(limit=1 << 40, kind=FILE_KIND):  # not every chunk's too
             if info.uri is None:
                 continue
@@ -317,9 +322,12 @@ class IngestPipeline:
             except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
                 log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
                 continue
-            self._set_doc(info.uri, Known(m))
+            docs[info.uri] = Known(m)
+            if m.skipped:
+                skipped[info.uri] = m.skipped
             for d, fid in m.chunks:
-                self.by_digest.set(d, fid)
+                by_digest.set(d, fid)
+        self.docs, self.skipped, self.by_digest = docs, skipped, by_digest
 
     def rewound(self) -> None:
         """The capsule was rewound (called in the writer slot, right after the rewind's
@@ -327,7 +335,6 @@ class IngestPipeline:
         scanned again, so that the files as they are on disk win. Writes prepared before
         build on the reloaded manifests: each reads them when it is applied."""
         with self.lock:
-            self.docs, self.skipped, self.by_digest = {}, {}, DigestMap()
             self.load()
         trio.from_thread.run_sync(self.rescan)
 
