@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import cli_config
+from . import cli_config, cli_events
 from . import protocol as p
 from .cli_config import connect as _client
 from .client import RemoteError
@@ -243,6 +243,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
+    if args.events:
+        return cli_events.cmd_put_events(args)
     if args.file:
         raw = Path(args.file).read_bytes()
         data: str | bytes = raw  # as bytes, unless it is UTF-8 text
@@ -641,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
+    c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", cmd_find)
     c.add_argument("query")
     c.add_argument("-k", type=int, default=10)
