@@ -1,6 +1,6 @@
 """The daemon under measurement: ``memvidd run`` in a subprocess, and the directories it runs in.
 
-Shared by the daemon and watcher benchmarks, which talk to it over its socket as an agent
+Shared by the daemon, watcher and command-line benchmarks, which talk to it over its socket as an agent
 would. READY is awaited on our own NOTIFY_SOCKET, as systemd does.
 """
 

@@ -23,6 +23,7 @@ puts and queries go on) and ``Capsule.branch`` (the rewrite is a new capsule).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import os
 import threading
@@ -334,6 +335,8 @@ class Compactor:
             with s.lock:
                 s.check_open()
                 seq = s.resolve_as_of(as_of)
+                if as_of is not None and seq == 0:  # a branch of nothing: surely not what was meant
+                    raise InvalidArgument(_before_first_commit(as_of, s.table.commit_times[:1]))
                 extra = genesis_extra(s.ckpt.extra)
                 if origin:
                     extra["origin"] = {
@@ -402,3 +405,13 @@ def unnamed(directory: str) -> OsFile:
     f = OsFile(os.path.join(directory, "(unnamed)"), fd)
     f.lock()
     return f
+
+
+def _before_first_commit(as_of: Any, first: list[float]) -> str:
+    """Why a branch as of ``as_of`` (which names the state before commit 1) is refused."""
+    if not first:
+        return "the capsule has no commits yet: a branch as of any point would hold nothing"
+    when = datetime.datetime.fromtimestamp(first[0]).astimezone().isoformat(timespec="seconds")
+    what = "commit 0 is the empty state before the first one (commits are numbered from 1)" \
+        if isinstance(as_of, int) else "that time is before the first commit"
+    return f"as_of: {what}; a branch of it would hold nothing. The first commit is 1, made {when}"

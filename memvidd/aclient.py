@@ -1,4 +1,5 @@
-"""The trio client of the agent socket: ``AsyncClient``, ``Client``'s methods as coroutines.
+"""The trio client of the agent socket: ``AsyncClient``, ``Client``'s methods as coroutines
+(``async with AsyncClient() as c`` as ``with Client() as c``).
 
 Apart from ``client`` so that a blocking client never imports trio; requests, replies
 and errors are built and read by the code the two share there.
@@ -21,26 +22,46 @@ __all__ = ["AsyncClient"]
 
 
 class AsyncClient(_Requests):
-    """The same methods, for trio: ``async with await AsyncClient.connect(path) as c``."""
+    """``Client``'s methods as coroutines, for trio, over one connection::
 
-    def __init__(self, stream: trio.SocketStream, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
+        async with AsyncClient() as c:          # connects on entry, as Client() does
+            await c.put("the user prefers dark mode", uri="pref://theme")
+
+    ``path`` defaults to the socket every command finds (``default_socket``);
+    ``await AsyncClient.connect(path)`` connects at once. Bound waits with trio's own
+    ``trio.fail_after`` (``Client``'s ``timeout``)."""
+
+    reader: MessageReader  # made by ``open``, with the stream
+
+    def __init__(self, path: str | None = None, *, max_frame: int = p.DEFAULT_MAX_FRAME) -> None:
         super().__init__(max_frame)
-        self.stream = stream
-        self.reader = MessageReader(stream, max_frame)
+        self.path = path or default_socket()
+        self._stream: trio.SocketStream | None = None
         self.lock = trio.Lock()
 
     @classmethod
     async def connect(cls, path: str | None = None) -> AsyncClient:
-        path = path or default_socket()
-        stream = await trio.open_unix_socket(path)
+        return await cls(path).open()
+
+    async def open(self) -> AsyncClient:
+        """Connect, check who serves the socket, and say hello."""
+        stream = await trio.open_unix_socket(self.path)
         try:
-            check_server(stream.socket, path)  # type: ignore[arg-type]
-            c = cls(stream)
-            await c.hello()
+            check_server(stream.socket, self.path)  # type: ignore[arg-type]
+            self._stream = stream
+            self.reader = MessageReader(stream, self.max_frame)
+            await self.hello()
         except BaseException:
+            self._stream = None
             await trio.aclose_forcefully(stream)
             raise
-        return c
+        return self
+
+    @property
+    def stream(self) -> trio.SocketStream:
+        if self._stream is None:
+            raise ConnectionLost("not connected: use `async with AsyncClient() as c` or `await AsyncClient.connect()`")
+        return self._stream
 
     async def _send(self, req: Any) -> None:
         message = self._message(req)
@@ -77,6 +98,9 @@ class AsyncClient(_Requests):
 
     async def find(self, query: str, **kw: Any) -> list[p.HitOut]:
         return (await self._call(p.Find(id=self._id(), query=query, **kw))).hits
+
+    async def find_reply(self, query: str, **kw: Any) -> p.FindReply:
+        return await self._call(p.Find(id=self._id(), query=query, **kw))
 
     async def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
         return (await self._call(p.Get(id=self._id(), frame_id=frame_id, **kw))).frame
@@ -129,9 +153,12 @@ class AsyncClient(_Requests):
                 yield frame
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        if self._stream is not None:
+            await self._stream.aclose()
 
     async def __aenter__(self) -> AsyncClient:
+        if self._stream is None:
+            await self.open()
         return self
 
     async def __aexit__(self, *_: Any) -> None:

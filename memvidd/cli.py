@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", help="the frame's kind (e.g. note, log), which find --kind filters on")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the frame (repeatable)")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
+    c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", "cli_client.cmd_find", epilog=FIND_EPILOG,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("query", help="what to look for: words, a phrase in \"quotes\", or a question")
@@ -239,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
     m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")
     m.set_defaults(func="cli_files.cmd_demo")
+
+    c = sub.add_parser("import", help="import a capsule written by upstream memvid (memvid-sdk, memvid-cli)")
+    c.add_argument("file", metavar="FILE.mv2", help="the upstream capsule (read only)")
+    c.add_argument("--into", metavar="CAPSULE",
+                   help="the memvidd capsule to write (default: a new FILE.memvidd.mv2); through the daemon "
+                        "when the configured daemon serves it")
+    c.add_argument("--socket", help="the daemon to ask first (default: $MEMVIDD_SOCKET, then the config's)")
+    c.add_argument("--json", action="store_true", help="machine-readable report")
+    c.set_defaults(func="upstream_import.cmd_import")
     return p
 
 

@@ -56,6 +56,10 @@ def _frame_text(f: Any) -> str:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
+    if args.events:
+        from .cli_events import cmd_put_events
+
+        return cmd_put_events(args)
     if args.file:
         raw = Path(args.file).read_bytes()
         data: str | bytes = raw  # as bytes, unless it is UTF-8 text

@@ -188,6 +188,7 @@ def print_stats(s: CapsuleStats, out: IO[str] | None = None) -> None:
     if ix is not None:
         watched = ", ".join(ix.get("roots", [])) or "nothing"
         extra = [f"{ix['files_skipped']:,} skipped" if ix.get("files_skipped") else "",
+                 f"{ix['files_generated']:,} generated passed over" if ix.get("files_generated") else "",
                  f"{len(ix['missing'])} missing" if ix.get("missing") else ""]
         rows.append(("watching", f"{watched}: {ix.get('documents', 0):,} files"
                      + (f" ({', '.join(e for e in extra if e)})" if any(extra) else "")))

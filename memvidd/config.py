@@ -82,6 +82,7 @@ class CapsuleConfig(Base, frozen=True):
     watch: list[str] = []
     include: list[str] = []
     exclude: list[str] = []
+    skip_generated: bool = True  # pass over generated and vendored data (tree.GENERATED)
     # An encrypted capsule's passphrase source (at most one; read at open, never logged).
     passphrase_env: str | None = None  # an environment variable of the daemon
     passphrase_file: str | None = None  # a file (not readable by others)

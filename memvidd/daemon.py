@@ -28,6 +28,8 @@ import contextlib
 import logging
 import os
 import resource
+import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -55,6 +57,21 @@ from .service import CapsuleService
 from .tree import Tree
 
 log = logging.getLogger("memvidd.daemon")
+
+
+def typed_command() -> str:
+    """This very memvidd as a shell runs it, for the hints it prints: ``memvidd`` when that
+    is what $PATH finds, else the path of the script that was run (a virtualenv's
+    ``bin/memvidd``), else ``python -m memvidd`` with this interpreter."""
+    argv0 = sys.argv[0]
+    if not argv0 or argv0.endswith("__main__.py") or argv0 == "-c":
+        return f"{shlex.quote(sys.executable)} -m memvidd"
+    script = os.path.abspath(argv0)
+    on_path = shutil.which("memvidd")
+    with contextlib.suppress(OSError):
+        if on_path is not None and os.path.samefile(on_path, script):
+            return "memvidd"
+    return shlex.quote(script)
 
 
 def setup_logging(level: str) -> None:
@@ -237,13 +254,14 @@ class Daemon:
                     task_status.started()
 
             await nursery.start(serve_all)
-            systemd.notify("READY=1", f"STATUS={self._status()}")
             socket_path = expand(cfg.daemon.socket)
             log.info("ready socket=%s events=%s capsules=%s", socket_path, expand(cfg.daemon.events_socket),
                      ",".join(self.services))
+            me, sock = typed_command(), shlex.quote(socket_path)
             print(f"memvidd ready: socket {socket_path}\n"
-                  f"  try: memvidd put --socket {socket_path} 'hello memory'\n"
-                  f"       memvidd find --socket {socket_path} 'hello'", file=sys.stderr, flush=True)
+                  f"  try: {me} put --socket {sock} 'hello memory'\n"
+                  f"       {me} find --socket {sock} 'hello'", file=sys.stderr, flush=True)
+            systemd.notify("READY=1", f"STATUS={self._status()}")  # after the hints: READY means they are out
             await self._signals(received)
             systemd.notify("STOPPING=1", "STATUS=stopping")
             log.info("stopping")
@@ -288,8 +306,8 @@ class Daemon:
 
     def _trees(self, c: CapsuleConfig) -> list[Tree]:
         w = self.cfg.watcher
-        return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes)
-                for root in c.watch]
+        return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes,
+                     skip_generated=c.skip_generated) for root in c.watch]
 
     def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> IngestPipeline:
         w = self.cfg.watcher
@@ -348,7 +366,8 @@ class Daemon:
         self.cfg = msgspec.structs.replace(self.cfg, capsule=[c for c in self.cfg.capsule if c.name in self.services])
         for c in self.cfg.capsule:
             old = served.get(c.name)
-            if old is not None and ((old.watch, old.include, old.exclude) != (c.watch, c.include, c.exclude)
+            watched = ("watch", "include", "exclude", "skip_generated")
+            if old is not None and ([getattr(old, k) for k in watched] != [getattr(c, k) for k in watched]
                                     or before.watcher != self.cfg.watcher):
                 await self._rewatch(c)
         if self.queries is not None and self.cfg.capsule:

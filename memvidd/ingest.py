@@ -251,8 +251,13 @@ class IngestPipeline:
     # -- state ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the manifests of every live file frame (start-up; worker thread)."""
+        """Read the manifests of every live file frame (start-up, or after a rewind; a
+        worker thread). Built apart and put in place at once: the event loop may be
+        reading ``docs`` meanwhile."""
         cap = self.svc.cap
+        docs: dict[str, Known] = {}
+        skipped: dict[str, str] = {}
+        by_digest = DigestMap()
         for info in cap.timeline(limit=1 << 40, kind=FILE_KIND):  # not every chunk's too
             if info.uri is None:
                 continue
@@ -261,9 +266,25 @@ class IngestPipeline:
             except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
                 log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
                 continue
-            self._set_doc(info.uri, Known(m))
+            docs[info.uri] = Known(m)
+            if m.skipped:
+                skipped[info.uri] = m.skipped
             for d, fid in m.chunks:
-                self.by_digest.set(d, fid)
+                by_digest.set(d, fid)
+        self.docs, self.skipped, self.by_digest = docs, skipped, by_digest
+
+    def rewound(self) -> None:
+        """The capsule was rewound (called in the writer slot, right after the rewind's
+        commit): the manifests are those of the state it brought back, and the roots are
+        scanned again, so that the files as they are on disk win. Writes prepared before
+        build on the reloaded manifests: each reads them when it is applied."""
+        with self.lock:
+            self.load()
+        trio.from_thread.run_sync(self.rescan)
+
+    def rescan(self) -> None:
+        """Watch and scan every root again (the supervisor starts over)."""
+        self._changed.set()
 
     def _set_doc(self, uri: str, known: Known | None) -> None:
         """``docs[uri] = known`` (None: forget it), and the list of skipped files with it."""
@@ -302,6 +323,7 @@ class IngestPipeline:
 
     def stats(self) -> dict[str, Any]:
         s = msgspec.to_builtins(self.progress)
+        generated = {path: why for t in self.trees for path, why in t.generated.copy().items()}
         elapsed = time.time() - self.progress.started
         done = self.progress.files_indexed + self.progress.files_unchanged
         left, queued, rate = self.left(), len(self.pending), self.rate()
@@ -312,10 +334,12 @@ class IngestPipeline:
             files_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
             roots=[str(t.root) for t in self.trees],
             missing=sorted(self.missing),  # roots that are not directories: watched once they are
-            # A copy first (one C call, whole under the GIL): the writer thread changes it.
-            skipped={clean(uri_path(u)): why
-                     for u, why in itertools.islice(self.skipped.copy().items(), SKIPPED_SHOWN)},
+            # Copies first (one C call each, whole under the GIL): worker threads change them.
+            skipped=dict(itertools.islice(itertools.chain(
+                ((clean(uri_path(u)), why) for u, why in self.skipped.copy().items()),
+                ((clean(path), f"generated: {why}") for path, why in generated.items())), SKIPPED_SHOWN)),
             files_unchunkable=len(self.skipped),
+            files_generated=len(generated),  # passed over as generated data (tree.GENERATED)
         )
         # The files left at the recent rate (their embedding is the engine's: vectors.embedding);
         # None while it cannot be told yet.
@@ -393,7 +417,7 @@ class IngestPipeline:
         removed. The files of a root no longer watched keep their frames as they are."""
         self.trees = trees
         self.chunk_size, self.overlap, self.debounce_ms = chunk_size, overlap, debounce_ms
-        self._changed.set()
+        self.rescan()
 
     async def _scan_all(self, trees: list[Tree]) -> None:
         self.progress.phase = "scanning"
@@ -531,7 +555,7 @@ class IngestPipeline:
         if st is None or not tree.accepts(p) or not tree.check_file(p, st):
             # Decide at apply time, not now: an add of this file may be prepared and not
             # yet applied (self.docs would not show it), and ops apply in order.
-            return self._delete(uri) if known is not None or tree.accepts(p) else None
+            return self._delete(uri) if known is not None or tree.accepts(p, log_skip=False) else None
         if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns and attempt == SCAN:
             self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
@@ -718,6 +742,7 @@ class IngestPipeline:
             self._nursery.start_soon(self._scan_dir, tree, p)  # moved or created with contents
             return
         if not p.exists():
+            tree.forget(p)
             prefix = file_uri(p) + "/"  # a directory that went away takes its files with it
             for uri in [u for u in self.docs if u.startswith(prefix)]:
                 self._queue_now(uri_path(uri))
@@ -742,7 +767,8 @@ class IngestPipeline:
         await trio.to_thread.run_sync(self._scan, [tree])
 
     async def _scan_dir(self, tree: Tree, directory: Path) -> None:
-        sub = Tree(directory, include=None, exclude=None, max_bytes=tree.max_bytes)
+        # The sub-tree walks, ``tree`` judges: the checks by size come in ``_prepare``.
+        sub = Tree(directory, include=None, exclude=None, max_bytes=tree.max_bytes, skip_generated=False)
         paths = await trio.to_thread.run_sync(lambda: [str(p) for p, _ in sub.walk() if tree.accepts(p)])
         for path in paths:
             self._queue_now(path)

@@ -1,7 +1,7 @@
 """What a reload changes: the running configuration against the one just read.
 
 ``plan`` splits the difference (``changes``) in two. What the daemon applies while it runs: capsules
-added and removed, each capsule's watch list and include/exclude globs, the ``[limits]``,
+added and removed, each capsule's watch list, include/exclude globs and skip-generated, the ``[limits]``,
 ``[watcher]`` and ``[durability]`` settings, the log level and the shutdown grace. What
 only a restart applies: the sockets (bound once), the embedding model and the caches
 (loaded or sized once), and a served capsule's path, passphrase source and engine options
@@ -87,4 +87,6 @@ def _flat(cfg: Config) -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as the TOML has it
     return "unset" if value is None else str(value)

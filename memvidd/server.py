@@ -543,7 +543,7 @@ class AgentServer:
                     if to is None:
                         raise engine.InvalidArgument(
                             "rewind needs `to`: a commit (int) or a Unix time (float)")
-                    await conn.write(WriteOp(solo=lambda cap: cap.rewind(to)), svc,
+                    await conn.write(svc.rewind(to), svc,
                                      lambda op: p.RewindReply(id=rid, seq=op.seq), fail)
                 case p.SetRules():
                     svc = self.service(req.capsule)

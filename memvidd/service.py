@@ -162,6 +162,20 @@ class CapsuleService:
         self._dirty.set()
         return op
 
+    def rewind(self, to: int | float) -> WriteOp:
+        """A rewind of the capsule to ``to`` (a commit or a time), as a solo write. A capsule
+        that watches directories has its indexer take its manifests from the rewound state
+        in the same writer slot (no indexer write between the two), then scan its roots
+        again: the files on disk win over the state the rewind brought back."""
+
+        def solo(cap: engine.Capsule) -> int:
+            seq = cap.rewind(to)
+            if self.indexer is not None:
+                self.indexer.rewound()
+            return seq
+
+        return WriteOp(solo=solo)
+
     async def put_many(self, items: list[dict[str, Any]]) -> tuple[list[int], int]:
         """Write ``items`` and wait until they are durable; returns (frame ids, commit seq)."""
         op = self.submit(WriteOp(items))

@@ -4,8 +4,11 @@ A file is indexed when it is under the root (symlinks that lead outside are neve
 followed), not inside a junk directory (``.git``, ``node_modules``, virtualenvs, build
 output, caches), not ignored by a ``.gitignore`` on its way down from the root (nested
 ones included, with git's semantics, via ``pathspec``), matches the include globs (if
-any) and no exclude glob, is at most ``max_bytes`` long and is not binary. Each skip of
-a file that looked like a candidate is logged once with its reason.
+any) and no exclude glob, is at most ``max_bytes`` long, is not binary and, unless
+``skip_generated`` is off, is not generated or vendored data (``GENERATED``: lock files,
+minified bundles, source maps, tokenizer, vocabulary and model files, JSON/CSV/TSV data
+over ``DATA_MAX_BYTES``). Each skip of a file that looked like a candidate is logged once
+with its reason; the generated ones are also kept in ``Tree.generated`` for the stats.
 
 The tree is not trusted: another local user may write into it. Ignore patterns are
 matched in time linear in the path (``_LinearPattern``: a hostile ``.gitignore`` cannot
@@ -109,11 +112,45 @@ def spec(lines: Iterable[str], *, source: str | None = None) -> pathspec.GitIgno
 
 JUNK_FILES = spec([
     "*.pyc", "*.pyo", "*.o", "*.so", "*.a", "*.dylib", "*.dll", "*.exe", "*.class", "*.jar",
-    "*.swp", "*.swo", "*~", ".#*", "#*#", ".DS_Store", "*.lock", "*.mv2", "*.mv2e", "*.tmp",
+    "*.swp", "*.swo", "*~", ".#*", "#*#", ".DS_Store", "*.mv2", "*.mv2e", "*.tmp",
     "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.ico", "*.pdf", "*.zip", "*.gz", "*.tar",
     "*.xz", "*.zst", "*.7z", "*.woff", "*.woff2", "*.ttf", "*.mp3", "*.mp4", "*.mov", "*.sqlite",
-    "*.db", "*.bin", "*.onnx", "*.pt", "*.npy",
+    "*.db", "*.bin",
 ])
+
+# Generated and vendored data: text a tool wrote for a tool, which nobody searches their
+# memory for, and which crowds out what they do (a vendored tokenizer.json was 45% of a
+# small tree's chunks). Skipped by default, each file listed with its reason in the stats;
+# ``skip-generated = false`` in a capsule's configuration indexes them like any text.
+# config.toml and the README list the same (tests/memvidd/test_generated.py checks it).
+GENERATED = {
+    "lock file": ["*.lock", "package-lock.json", "npm-shrinkwrap.json", "pnpm-lock.yaml", "bun.lockb", "go.sum",
+                  "packages.lock.json", "conda-lock.yml"],
+    "minified bundle": ["*.min.js", "*.min.mjs", "*.min.css"],
+    "source map": ["*.js.map", "*.mjs.map", "*.cjs.map", "*.css.map"],
+    "tokenizer or vocabulary": ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                                "vocab.json", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece.bpe.model"],
+    "model weights": ["*.onnx", "*.safetensors", "*.gguf", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.tflite", "*.npy",
+                      "*.npz"],
+}
+_GENERATED = [(why, spec(patterns)) for why, patterns in GENERATED.items()]
+# JSON, CSV and TSV over this size are data, not notes. People's own such files (a
+# package.json, editor settings, a small table) stay far below it: the largest of this
+# repository and its virtualenv is 21 KB (a test fixture); above it are SBOMs, test
+# vectors, tokenizers and exports (32 KB to 8 MB). 32 KiB is ~22 chunks of 1500 chars.
+DATA = spec(["*.json", "*.jsonl", "*.ndjson", "*.csv", "*.tsv"])
+DATA_MAX_BYTES = 32 << 10
+
+
+def generated(rel: str, size: int | None = None) -> str | None:
+    """Why the file at ``rel`` (its path under a root, with ``/``) is generated or
+    vendored data, or None; by its name, and with ``size`` by its size too."""
+    for why, patterns in _GENERATED:
+        if patterns.match_file(rel):
+            return why
+    if size is not None and size > DATA_MAX_BYTES and DATA.match_file(rel):
+        return f"data over {DATA_MAX_BYTES >> 10} KiB"
+    return None
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -134,11 +171,15 @@ def is_binary(head: bytes) -> bool:
 
 class Tree:
     def __init__(self, root: str | Path, *, include: list[str] | None = None, exclude: list[str] | None = None,
-                 max_bytes: int = 2 << 20) -> None:
+                 max_bytes: int = 2 << 20, skip_generated: bool = True) -> None:
         self.root = Path(root).resolve()
         self.include = spec(include) if include else None
         self.exclude = spec(exclude or [])
         self.max_bytes = max_bytes
+        self.skip_generated = skip_generated
+        # Files passed over as generated data -> why (``generated``), for the stats. Kept
+        # current by the checks below, ``forget`` (a file gone) and each full ``walk``.
+        self.generated: dict[str, str] = {}
         self._gitignores: dict[Path, pathspec.GitIgnoreSpec | None] = {}
         self._reported: set[str] = set()
 
@@ -161,6 +202,27 @@ class Tree:
             except OSError:
                 self._gitignores[directory] = None
         return self._gitignores[directory]
+
+    def _passed_over(self, path: Path, why: str | None, *, record: bool = True) -> bool:
+        """Is ``path`` skipped as generated data (``why``)? Remembered for the stats
+        (``record``), and logged once."""
+        if not record:
+            return why is not None and self.skip_generated
+        key = str(path)
+        if why is None or not self.skip_generated:
+            self.generated.pop(key, None)
+            return False
+        self.generated[key] = why
+        self._skip(path, f"generated: {why}")
+        return True
+
+    def forget(self, path: Path) -> None:
+        """``path`` is gone (a file, or a directory with what was under it)."""
+        key = str(path)
+        self.generated.pop(key, None)
+        below = key + os.sep
+        for gone in [k for k in list(self.generated) if k.startswith(below)]:  # list(): one atomic copy
+            del self.generated[gone]
 
     def forget_gitignore(self, directory: Path) -> None:
         """A .gitignore changed: read it again next time."""
@@ -194,7 +256,8 @@ class Tree:
         return False
 
     def accepts(self, path: str | Path, *, log_skip: bool = True) -> bool:
-        """Is ``path`` (absolute) a document of this root? Cheap checks first, no reads."""
+        """Is ``path`` (absolute) a document of this root? Cheap checks first, no reads.
+        ``log_skip``: a file passed over as generated is logged and listed (it exists)."""
         p = Path(path)
         try:
             rel = p.relative_to(self.root)
@@ -209,7 +272,9 @@ class Tree:
             return False
         if self.exclude.match_file(posix):
             return False
-        return not self._ignored(rel, False, parents=True)
+        if self._ignored(rel, False, parents=True):
+            return False
+        return not self._passed_over(p, generated(posix), record=log_skip)
 
     def check_file(self, path: Path, st: os.stat_result) -> bool:
         """The checks that need a stat: regular file, inside the root, not too big."""
@@ -218,7 +283,7 @@ class Tree:
         if st.st_size > self.max_bytes:
             self._skip(path, f"larger than {self.max_bytes} bytes")
             return False
-        return True
+        return not self._passed_over(path, generated(path.name, st.st_size))
 
     def inside(self, path: Path) -> bool:
         """Does ``path`` resolve (through any symlinks) to somewhere under the root?"""
@@ -325,6 +390,7 @@ class Tree:
 
     def walk(self) -> Iterator[tuple[Path, os.stat_result]]:
         """Every document under the root with its stat, directory by directory."""
+        self.generated.clear()  # what is passed over now is found again
         # Symlinked directories inside the root are walked, but never into one of their own
         # ancestors (a link cycle would otherwise be walked until ELOOP).
         stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(self.root, frozenset())]

@@ -67,11 +67,14 @@ class DaemonProc:
         caps = "".join(CAPSULE.format(name=n, dir=self.dir) for n in capsules)
         self.config.write_text(CONFIG.format(dir=self.dir, capsules=caps, **self.limits))
 
-    def start(self, timeout: float = 60, *, args: list[str] | None = None) -> DaemonProc:
-        """``memvidd`` with ``args`` (default: ``run --config`` this daemon's config)."""
+    def start(self, timeout: float = 60, *, args: list[str] | None = None,
+              command: list[str] | None = None) -> DaemonProc:
+        """``memvidd`` (``command``, default ``python -m memvidd``) with ``args`` (default:
+        ``run --config`` this daemon's config)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "memvidd", *(["run", "--config", str(self.config)] if args is None else args)],
+                [*(command or [sys.executable, "-m", "memvidd"]),
+                 *(["run", "--config", str(self.config)] if args is None else args)],
                 stdout=log, stderr=log, env=self.env, cwd=ROOT,
             )
         self.wait_for("READY=1", timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import trio
 import engine
 from daemon_util import ROOT, DaemonProc
 from memvidd import protocol as p
-from memvidd.client import AsyncClient, Client, RemoteError
+from memvidd.client import AsyncClient, Client, ConnectionLost, RemoteError
 from memvidd.framing import pack_message, recv_message, send_message
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,6 +152,35 @@ async def test_async_client_has_the_same_methods(tmp_path):
         await trio.to_thread.run_sync(d.close)
 
 
+def public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_the_two_clients_have_the_same_methods():
+    """What the README promises: ``AsyncClient`` has ``Client``'s methods (as coroutines),
+    apart from how each connects and closes."""
+    sync_only, async_only = {"close"}, {"aclose", "connect", "open", "stream"}
+    assert public(Client) - sync_only == public(AsyncClient) - async_only
+    for name in public(Client) - sync_only - {"tail"}:  # tail: an async generator
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+
+
+@pytest.mark.trio
+async def test_async_client_connects_like_client(tmp_path, monkeypatch):
+    """``async with AsyncClient() as c``, no arguments: the socket every command finds."""
+    d = DaemonProc(tmp_path)
+    await trio.to_thread.run_sync(d.start)
+    try:
+        monkeypatch.setenv("MEMVIDD_SOCKET", d.socket)
+        async with AsyncClient() as c:
+            await c.put("found without a path", uri="a://2")
+            assert [h.uri for h in (await c.find_reply("without", mode="lex")).hits] == ["a://2"]
+        with pytest.raises(ConnectionLost, match="not connected"):
+            await AsyncClient().stats()
+    finally:
+        await trio.to_thread.run_sync(d.close)
+
+
 def test_event_socket_json_lines_and_errors(daemon):
     lines = [
         json.dumps({"text": "user asked about the weather", "uri": "chat://1", "tags": {"role": "user"}}),
@@ -178,6 +208,33 @@ def test_event_socket_json_lines_and_errors(daemon):
         with pytest.raises(RemoteError, match="expired"):
             c.get(acks[5]["id"])
         assert c.get(acks[8]["id"]).text == "after the bad bytes"
+
+
+def test_put_events_sends_stdin_to_the_event_socket_of_the_config(daemon):
+    """``memvidd put --events``: the bare-machine way to feed the event socket (no socat,
+    no socket path): every acknowledgement printed, exit 1 if any line was refused."""
+
+    def put_events(stdin: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMVIDD_")}
+        return subprocess.run([sys.executable, "-m", "memvidd", "put", "--events", "--config", str(daemon.config)],
+                              input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+
+    good = put_events('{"text": "build passed", "tags": {"ci": "yes"}}\n\n{"text": "deploy done"}\n')
+    assert good.returncode == 0, good.stderr
+    acks = [json.loads(x) for x in good.stdout.splitlines()]
+    assert [(a["ok"], a["line"]) for a in acks] == [(True, 1), (True, 2)]
+    with Client(daemon.socket) as c:
+        assert c.get(acks[0]["id"]).tags == {"ci": "yes"} and c.get(acks[1]["id"]).text == "deploy done"
+
+    # A first line that is not JSON is an error line too, not a msgpack frame, and the
+    # lines after it are stored.
+    bad = put_events('build passed\n{"text": "after it"}\n')
+    assert bad.returncode == 1
+    assert [json.loads(x)["ok"] for x in bad.stdout.splitlines()] == [False, True]
+
+    refused = subprocess.run([sys.executable, "-m", "memvidd", "put", "--events", "text"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=30)
+    assert refused.returncode == 1 and "reads JSON lines from stdin" in refused.stderr
 
 
 def test_event_socket_accepts_msgpack_frames(daemon):
