@@ -26,12 +26,12 @@ _manifest = msgspec.msgpack.Decoder(Manifest)
 
 def indexed(cap: engine.Capsule, doc: str, seq: int) -> Manifest | None:
     """The manifest of file URI ``doc`` as of commit ``seq`` (None: not a file the
-    watcher indexed then, or an unreadable manifest)."""
+    watcher indexed then, or a manifest that cannot be read)."""
     try:
         frame = cap.get(uri=doc, as_of=seq)
         return _manifest.decode(frame.payload)
-    except (engine.NotFound, msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    except (engine.EngineError, msgspec.DecodeError, msgspec.ValidationError):
+        return None  # freshness is told when known: a find never fails for want of it
 
 
 def on_disk(path: str, m: Manifest) -> bool:

@@ -164,11 +164,14 @@ def where(hit: Any) -> str:
 
 
 def hit_text(rank: int, h: p.HitOut) -> str:
+    """A hit in a few lines: where, title, when (a file's: its mtime as indexed), and STALE
+    when the file has changed since it was indexed."""
     title = f"  \"{h.title}\"" if h.title else ""
-    fresh = ""
-    if h.stale is True:
-        fresh = ", STALE: the file changed on disk since it was indexed"
-    head = f"{rank}. {where(h)}{title}  ({when(h.timestamp)}, frame #{h.frame_id}{fresh})"
+    if isinstance(h.mtime, float):
+        stamp = f"file of {when(h.mtime)}" + (", STALE: it changed on disk since it was indexed" if h.stale else "")
+    else:
+        stamp = when(h.timestamp)
+    head = f"{rank}. {where(h)}{title}  ({stamp}, frame #{h.frame_id})"
     snippet = " ".join(h.snippet.split())
     return f"{head}\n   {snippet[:SNIPPET]}" if snippet else head
 

@@ -26,9 +26,10 @@ never waits: ``find_cached``, ``seq``, ``frame_count``):
   vectors over (``Capsule.hand_vectors_to``) and rings the committer, which commits them
   with the next puts or, if none are queued, on their own.
 - read your writes: ``searchable(seq)`` waits, woken by each commit and each batch of
-  vectors (no polling), until a commit is searchable: at once once it is applied (the
-  engine feeds a commit's frames to the lexical index as it applies it), and by meaning
-  once the text frames up to it have their vectors.
+  vectors (no polling), until a commit is searchable: by its words as soon as it is
+  applied (the engine feeds a commit's frames to the lexical index as it applies it, and
+  a search makes them visible first), by meaning once the text frames up to it have
+  their vectors.
 """
 
 from __future__ import annotations
