@@ -272,6 +272,8 @@ def cmd_put(args: argparse.Namespace) -> int:
         with _client(args) as c:
             reply = c._call(c._put(data, capsule=args.name, **meta))
             fid, seq = reply.frame_ids[0], reply.seq
+            if args.wait:  # read your writes: a `find` run after this one finds it, by meaning too
+                c.searchable(seq, capsule=args.name)
     _emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
     return 0
 
@@ -287,6 +289,9 @@ def cmd_find(args: argparse.Namespace) -> int:
             hits, mode = [p.HitOut.of(h) for h in found], found.mode
     else:
         with _client(args) as c:
+            if args.wait or args.min_seq is not None:  # read your writes (see --help)
+                kw.update(min_seq=c.flush(capsule=args.name) if args.min_seq is None else args.min_seq,
+                          semantic=args.mode != "lex")
             reply = c.find_reply(args.query, capsule=args.name, **kw)
             hits, mode = reply.hits, reply.mode
 
@@ -644,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
     c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
+    c.add_argument("--wait", action="store_true", help="return once the put is searchable, by meaning too")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", cmd_find)
     c.add_argument("query")
     c.add_argument("-k", type=int, default=10)
@@ -654,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since")
     c.add_argument("--until")
     c.add_argument("--as-of", help="commit number, @unix-time or ISO time")
+    c.add_argument("--wait", action="store_true", help="first wait until every write made so far is searchable")
+    c.add_argument("--min-seq", type=int, metavar="SEQ", help="first wait until commit SEQ (a put's) is searchable")
     c = client_cmd("get", "one frame, by id or --uri", cmd_get)
     c.add_argument("id", nargs="?", type=int)
     c.add_argument("--uri")
@@ -731,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 
+    from .mcp_server import add_command  # (the MCP SDK is imported only when the command runs)
+
+    add_command(sub, CONFIG_HELP)
     m = sub.add_parser("demo", help="build a small capsule and show history and time travel")
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
     m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")
