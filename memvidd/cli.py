@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the frame (repeatable)")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
     c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
+    c.add_argument("--wait", action="store_true", help="return once the put is searchable, by meaning too")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", "cli_client.cmd_find", epilog=FIND_EPILOG,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("query", help="what to look for: words, a phrase in \"quotes\", or a question")
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", metavar="WHEN", help=f"only frames whose event time is at or after WHEN: {TIME_HELP}")
     c.add_argument("--until", metavar="WHEN", help=f"only frames whose event time is at or before WHEN: {TIME_HELP}")
     c.add_argument("--as-of", metavar="WHEN", help=f"search the capsule as it was then: {AS_OF_HELP}")
+    c.add_argument("--wait", action="store_true", help="first wait until every write made so far is searchable")
+    c.add_argument("--min-seq", type=int, metavar="SEQ", help="first wait until commit SEQ (a put's) is searchable")
     c = client_cmd("get", "one frame, by id or --uri", "cli_client.cmd_get")
     c.add_argument("id", nargs="?", type=int, help="the frame id (as find and timeline show it)")
     c.add_argument("--uri", help="the live frame of this URI instead (the version as of --as-of)")
@@ -235,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     passphrase_options(d)
     d.add_argument("--json", action="store_true", help=JSON_HELP)
     d.set_defaults(func="cli_files.cmd_doctor")
+
+    m = sub.add_parser("mcp", help="serve the daemon's memory to an MCP client (an agent) on stdin/stdout")
+    m.add_argument("--socket", help="daemon socket (default: that of --config, $MEMVIDD_SOCKET, then the config's)")
+    m.add_argument("--config", help=CONFIG_HELP)
+    m.add_argument("--name", help="capsule name in the daemon (default: its default capsule)")
+    m.set_defaults(func="mcp_server.cmd_mcp")  # (the MCP SDK is imported only when the command runs)
 
     m = sub.add_parser("demo", help="build a small capsule and show history and time travel")
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")

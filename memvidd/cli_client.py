@@ -87,6 +87,8 @@ def cmd_put(args: argparse.Namespace) -> int:
         with connect(args) as c:
             reply = c._call(c._put(data, capsule=args.name, **meta))
             fid, seq = reply.frame_ids[0], reply.seq
+            if args.wait:  # read your writes: a `find` run after this one finds it, by meaning too
+                c.searchable(seq, capsule=args.name)
     cli_args.emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
     return 0
 
@@ -103,6 +105,9 @@ def cmd_find(args: argparse.Namespace) -> int:
             reply = find_reply(0, cap, None, args.query, kw)
     else:
         with connect(args) as c:
+            if args.wait or args.min_seq is not None:  # read your writes (see --help)
+                kw.update(min_seq=c.flush(capsule=args.name) if args.min_seq is None else args.min_seq,
+                          semantic=args.mode != "lex")
             reply = c.find_reply(args.query, capsule=args.name, **kw)
     if args.json:  # the reply as it came, every hit (no cut), the empty fields too
         out = {k: v for k, v in msgspec.structs.asdict(reply).items() if k != "id"}

@@ -111,7 +111,8 @@ def print_hits(hits: Sequence[HitOut], mode: str, *, show_all: bool = False, out
             base = os.path.basename(h.path)
             title = "" if title == base else title.removeprefix(f"{base}: ")
         head = f"{score:>3}  {style.place(place(h))}" + (f"  {style.bold(title)}" if title else "")
-        print(f"{head}  {style.dim('#' + str(h.frame_id))}", file=out)
+        stale = "  " + style.bold("(the file changed on disk since it was indexed)") if h.stale is True else ""
+        print(f"{head}  {style.dim('#' + str(h.frame_id))}{stale}", file=out)
         if h.snippet:
             print("     " + snippet(h, style), file=out)
     if n < len(hits):

@@ -6,7 +6,9 @@ chunk, in file order), and one ``chunk`` frame per chunk at ``file://<path>#<key
 (``ingest.py`` writes them). A chunk whose text did not change keeps its frame when lines
 are inserted above it, so its line numbers live in the manifest, which every change of
 the file rewrites, not in the chunk frame: ``places`` reads them from the manifest of the
-commit a search ran on. ``Known`` is a manifest as the indexer keeps it in memory.
+commit a search ran on, with the file's freshness (the manifest holds the size and mtime
+it was indexed at: compared with the file on disk now). ``Known`` is a manifest as the
+indexer keeps it in memory.
 """
 
 from __future__ import annotations
@@ -97,16 +99,26 @@ def clean(text: str) -> str:
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
-Place = tuple[str, tuple[int, int] | None]  # a file hit's path, and its lines when known
+def on_disk(path: str, m: Manifest) -> bool:
+    """Whether the file at ``path`` is still as it was indexed (by size and mtime, as the
+    watcher's own scan compares them). A file gone, or unreadable, is not."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (m.size, m.mtime_ns)
 
 
-def places(cap: engine.Capsule, hits: Iterable[Any], seq: int) -> dict[int, Place]:
-    """frame id -> (path, lines) of each hit that is a chunk of a watched file, as of commit
-    ``seq`` (the one the search ran on): one manifest read per file among the hits.
+def places(cap: engine.Capsule, hits: Iterable[Any], seq: int) -> dict[int, dict[str, Any]]:
+    """frame id -> where each hit that is a chunk of a watched file is, as of commit ``seq``
+    (the one the search ran on): ``path``, ``lines`` (first, last) when known, and its
+    freshness, ``mtime`` (the file's, as indexed) and ``stale`` (the file on disk differs
+    from it now: the watcher has not caught up, or the file is gone). One manifest read and
+    one stat per file among the hits: call it in a thread.
 
     Lines are given only for a chunk version visible at ``seq`` (an ``all_versions`` hit
-    of an older version has its path only: the manifest of ``seq`` describes the chunks
-    of then).
+    of an older version has none: the manifest of ``seq`` describes the chunks of then).
+    Nothing here fails a find: what cannot be read is left out.
     """
     by_file: dict[str, list[tuple[int, str, bool]]] = {}
     for h in hits:
@@ -115,16 +127,20 @@ def places(cap: engine.Capsule, hits: Iterable[Any], seq: int) -> dict[int, Plac
         uri, _, key = h.uri.rpartition("#")  # '#' in a path is percent-encoded: the last one is ours
         current = h.commit_seq <= seq and (h.valid_until is None or h.valid_until > seq)
         by_file.setdefault(uri, []).append((h.frame_id, key, current))
-    out: dict[int, Place] = {}
+    out: dict[int, dict[str, Any]] = {}
     for uri, found in by_file.items():
-        path = clean(uri_path(uri))
-        where: dict[str, tuple[int, int]] = {}
+        path = uri_path(uri)
         try:
-            m = manifest_decoder.decode(cap.get(uri=uri, as_of=seq).payload)
+            m: Manifest | None = manifest_decoder.decode(cap.get(uri=uri, as_of=seq).payload)
         except (engine.EngineError, msgspec.DecodeError, msgspec.ValidationError):
             m = None  # not a watched file's chunk after all, or an unreadable manifest: the path only
-        if m is not None and len(m.lines) == len(m.chunks):
-            where = dict(zip(m.chunk_keys(), m.lines, strict=False))
+        where: dict[str, tuple[int, int]] = {}
+        fresh: dict[str, Any] = {}
+        if m is not None:
+            if len(m.lines) == len(m.chunks):
+                where = dict(zip(m.chunk_keys(), m.lines, strict=False))
+            fresh = {"mtime": m.mtime_ns / 1e9, "stale": not on_disk(path, m)}
         for fid, key, current in found:
-            out[fid] = (path, where.get(key) if current else None)
+            lines = where.get(key) if current else None
+            out[fid] = {"path": clean(path), **fresh} | ({"lines": lines} if lines else {})
     return out

@@ -25,7 +25,7 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
             # version 2
             "expires", "compact", "rewind", "rules", "set_rules",
             # later additions within version 2 (optional: check ``features`` before sending)
-            "reload")
+            "reload", "min_seq", "timeline_kind")
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
@@ -42,6 +42,8 @@ MAX_QUERY = 16384  # the engine searches the first 4096 characters anyway
 MAX_SNIPPET_CHARS = 4096
 MAX_TIMELINE = 10_000  # entries of one timeline reply
 MAX_RULES = 65536  # set_rules rules, as msgpack
+DEFAULT_WAIT_S = 10.0  # how long a find with `min_seq` waits for that commit to be searchable
+MAX_WAIT_S = 60.0
 _STRINGS = {"uri": MAX_URI, "title": MAX_TITLE, "kind": MAX_NAME, "capsule": MAX_NAME, "scope": MAX_SCOPE,
             "query": MAX_QUERY}
 
@@ -116,6 +118,12 @@ class Find(Msg, frozen=True):
     as_of: AsOf = None
     snippet_chars: int = 200
     all_versions: bool = False
+    # Read your writes (added within version 2): answer only once commit `min_seq` (a
+    # put's `seq`) is searchable, and with `semantic` once the text frames up to it have
+    # their vectors too; at most `wait_s` seconds, then `unavailable` (retryable).
+    min_seq: int | None = None
+    semantic: bool = False
+    wait_s: float = DEFAULT_WAIT_S
 
 
 class Get(Msg, frozen=True):
@@ -134,6 +142,7 @@ class Timeline(Msg, frozen=True):
     limit: int = 100
     reverse: bool = False
     as_of: AsOf = None
+    kind: str | None = None  # only frames of this kind (added within version 2)
 
 
 class Remove(Msg, frozen=True):
@@ -279,18 +288,26 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: str | None
     timestamp: float
     commit_seq: int
+    commit_time: float | None = None  # when that commit was made: when it was indexed (None: an older server)
     valid_until: int | None
     sources: list[str]  # which ranked lists it came from: "lex", "vec"
-    path: str | None = None  # a watched file's chunk: the file's path
-    lines: tuple[int, int] | None = None  # ...and the chunk's lines in it, first and last (1-based)
+    # Where a chunk of a watched file is (added within version 2; absent for other hits):
+    # the file's path, the chunk's lines in it (first, last; 1-based) when known, the file's
+    # mtime as indexed, and whether the file on disk differs from it now (changed or gone
+    # since: the watcher has not caught up).
+    path: str | None = None
+    lines: tuple[int, int] | None = None
+    mtime: float | msgspec.UnsetType = msgspec.UNSET
+    stale: bool | msgspec.UnsetType = msgspec.UNSET
 
     @classmethod
-    def of(cls, hit: Any, place: tuple[str, tuple[int, int] | None] | None = None) -> HitOut:
+    def of(cls, hit: Any, place: dict[str, Any] | None = None) -> HitOut:
         """The wire hit of the engine's ``Hit`` (or of anything with its fields), with its
-        ``place`` (path, lines) when it is a chunk of a watched file (``manifest.places``):
-        the one place where a hit changes shape, for the daemon and ``memvidd find --capsule``."""
+        ``place`` when it is a chunk of a watched file (``manifest.places``: path, lines,
+        mtime, stale): the one place where a hit changes shape, for the daemon and
+        ``memvidd find --capsule``."""
         out = msgspec.convert(hit, cls, from_attributes=True)
-        return out if place is None else msgspec.structs.replace(out, path=place[0], lines=place[1])
+        return out if not place else msgspec.structs.replace(out, **place)
 
 
 class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -559,6 +576,10 @@ def problem(req: Any, max_put: int = 0) -> str | None:
             return f"mode {req.mode[:40]!r} is not one of {', '.join(MODES)}"
         case Find() if req.snippet_chars > MAX_SNIPPET_CHARS:
             return f"snippet_chars {req.snippet_chars} exceeds the limit of {MAX_SNIPPET_CHARS}"
+        case Find() if req.min_seq is not None and req.min_seq < 0:
+            return f"min_seq {req.min_seq} is negative (a commit sequence: a put's seq)"
+        case Find() if not 0 < req.wait_s <= MAX_WAIT_S:
+            return f"wait_s {req.wait_s:g} is not within 0 < wait_s <= {MAX_WAIT_S:g}"
         case Timeline() if req.limit > MAX_TIMELINE:
             return f"limit {req.limit} exceeds the limit of {MAX_TIMELINE} (page with since/until)"
         case SetRules():

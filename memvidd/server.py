@@ -41,7 +41,7 @@ from .manifest import CHUNK_KIND
 from .peer import peer_uid
 from .readiness import with_readiness
 from .replies import find_reply
-from .service import CapsuleService, Subscriber, WriteOp, frame_filter
+from .service import CapsuleService, NotSearchable, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
 PIPELINE = 64
@@ -89,6 +89,8 @@ def error_reply(req_id: int, e: BaseException) -> p.Error:
         return p.Error(id=req_id, code=p.CORRUPT, message=str(e))
     if isinstance(e, (engine.CapsuleBroken, engine.CapsuleClosed, engine.CapsuleLocked)):
         return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=True)
+    if isinstance(e, NotSearchable):  # a find's min_seq, not searchable in time
+        return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=e.retryable)
     if isinstance(e, ConfigError):  # a reload of a configuration that cannot be used
         return p.Error(id=req_id, code=p.BAD_REQUEST, message=str(e))
     if isinstance(e, LookupError):
@@ -459,9 +461,11 @@ class AgentServer:
                         all_versions=req.all_versions)
 
                     async def find() -> p.FindReply:
+                        if req.min_seq is not None:  # read your writes
+                            await svc.searchable(req.min_seq, semantic=req.semantic, wait_s=req.wait_s)
                         # A cache hit costs microseconds: answer it here rather than pay a
                         # thread hop (~0.1 ms) for it, unless it needs the capsule again
-                        # (file hits' lines, vector coverage).
+                        # (file hits' places and freshness, vector coverage).
                         hits = svc.cap.find_cached(req.query, **args)
                         if hits is not None and hits.mode == "lex" and not any(h.kind == CHUNK_KIND for h in hits):
                             return find_reply(rid, svc.cap, hits)
@@ -481,7 +485,8 @@ class AgentServer:
 
                     async def timeline() -> p.TimelineReply:
                         entries = await svc.read(svc.cap.timeline, since=req.since, until=req.until,
-                                                 limit=req.limit, reverse=req.reverse, as_of=req.as_of)
+                                                 limit=req.limit, reverse=req.reverse, as_of=req.as_of,
+                                                 kind=req.kind)
                         return p.TimelineReply(id=rid, entries=[frame_out(e) for e in entries],
                                                expired=getattr(entries, "expired", 0))
 

@@ -146,8 +146,9 @@ def test_verify_report_is_the_engines_field_for_field(path):
 
 
 def test_a_hit_changes_shape_in_one_place(path):
-    # The engine's fields, then where a watched file's chunk sits in its file (optional).
-    assert fields(p.HitOut) == [*fields(engine.Hit), "path", "lines"]
+    # The engine's hit, field for field, then what the daemon adds for a chunk of a watched
+    # file: where it is in the file, and the file's freshness (all optional).
+    assert fields(p.HitOut) == [*fields(engine.Hit), "path", "lines", "mtime", "stale"]
     with engine.create(path, model=None) as cap:
         cap.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
         cap.commit()
@@ -156,7 +157,7 @@ def test_a_hit_changes_shape_in_one_place(path):
     assert msgspec.json.encode(out) == msgspec.json.encode(hit)  # what find --json prints, either way
     assert out.sources == ["lex"]
     assert over_the_wire(p.FindReply(hits=[out], mode="lex")).hits == [out]
-    placed = p.HitOut.of(hit, ("/notes/theme.md", (3, 9)))
+    placed = p.HitOut.of(hit, {"path": "/notes/theme.md", "lines": (3, 9)})
     assert over_the_wire(p.FindReply(hits=[placed], mode="lex")).hits[0].lines == (3, 9)
     # A client from before the new fields reads the hit as it always did.
     old = msgspec.defstruct("OldHit", [(f, typing.Any) for f in fields(engine.Hit)])
