@@ -178,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                "cli_client.cmd_stats")
     client_cmd("reload", "have the daemon re-read its configuration and apply what changed",
                "cli_config.cmd_reload", direct=False)
+    c = client_cmd("session", "record an agent session: every find and put on the capsule, to replay later",
+                   "cli_session.cmd_session", direct=False)
+    c.add_argument("action", choices=["start", "stop"], help="start or stop recording")
+    c.add_argument("session_name", metavar="NAME", help="the session's name (no '/')")
+    c = client_cmd("replay", "run a recorded session's finds again and show what changed", "cli_session.cmd_replay",
+                   direct=False)
+    c.add_argument("session_name", metavar="NAME", help="the session to replay")
+    c.add_argument("--as-of", metavar="WHEN", help=f"against the capsule as it was then (default: now): {AS_OF_HELP}")
+    c.add_argument("--mode", choices=["auto", "lex", "vec", "hybrid"], help="rank this way instead of as recorded")
+    c.add_argument("-k", type=int, metavar="N", help="ask for N hits instead of as recorded")
     i = sub.add_parser("init", help="write the commented default configuration where every command finds it")
     i.add_argument("--config", help="where (default: $MEMVIDD_CONFIG, then $XDG_CONFIG_HOME/memvidd/config.toml)")
     i.set_defaults(func="cli_config.cmd_init")

@@ -25,7 +25,7 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
             # version 2
             "expires", "compact", "rewind", "rules", "set_rules",
             # later additions within version 2 (optional: check ``features`` before sending)
-            "reload", "min_seq", "timeline_kind")
+            "reload", "min_seq", "timeline_kind", "session")
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
@@ -229,8 +229,19 @@ class Reload(Msg, frozen=True):
     id: int = 0
 
 
+class Session(Msg, frozen=True):
+    """Start or stop recording an agent session on a capsule: while it records, the finds
+    and puts of every connection are kept as ``memvidd.session`` frames, to replay later
+    (memvidd/sessions.py); feature ``session``, added within version 2."""
+
+    id: int = 0
+    capsule: str | None = None
+    name: str = ""
+    action: Literal["start", "stop"] = "start"
+
+
 Request = (Hello | Put | PutMany | Find | Get | Timeline | Remove | Stats | Tail | Capsules | Flush | Verify
-           | Compact | Rewind | SetRules | Rules | Reload)
+           | Compact | Rewind | SetRules | Rules | Reload | Session)
 
 # -- replies ---------------------------------------------------------------------------
 
@@ -501,6 +512,13 @@ class ReloadReply(Msg, frozen=True):
     errors: list[str] = []  # changes that failed (e.g. a capsule that cannot be opened)
 
 
+class SessionReply(Msg, frozen=True):
+    id: int = 0
+    name: str = ""
+    events: int = 0  # stop: the finds and puts the session recorded
+    active: list[str] = []  # the sessions recording on this capsule now
+
+
 class TailEvent(Msg, frozen=True):
     id: int = 0  # the id of the Tail request
     frame: FrameOut | None = None
@@ -520,7 +538,7 @@ class Error(Msg, frozen=True):
 
 Reply = (HelloReply | PutReply | FindReply | GetReply | TimelineReply | RemoveReply | StatsReply
          | CapsulesReply | FlushReply | VerifyReply | CompactReply | RewindReply | RulesReply | ReloadReply
-         | TailEvent | TailEnd | Error)
+         | SessionReply | TailEvent | TailEnd | Error)
 
 # Error codes (docs/protocol.md lists when each is sent).
 BAD_FRAME: Final = "bad_frame"  # undecodable body, unknown op, wrong field types
@@ -580,6 +598,8 @@ def problem(req: Any, max_put: int = 0) -> str | None:
             return f"min_seq {req.min_seq} is negative (a commit sequence: a put's seq)"
         case Find() if not 0 < req.wait_s <= MAX_WAIT_S:
             return f"wait_s {req.wait_s:g} is not within 0 < wait_s <= {MAX_WAIT_S:g}"
+        case Session() if not req.name or _size(req.name) > MAX_NAME or "/" in req.name:
+            return f"a session name is 1 to {MAX_NAME} bytes without '/'"
         case Timeline() if req.limit > MAX_TIMELINE:
             return f"limit {req.limit} exceeds the limit of {MAX_TIMELINE} (page with since/until)"
         case SetRules():

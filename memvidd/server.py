@@ -442,6 +442,7 @@ class AgentServer:
 
                     def put_reply(op: WriteOp) -> p.PutReply:
                         svc.acked_puts += len(op.ids)
+                        svc.sessions.put(op.ids, [i.get("uri") for i in items], op.seq)
                         return p.PutReply(id=rid, frame_ids=op.ids, seq=op.seq)
 
                     await conn.write(WriteOp(items), svc, put_reply, fail)
@@ -461,6 +462,11 @@ class AgentServer:
                         all_versions=req.all_versions)
 
                     async def find() -> p.FindReply:
+                        reply = await answer()
+                        svc.sessions.found(req, reply)
+                        return reply
+
+                    async def answer() -> p.FindReply:
                         if req.min_seq is not None:  # read your writes
                             await svc.searchable(req.min_seq, semantic=req.semantic, wait_s=req.wait_s)
                         # A cache hit costs microseconds: answer it here rather than pay a
@@ -569,6 +575,19 @@ class AgentServer:
                         return p.RulesReply(id=rid, rules=await svc.read(svc.cap.rules, as_of=as_of), seq=seq)
 
                     await conn.read(rules, fail)
+                case p.Session():
+                    svc = self.service(req.capsule)
+
+                    async def session() -> p.SessionReply:
+                        try:
+                            n = svc.sessions.start(req.name) if req.action == "start" else svc.sessions.stop(req.name)
+                        except ValueError as e:
+                            raise engine.InvalidArgument(str(e)) from None
+                        except KeyError as e:
+                            raise engine.NotFound(e.args[0]) from None
+                        return p.SessionReply(id=rid, name=req.name, events=n, active=svc.sessions.active)
+
+                    await conn.read(session, fail)
                 case p.Reload():
                     reloader = self.reload
                     if reloader is None:
