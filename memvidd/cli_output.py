@@ -110,9 +110,11 @@ def print_hits(hits: Sequence[HitOut], mode: str, *, show_all: bool = False, out
         if h.path is not None:  # code chunks are titled "name.py: def f(...)", shown after the path
             base = os.path.basename(h.path)
             title = "" if title == base else title.removeprefix(f"{base}: ")
-        head = f"{score:>3}  {style.place(place(h))}" + (f"  {style.bold(title)}" if title else "")
+        where = place(h)
+        head = f"{score:>3}  {style.place(where)}" + (f"  {style.bold(title)}" if title else "")
+        frame_id = "" if where == f"#{h.frame_id}" else "  " + style.dim(f"#{h.frame_id}")  # not twice
         stale = "  " + style.bold("(the file changed on disk since it was indexed)") if h.stale is True else ""
-        print(f"{head}  {style.dim('#' + str(h.frame_id))}{stale}", file=out)
+        print(f"{head}{frame_id}{stale}", file=out)
         if h.snippet:
             print("     " + snippet(h, style), file=out)
     if n < len(hits):
