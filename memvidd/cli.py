@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import cli_config, cli_events
+from . import cli_config, cli_events, timewords
 from . import protocol as p
+from .chunker import is_document
 from .cli_config import connect as _client
 from .client import RemoteError
 from .config import ConfigError
@@ -159,20 +160,13 @@ def _emit(args: argparse.Namespace, obj: Any, human: Any) -> None:
 
 
 def _as_of(value: str | None) -> int | float | None:
-    """``--as-of 12`` is commit 12; ``@1700000000`` or an ISO time is a point in time."""
-    if value is None:
-        return None
-    if value.startswith("@"):
-        return float(value[1:])
-    if value.isdigit():
-        return int(value)
-    t = dt.datetime.fromisoformat(value)
-    return (t if t.tzinfo else t.astimezone()).timestamp()
+    """``--as-of 12`` is commit 12; "yesterday", "2 hours ago", @1700000000 or an ISO
+    time is a point in time (``timewords``)."""
+    return timewords.as_of(value)
 
 
-def _time(value: str | None) -> float | None:
-    a = _as_of(value)
-    return float(a) if a is not None else None
+def _time(value: str | None, option: str = "--since") -> float | None:
+    return timewords.since(value, option)
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str] | None:
@@ -205,18 +199,15 @@ def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
         raise
 
 
+def _new_capsule(args: argparse.Namespace) -> engine.Capsule:
+    import engine
+
+    return engine.create(args.capsule, model=None, passphrase=_passphrase(args))
+
+
 def _expires(value: str | None) -> float | None:
-    """``--expires 3600`` is an hour from now; ``@1700000000`` or an ISO time is a time."""
-    if value is None:
-        return None
-    try:
-        return time.time() + float(value)
-    except ValueError:
-        pass
-    if value.startswith("@"):
-        return float(value[1:])
-    t = dt.datetime.fromisoformat(value)
-    return (t if t.tzinfo else t.astimezone()).timestamp()
+    """``--expires 3600`` is an hour from now; "tomorrow 9:00", @1700000000 or an ISO time is a time."""
+    return timewords.expires(value)
 
 
 def _frame_text(f: Any) -> str:
@@ -258,14 +249,10 @@ def cmd_put(args: argparse.Namespace) -> int:
         raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
     meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=_tags(args.tag),
                                   expires=_expires(args.expires)).items() if v is not None}
+    if args.file and is_document(args.file):
+        return _put_document(args, raw, meta)
     if args.capsule:
-        if not os.path.exists(args.capsule):
-            import engine
-
-            cap = engine.create(args.capsule, model=None, passphrase=_passphrase(args))
-        else:
-            cap = _direct(args, write=True)
-        with cap:
+        with _direct(args, write=True) if os.path.exists(args.capsule) else _new_capsule(args) as cap:
             fid = cap.put(data, **meta)
             seq = cap.commit()
     else:
@@ -276,9 +263,32 @@ def cmd_put(args: argparse.Namespace) -> int:
     return 0
 
 
+def _put_document(args: argparse.Namespace, raw: bytes, meta: dict[str, Any]) -> int:
+    """A PDF, office or HTML file: its text, a frame per chunk, each saying where it is."""
+    from .documents import Unreadable, put_items
+
+    try:
+        items = put_items(args.file, raw, **meta)
+    except Unreadable as e:
+        raise SystemExit(f"memvidd: {args.file}: {e}") from None
+    if args.capsule:
+        with _direct(args, write=True) if os.path.exists(args.capsule) else _new_capsule(args) as cap:
+            fids = cap.put_many(items)
+            seq = cap.commit()
+    else:
+        fids, seq = [], 0
+        with _client(args) as c:
+            for i in range(0, len(items), 64):  # a message each, well under max-frame-bytes
+                reply = c._call(c._put_many(items[i : i + 64], args.name))
+                fids, seq = fids + reply.frame_ids, reply.seq
+    _emit(args, {"frame_id": fids[0], "frame_ids": fids, "seq": seq},
+          lambda: print(f"frames {fids[0]}-{fids[-1]} (commit {seq}): {len(fids)} chunks of {args.file}"))
+    return 0
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     kw = dict(k=args.k, mode=args.mode, scope=args.scope, tags=_tags(args.tag), kind=args.kind,
-              since=_time(args.since), until=_time(args.until), as_of=_as_of(args.as_of))
+              since=_time(args.since), until=_time(args.until, "--until"), as_of=_as_of(args.as_of))
     if args.capsule:
         with _direct(args) as cap:
             if kw["mode"] == "auto" and cap.stats()["vectors"] is not None:
@@ -294,7 +304,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         if not hits:
             print(f"no results ({mode})")
         for h in hits:
-            print(f"{h.score:.4f}  #{h.frame_id}  {h.uri or ''}  [{'+'.join(h.sources)}]")
+            where = f" {h.location()}" if h.location() else ""  # a document's page, slide, sheet and rows
+            print(f"{h.score:.4f}  #{h.frame_id}  {h.uri or ''}{where}  [{'+'.join(h.sources)}]")
             if h.snippet:
                 print("    " + h.snippet.replace("\n", " ")[:200])
 
@@ -319,7 +330,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    kw = dict(since=_time(args.since), until=_time(args.until), limit=args.limit, reverse=args.reverse,
+    kw = dict(since=_time(args.since), until=_time(args.until, "--until"), limit=args.limit, reverse=args.reverse,
               as_of=_as_of(args.as_of))
     if args.capsule:
         with _direct(args) as cap:
@@ -637,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cmd("status", "is a daemon running, and what does it serve", cmd_status, direct=False)
     c = client_cmd("put", "store a text (argument, '-' for stdin, or --file)", cmd_put)
     c.add_argument("text", nargs="?")
-    c.add_argument("--file")
+    c.add_argument("--file", help="a file as it is; a PDF, DOCX, XLSX, PPTX or HTML file: its text, a frame per chunk")
     c.add_argument("--uri")
     c.add_argument("--title")
     c.add_argument("--kind")
@@ -651,9 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scope", help="URI prefix")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     c.add_argument("--kind")
-    c.add_argument("--since")
-    c.add_argument("--until")
-    c.add_argument("--as-of", help="commit number, @unix-time or ISO time")
+    c.add_argument("--since", help=f"a time: {timewords.EXAMPLES}")
+    c.add_argument("--until", help="a time, as --since")
+    c.add_argument("--as-of", help="a commit number, or a time as --since")
     c = client_cmd("get", "one frame, by id or --uri", cmd_get)
     c.add_argument("id", nargs="?", type=int)
     c.add_argument("--uri")

@@ -265,8 +265,10 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes | None = None
 
 
-class HitOut(msgspec.Struct, frozen=True, kw_only=True):
-    """A search result on the wire: the engine's ``Hit``, field for field."""
+class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A search result on the wire: the engine's ``Hit``, field for field, and for a
+    document's chunk where it is in the document (added within version 2; absent for
+    other hits), read from its tags (``documents.py`` puts them there)."""
 
     frame_id: int
     uri: str | None
@@ -280,12 +282,43 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True):
     commit_seq: int
     valid_until: int | None
     sources: list[str]  # which ranked lists it came from: "lex", "vec"
+    page: int | None = None  # a PDF's page (1-based)
+    slide: int | None = None  # a PPTX's slide (1-based)
+    sheet: str | None = None  # an XLSX's sheet...
+    rows: tuple[int, int] | None = None  # ...and the rows of the chunk, first and last (the header is row 1's)
 
     @classmethod
     def of(cls, hit: Any) -> HitOut:
         """The wire hit of the engine's ``Hit`` (or of anything with its fields): the one
         place where a hit changes shape, for the daemon and for ``memvidd find --capsule``."""
-        return msgspec.convert(hit, cls, from_attributes=True)
+        out = msgspec.convert(hit, cls, from_attributes=True)
+        where = _where(out.tags)
+        return msgspec.structs.replace(out, **where) if where else out
+
+    def location(self) -> str:
+        """Where the hit is in its document, for people: "p.3", "slide 2", "Q1 rows 2-41", or ""."""
+        if self.page is not None:
+            return f"p.{self.page}"
+        if self.slide is not None:
+            return f"slide {self.slide}"
+        if self.sheet is not None:
+            return f"{self.sheet} rows {self.rows[0]}-{self.rows[1]}" if self.rows else self.sheet
+        return ""
+
+
+def _where(tags: dict[str, str]) -> dict[str, Any]:
+    """The location fields of a hit whose frame's tags hold them (a tag that does not read
+    as one, which a put may have set to anything, is left a tag)."""
+    out: dict[str, Any] = {}
+    for key in ("page", "slide"):
+        if tags.get(key, "").isdecimal():
+            out[key] = int(tags[key])
+    if "sheet" in tags:
+        out["sheet"] = tags["sheet"]
+        first, sep, last = tags.get("rows", "").partition("-")
+        if sep and first.isdecimal() and last.isdecimal():
+            out["rows"] = (int(first), int(last))
+    return out
 
 
 class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):
