@@ -302,6 +302,18 @@ class Capsule:
         """Block until every queued frame has its vector; False on timeout or error."""
         return self._embedding.wait(timeout)
 
+    def unembedded(self, seq: int) -> int:
+        """How many text frames committed up to ``seq`` still wait for their vector: 0 once
+        "vec" and "hybrid" finds see every one of them (always 0 when this capsule embeds
+        nothing: no model bound, or no embedder attached). What a reader that wants to
+        find its own writes by meaning waits for; costs a lookup, not a scan.
+        ``EngineError`` when some wait and embedding failed: they will not get one while
+        the capsule stays open."""
+        s = self._s
+        with s.lock:
+            s.check_open()
+            return self._embedding.waiting_below(s.table.first_after(seq))
+
     # -- maintenance --------------------------------------------------------------------
 
     def checkpoint(self) -> None:

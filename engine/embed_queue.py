@@ -1,8 +1,10 @@
 """The embedding queue: text frames waiting for their vector, and the thread that embeds them.
 
 Committed text frames without a vector are queued newest first (what an agent most likely
-asks about). One background thread embeds them in batches through the capsule's
-``Embedder``; the vectors join the vector index at once (searchable) and wait in
+asks about): each commit's frames go in front of the frames queued before, which all have
+lower ids, so the queue is in descending id order and its oldest frames are at its end.
+One background thread embeds them in batches through the capsule's ``Embedder``; the
+vectors join the vector index at once (searchable) and wait in
 ``state.ready_vectors`` for the next commit, which writes them [F-14]. That commit is the
 writer's: a program with one writer slot (the daemon) is told through ``hand_vectors_to``
 and commits them itself; otherwise the thread commits them when no puts are staged.
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import format as fmt
-from .errors import CapsuleBroken, StorageError
+from .errors import CapsuleBroken, EngineError, StorageError
 from .state import CapsuleState
 
 
@@ -32,7 +34,7 @@ class EmbeddingQueue:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._queue: deque[int] = deque()
-        self._inflight = 0
+        self._inflight: list[int] = []  # ids of the batch being embedded
         self._sink: Callable[[], None] | None = None  # see hand_vectors_to
         self._embedded = 0
         self._seconds = 0.0
@@ -69,7 +71,7 @@ class EmbeddingQueue:
                 if not batch:
                     self._wake.clear()
                     continue
-                self._inflight = len(batch)
+                self._inflight = [m.id for m in batch]
                 view = s.views.pin()
             try:
                 t0 = time.perf_counter()
@@ -88,7 +90,7 @@ class EmbeddingQueue:
                 self._seconds += time.perf_counter() - t0
                 for m, v in zip(batch, vectors, strict=True):
                     s.ready_vectors[m.id] = v
-                self._inflight = 0
+                self._inflight = []
                 if s.indexes is not None:
                     s.indexes.add_vectors([m.id for m in batch], vectors)
                 sink = self._sink
@@ -103,6 +105,21 @@ class EmbeddingQueue:
     def hand_vectors_to(self, ready: Callable[[], None] | None) -> None:
         """See ``Capsule.hand_vectors_to`` (lock held)."""
         self._sink = ready
+
+    def waiting_below(self, end_id: int) -> int:
+        """How many text frames with an id below ``end_id`` still wait for their vector,
+        queued or being embedded (lock held). Looks only at the frames it counts: the
+        queue's oldest are at its end. ``EngineError`` if some wait and embedding failed:
+        they will not get one while the capsule stays open."""
+        s = self._s
+        n = sum(1 for fid in self._inflight if fid < end_id)
+        for fid in reversed(self._queue):
+            if fid >= end_id:
+                break
+            n += not s.has_vec[fid] and fid not in s.ready_vectors
+        if n and self.error:
+            raise EngineError(f"{n} frames will not be embedded: embedding failed: {self.error}")
+        return n
 
     def wait(self, timeout: float | None) -> bool:
         """Block until every queued frame has its vector; False on timeout or error."""

@@ -44,6 +44,7 @@ class Hit(msgspec.Struct, frozen=True, kw_only=True):
     kind: str | None
     timestamp: float
     commit_seq: int  # the version: the commit that created this frame
+    commit_time: float  # when that commit was made: when this version became searchable
     valid_until: int | None  # the commit that superseded or removed it, if any
     sources: tuple[str, ...]  # which lists it came from: "lex", "vec"
 
@@ -210,7 +211,7 @@ class Query:
             hits.append(Hit(
                 frame_id=fid, uri=m.uri, title=m.title, score=round(float(score), 6), snippet=snippet,
                 highlights=spans, tags=dict(m.tags), kind=m.kind, timestamp=m.timestamp, commit_seq=m.seq,
-                valid_until=None if end == FOREVER else end,
+                commit_time=t.commit_times[m.seq - 1], valid_until=None if end == FOREVER else end,
                 sources=tuple(s for s, ids in (("lex", lex_ids), ("vec", vec_ids)) if fid in ids),
             ))
         return Hits(hits, mode=mode, seq=seq, warnings=warnings)

@@ -91,16 +91,23 @@ class AsyncClient(_Requests):
         return hello
 
     async def put(self, text: str | bytes, **kw: Any) -> int:
-        return (await self._call(self._put(text, **kw))).frame_ids[0]
+        return (await self.put_reply(text, **kw)).frame_ids[0]
+
+    async def put_reply(self, text: str | bytes, **kw: Any) -> p.PutReply:
+        return self._wrote(kw.get("capsule"), await self._call(self._put(text, **kw)))
 
     async def put_many(self, items: list[dict[str, Any]], *, capsule: str | None = None) -> list[int]:
-        return (await self._call(self._put_many(items, capsule))).frame_ids
+        return self._wrote(capsule, await self._call(self._put_many(items, capsule))).frame_ids
 
-    async def find(self, query: str, **kw: Any) -> list[p.HitOut]:
-        return (await self._call(p.Find(id=self._id(), query=query, **kw))).hits
+    async def find(self, query: str, *, wait: bool = False, **kw: Any) -> list[p.HitOut]:
+        return (await self.find_reply(query, wait=wait, **kw)).hits
 
-    async def find_reply(self, query: str, **kw: Any) -> p.FindReply:
-        return await self._call(p.Find(id=self._id(), query=query, **kw))
+    async def find_reply(self, query: str, *, wait: bool = False, **kw: Any) -> p.FindReply:
+        return await self._call(self._find(query, wait, kw))
+
+    async def searchable(self, seq: int | None = None, *, semantic: bool = True,
+                         wait_s: float = p.DEFAULT_WAIT_S, capsule: str | None = None) -> None:
+        await self._call(self._searchable(seq, semantic, wait_s, capsule))
 
     async def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
         return (await self._call(p.Get(id=self._id(), frame_id=frame_id, **kw))).frame
@@ -110,7 +117,7 @@ class AsyncClient(_Requests):
 
     async def remove(self, target: int | str, *, capsule: str | None = None) -> int:
         key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
-        return (await self._call(p.Remove(id=self._id(), capsule=capsule, **key))).frame_id
+        return self._wrote(capsule, await self._call(p.Remove(id=self._id(), capsule=capsule, **key))).frame_id
 
     async def stats(self, *, capsule: str | None = None) -> p.CapsuleStats:
         return (await self._call(p.Stats(id=self._id(), capsule=capsule))).stats

@@ -259,6 +259,8 @@ def cmd_put(args: argparse.Namespace) -> int:
         with _client(args) as c:
             reply = c._call(c._put(data, capsule=args.name, **meta))
             fid, seq = reply.frame_ids[0], reply.seq
+            if args.wait:  # read your writes: a `find` run after this one finds it, by meaning too
+                c.searchable(seq, capsule=args.name)
     _emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
     return 0
 
@@ -281,6 +283,8 @@ def _put_document(args: argparse.Namespace, raw: bytes, meta: dict[str, Any]) ->
             for i in range(0, len(items), 64):  # a message each, well under max-frame-bytes
                 reply = c._call(c._put_many(items[i : i + 64], args.name))
                 fids, seq = fids + reply.frame_ids, reply.seq
+            if args.wait:
+                c.searchable(seq, capsule=args.name)
     _emit(args, {"frame_id": fids[0], "frame_ids": fids, "seq": seq},
           lambda: print(f"frames {fids[0]}-{fids[-1]} (commit {seq}): {len(fids)} chunks of {args.file}"))
     return 0
@@ -297,6 +301,9 @@ def cmd_find(args: argparse.Namespace) -> int:
             hits, mode = [p.HitOut.of(h) for h in found], found.mode
     else:
         with _client(args) as c:
+            if args.wait or args.min_seq is not None:  # read your writes (see --help)
+                kw.update(min_seq=c.flush(capsule=args.name) if args.min_seq is None else args.min_seq,
+                          semantic=args.mode != "lex")
             reply = c.find_reply(args.query, capsule=args.name, **kw)
             hits, mode = reply.hits, reply.mode
 
@@ -655,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", action="append", metavar="KEY=VALUE")
     c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
     c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
+    c.add_argument("--wait", action="store_true", help="return once the put is searchable, by meaning too")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", cmd_find)
     c.add_argument("query")
     c.add_argument("-k", type=int, default=10)
@@ -665,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", help=f"a time: {timewords.EXAMPLES}")
     c.add_argument("--until", help="a time, as --since")
     c.add_argument("--as-of", help="a commit number, or a time as --since")
+    c.add_argument("--wait", action="store_true", help="first wait until every write made so far is searchable")
+    c.add_argument("--min-seq", type=int, metavar="SEQ", help="first wait until commit SEQ (a put's) is searchable")
     c = client_cmd("get", "one frame, by id or --uri", cmd_get)
     c.add_argument("id", nargs="?", type=int)
     c.add_argument("--uri")
@@ -742,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 
+    from .mcp_server import add_command  # (the MCP SDK is imported only when the command runs)
+
+    add_command(sub, CONFIG_HELP)
     m = sub.add_parser("demo", help="build a small capsule and show history and time travel")
     m.add_argument("--capsule", default="demo.mv2", help="where to build it (default: demo.mv2)")
     m.add_argument("--replace", action="store_true", help="discard an existing file at --capsule")

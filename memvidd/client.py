@@ -10,8 +10,14 @@ without sending it::
 
     with Client("/run/user/1000/memvidd/memvidd.sock") as c:
         c.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
-        for hit in c.find("what theme does the user like"):
+        for hit in c.find("what theme does the user like", wait=True):
             print(hit.score, hit.uri, hit.snippet)
+
+Read your writes: a client remembers the commit of its last write to each capsule
+(``written``); ``find(..., wait=True)`` answers only once that commit is searchable, by
+meaning too (its vectors are made in the background), and ``searchable()`` waits for it
+alone. On one connection a find already sees the writes sent before it lexically; the
+wait is what makes the vectors, and other connections' writes (``min_seq``), count too.
 
 This module, ``protocol`` and ``framing`` import neither the engine nor trio: a blocking
 client (and a ``memvidd find``) starts in the time of msgspec's import, not numpy's.
@@ -84,9 +90,29 @@ class _Requests:
         self._ids = itertools.count(1)
         self.max_frame = max_frame  # of a reply this client reads
         self.server = p.HelloReply()  # the protocol's defaults until hello says more (max_put 0: unchecked)
+        self.written: dict[str | None, int] = {}  # capsule (None: the default) -> commit of this client's last write
 
     def _id(self) -> int:
         return next(self._ids)
+
+    def _wrote(self, capsule: str | None, reply: Any) -> Any:
+        """Remember the commit of a write's ``reply`` (read your writes)."""
+        self.written[capsule] = max(self.written.get(capsule, 0), reply.seq)
+        return reply
+
+    def _find(self, query: str, wait: bool, kw: dict[str, Any]) -> p.Find:
+        """A find; ``wait``: once this client's last write to the capsule is searchable,
+        by meaning too unless the mode is lexical."""
+        if wait and kw.get("min_seq") is None:
+            kw = {**kw, "min_seq": self.written.get(kw.get("capsule"), 0),
+                  "semantic": kw.get("mode", "auto") != "lex"}
+        return p.Find(id=self._id(), query=query, **kw)
+
+    def _searchable(self, seq: int | None, semantic: bool, wait_s: float, capsule: str | None) -> p.Find:
+        """A find of nothing that answers once commit ``seq`` (default: this client's last
+        write to the capsule) is searchable."""
+        seq = self.written.get(capsule, 0) if seq is None else seq
+        return p.Find(id=self._id(), capsule=capsule, query="", k=0, min_seq=seq, semantic=semantic, wait_s=wait_s)
 
     def _message(self, req: Any) -> bytes:
         """``req`` as a message, unless the daemon would refuse it by the bounds of the
@@ -177,16 +203,27 @@ class Client(_Requests):
         return self._greeted(self._call(p.Hello(id=self._id(), client="memvidd.client")))
 
     def put(self, text: str | bytes, **kw: Any) -> int:
-        return self._call(self._put(text, **kw)).frame_ids[0]
+        return self.put_reply(text, **kw).frame_ids[0]
+
+    def put_reply(self, text: str | bytes, **kw: Any) -> p.PutReply:
+        """``put`` with the whole reply (``seq``: the commit that holds it)."""
+        return self._wrote(kw.get("capsule"), self._call(self._put(text, **kw)))
 
     def put_many(self, items: list[dict[str, Any]], *, capsule: str | None = None) -> list[int]:
-        return self._call(self._put_many(items, capsule)).frame_ids
+        return self._wrote(capsule, self._call(self._put_many(items, capsule))).frame_ids
 
-    def find(self, query: str, **kw: Any) -> list[p.HitOut]:
-        return self._call(p.Find(id=self._id(), query=query, **kw)).hits
+    def find(self, query: str, *, wait: bool = False, **kw: Any) -> list[p.HitOut]:
+        return self.find_reply(query, wait=wait, **kw).hits
 
-    def find_reply(self, query: str, **kw: Any) -> p.FindReply:
-        return self._call(p.Find(id=self._id(), query=query, **kw))
+    def find_reply(self, query: str, *, wait: bool = False, **kw: Any) -> p.FindReply:
+        return self._call(self._find(query, wait, kw))
+
+    def searchable(self, seq: int | None = None, *, semantic: bool = True, wait_s: float = p.DEFAULT_WAIT_S,
+                   capsule: str | None = None) -> None:
+        """Return once commit ``seq`` (default: this client's last write to ``capsule``) is
+        searchable, by meaning too with ``semantic``; ``RemoteError`` (``unavailable``)
+        after ``wait_s`` seconds."""
+        self._call(self._searchable(seq, semantic, wait_s, capsule))
 
     def get(self, frame_id: int | None = None, **kw: Any) -> p.FrameOut:
         return self._call(p.Get(id=self._id(), frame_id=frame_id, **kw)).frame
@@ -196,7 +233,7 @@ class Client(_Requests):
 
     def remove(self, target: int | str, *, capsule: str | None = None) -> int:
         key = {"frame_id": target} if isinstance(target, int) else {"uri": target}
-        return self._call(p.Remove(id=self._id(), capsule=capsule, **key)).frame_id
+        return self._wrote(capsule, self._call(p.Remove(id=self._id(), capsule=capsule, **key))).frame_id
 
     def stats(self, *, capsule: str | None = None) -> p.CapsuleStats:
         return self._call(p.Stats(id=self._id(), capsule=capsule)).stats

@@ -25,7 +25,7 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
             # version 2
             "expires", "compact", "rewind", "rules", "set_rules",
             # later additions within version 2 (optional: check ``features`` before sending)
-            "reload")
+            "reload", "min_seq", "timeline_kind")
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
@@ -42,6 +42,8 @@ MAX_QUERY = 16384  # the engine searches the first 4096 characters anyway
 MAX_SNIPPET_CHARS = 4096
 MAX_TIMELINE = 10_000  # entries of one timeline reply
 MAX_RULES = 65536  # set_rules rules, as msgpack
+DEFAULT_WAIT_S = 10.0  # how long a find with `min_seq` waits for that commit to be searchable
+MAX_WAIT_S = 60.0
 _STRINGS = {"uri": MAX_URI, "title": MAX_TITLE, "kind": MAX_NAME, "capsule": MAX_NAME, "scope": MAX_SCOPE,
             "query": MAX_QUERY}
 
@@ -116,6 +118,12 @@ class Find(Msg, frozen=True):
     as_of: AsOf = None
     snippet_chars: int = 200
     all_versions: bool = False
+    # Read your writes (added within version 2): answer only once commit `min_seq` (a
+    # put's `seq`) is searchable, and with `semantic` once the text frames up to it have
+    # their vectors too; at most `wait_s` seconds, then `unavailable` (retryable).
+    min_seq: int | None = None
+    semantic: bool = False
+    wait_s: float = DEFAULT_WAIT_S
 
 
 class Get(Msg, frozen=True):
@@ -134,6 +142,7 @@ class Timeline(Msg, frozen=True):
     limit: int = 100
     reverse: bool = False
     as_of: AsOf = None
+    kind: str | None = None  # only frames of this kind (added within version 2)
 
 
 class Remove(Msg, frozen=True):
@@ -265,10 +274,9 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes | None = None
 
 
-class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A search result on the wire: the engine's ``Hit``, field for field, and for a
-    document's chunk where it is in the document (added within version 2; absent for
-    other hits), read from its tags (``documents.py`` puts them there)."""
+class HitOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A search result on the wire: the engine's ``Hit``, field for field, then what the
+    daemon adds: a watched file's freshness, a document's location."""
 
     frame_id: int
     uri: str | None
@@ -280,12 +288,20 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: str | None
     timestamp: float
     commit_seq: int
+    commit_time: float | None = None  # when that commit was made: when it was indexed (None: an older server)
     valid_until: int | None
     sources: list[str]  # which ranked lists it came from: "lex", "vec"
-    page: int | None = None  # a PDF's page (1-based)
-    slide: int | None = None  # a PPTX's slide (1-based)
-    sheet: str | None = None  # an XLSX's sheet...
-    rows: tuple[int, int] | None = None  # ...and the rows of the chunk, first and last (the header is row 1's)
+    # Freshness of a chunk of a watched file (added within version 2; absent for other hits):
+    # the file's mtime as indexed, and whether the file on disk differs from it now (changed
+    # or gone since: the watcher has not caught up).
+    mtime: float | msgspec.UnsetType = msgspec.UNSET
+    stale: bool | msgspec.UnsetType = msgspec.UNSET
+    # Where a document's chunk is (added within version 2; absent for other hits), read
+    # from its tags (``documents.py`` puts them there):
+    page: int | msgspec.UnsetType = msgspec.UNSET  # a PDF's page (1-based)
+    slide: int | msgspec.UnsetType = msgspec.UNSET  # a PPTX's slide (1-based)
+    sheet: str | msgspec.UnsetType = msgspec.UNSET  # an XLSX's sheet...
+    rows: tuple[int, int] | msgspec.UnsetType = msgspec.UNSET  # ...the chunk's rows, first and last
 
     @classmethod
     def of(cls, hit: Any) -> HitOut:
@@ -297,12 +313,12 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     def location(self) -> str:
         """Where the hit is in its document, for people: "p.3", "slide 2", "Q1 rows 2-41", or ""."""
-        if self.page is not None:
+        if isinstance(self.page, int):
             return f"p.{self.page}"
-        if self.slide is not None:
+        if isinstance(self.slide, int):
             return f"slide {self.slide}"
-        if self.sheet is not None:
-            return f"{self.sheet} rows {self.rows[0]}-{self.rows[1]}" if self.rows else self.sheet
+        if isinstance(self.sheet, str):
+            return f"{self.sheet} rows {self.rows[0]}-{self.rows[1]}" if isinstance(self.rows, tuple) else self.sheet
         return ""
 
 
@@ -580,6 +596,10 @@ def problem(req: Any, max_put: int = 0) -> str | None:
             return f"mode {req.mode[:40]!r} is not one of {', '.join(MODES)}"
         case Find() if req.snippet_chars > MAX_SNIPPET_CHARS:
             return f"snippet_chars {req.snippet_chars} exceeds the limit of {MAX_SNIPPET_CHARS}"
+        case Find() if req.min_seq is not None and req.min_seq < 0:
+            return f"min_seq {req.min_seq} is negative (a commit sequence: a put's seq)"
+        case Find() if not 0 < req.wait_s <= MAX_WAIT_S:
+            return f"wait_s {req.wait_s:g} is not within 0 < wait_s <= {MAX_WAIT_S:g}"
         case Timeline() if req.limit > MAX_TIMELINE:
             return f"limit {req.limit} exceeds the limit of {MAX_TIMELINE} (page with since/until)"
         case SetRules():

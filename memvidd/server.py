@@ -37,8 +37,9 @@ from . import protocol as p
 from .budget import Budget, OverBudget, Share
 from .config import ConfigError
 from .framing import MessageReader, MessageTooLarge, TruncatedMessage, pack_message
+from .freshness import any_files, stamp
 from .peer import peer_uid
-from .service import CapsuleService, Subscriber, WriteOp, frame_filter
+from .service import CapsuleService, NotSearchable, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
 PIPELINE = 64
@@ -86,6 +87,8 @@ def error_reply(req_id: int, e: BaseException) -> p.Error:
         return p.Error(id=req_id, code=p.CORRUPT, message=str(e))
     if isinstance(e, (engine.CapsuleBroken, engine.CapsuleClosed, engine.CapsuleLocked)):
         return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=True)
+    if isinstance(e, NotSearchable):  # a find's min_seq, not searchable in time
+        return p.Error(id=req_id, code=p.UNAVAILABLE, message=str(e), retryable=e.retryable)
     if isinstance(e, ConfigError):  # a reload of a configuration that cannot be used
         return p.Error(id=req_id, code=p.BAD_REQUEST, message=str(e))
     if isinstance(e, LookupError):
@@ -456,12 +459,17 @@ class AgentServer:
                         all_versions=req.all_versions)
 
                     async def find() -> p.FindReply:
+                        if req.min_seq is not None:  # read your writes
+                            await svc.searchable(req.min_seq, semantic=req.semantic, wait_s=req.wait_s)
                         # A cache hit costs microseconds: answer it here rather than pay a
                         # thread hop (~0.1 ms) for it.
                         hits = svc.cap.find_cached(req.query, **args)
                         if hits is None:
                             hits = await svc.read(svc.cap.find, req.query, **args)
-                        return p.FindReply(id=rid, hits=[p.HitOut.of(h) for h in hits],
+                        out = [p.HitOut.of(h) for h in hits]
+                        if any_files(out):  # freshness of file chunks: the disk looked at now
+                            out = await svc.read_quietly(stamp, svc.cap, out, hits.seq)
+                        return p.FindReply(id=rid, hits=out,
                                            mode=cast(p.Mode, hits.mode),  # one of MODES, "auto" resolved
                                            seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
 
@@ -479,7 +487,8 @@ class AgentServer:
 
                     async def timeline() -> p.TimelineReply:
                         entries = await svc.read(svc.cap.timeline, since=req.since, until=req.until,
-                                                 limit=req.limit, reverse=req.reverse, as_of=req.as_of)
+                                                 limit=req.limit, reverse=req.reverse, as_of=req.as_of,
+                                                 kind=req.kind)
                         return p.TimelineReply(id=rid, entries=[frame_out(e) for e in entries],
                                                expired=getattr(entries, "expired", 0))
 

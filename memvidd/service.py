@@ -25,6 +25,11 @@ never waits: ``find_cached``, ``seq``, ``frame_count``):
 - the writer slot is the only path that commits: the engine's embedding thread hands its
   vectors over (``Capsule.hand_vectors_to``) and rings the committer, which commits them
   with the next puts or, if none are queued, on their own.
+- read your writes: ``searchable(seq)`` waits, woken by each commit and each batch of
+  vectors (no polling), until a commit is searchable: by its words as soon as it is
+  applied (the engine feeds a commit's frames to the lexical index as it applies it, and
+  a search makes them visible first), by meaning once the text frames up to it have
+  their vectors.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ import engine
 from .budget import OverBudget
 
 log = logging.getLogger("memvidd.service")
+
+
+class NotSearchable(Exception):
+    """A find's ``min_seq`` was not searchable in time (or, not ``retryable``, never will
+    be while the daemon runs: embedding failed)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Subscriber:
@@ -147,6 +161,7 @@ class CapsuleService:
         # The writer slot is the only path that commits: vectors the engine embeds wait
         # for it (rung from the embedding thread) instead of being committed there.
         self._vectors_waiting = False
+        self._progress = trio.Event()  # set (and replaced) by each commit and batch of vectors
         self._token = trio.lowlevel.current_trio_token()
         cap.hand_vectors_to(self._vectors_ready)
 
@@ -214,6 +229,11 @@ class CapsuleService:
     def _wake_for_vectors(self) -> None:
         self._vectors_waiting = True
         self._dirty.set()
+        self._progressed()  # the vectors are searchable already: readers waiting for them go on
+
+    def _progressed(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def commit_queued(self) -> None:
         batch, self._queue = self._queue, []
@@ -267,6 +287,7 @@ class CapsuleService:
         commits, failure = await self._write(apply)
         for op in batch:
             op.done.set()
+        self._progressed()
         self.commits += commits
         if failure is not None:
             log.error("commit failed capsule=%s error=%s", self.name, failure)
@@ -387,6 +408,34 @@ class CapsuleService:
         """A read that does not count as activity (stats polling must not keep the
         capsule from ever being idle)."""
         return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._readers)
+
+    async def searchable(self, seq: int, *, semantic: bool, wait_s: float) -> None:
+        """Return once commit ``seq`` is searchable: applied (lexically), and with
+        ``semantic`` once every text frame up to it has its vector. ``NotSearchable``
+        after ``wait_s`` seconds, or at once if embedding failed."""
+        waiting = 0
+        with trio.move_on_after(wait_s):
+            while True:
+                progress = self._progress  # before looking: what happens meanwhile wakes us
+                if self.cap.seq >= seq:
+                    if not semantic or self.cap.model is None:  # (no vectors: nothing to wait for)
+                        return
+                    try:
+                        waiting = await self.read_quietly(self.cap.unembedded, seq)
+                    except (engine.CapsuleClosed, engine.CapsuleBroken):
+                        raise
+                    except engine.EngineError as e:
+                        raise NotSearchable(f"commit {seq} cannot be searched by meaning: {e}",
+                                            retryable=False) from None
+                    if not waiting:
+                        return
+                await progress.wait()
+        if self.cap.seq < seq:
+            raise NotSearchable(f"commit {seq} was not made within {wait_s:g} s (the capsule is at commit "
+                                f"{self.cap.seq}: is it a seq of this capsule?)")
+        raise NotSearchable(f"{waiting} text frames up to commit {seq} still wait for their vectors after "
+                            f"{wait_s:g} s (an embedding backlog); they are searchable lexically already: "
+                            "retry, or find without semantic")
 
     async def verify(self) -> engine.Report:
         """Check the capsule file (an encrypted one with its passphrase)."""

@@ -18,6 +18,7 @@ of this checkout, its dependencies resolved by pip as configured on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -75,7 +76,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_every_block_is_shell_or_python_and_those_not_run_are_listed_with_a_reason():
     found = blocks((ROOT / "README.md").read_text())
-    assert {b.lang for b in found} <= {"sh", "python"}, "a block the test would not know how to run"
+    assert {b.lang for b in found} <= {"sh", "python", "json"}, "a block the test would not know how to run"
     not_run = [b for b in found if b.mode == "not run"]
     listed = {start: [b for b in not_run if b.code.startswith(start)] for start in NOT_RUN}
     assert all(len(matched) == 1 for matched in listed.values()), listed
@@ -83,6 +84,17 @@ def test_every_block_is_shell_or_python_and_those_not_run_are_listed_with_a_reas
     for start, (b,) in listed.items():
         assert b.why.startswith(NOT_RUN[start]), (start, b.why)
     assert [b.code.strip() for b in found if b.mode == "run in the background"] == ["memvidd run"]
+
+
+def test_json_blocks_are_mcp_client_configs_that_start_memvidd_mcp():
+    """A JSON block is what a user pastes into an MCP client's configuration: it must parse,
+    and its server must be the ``memvidd`` command with ``mcp`` (tests/memvidd/test_mcp.py
+    drives that server with the MCP SDK's own client)."""
+    found = [b for b in blocks((ROOT / "README.md").read_text()) if b.lang == "json"]
+    assert found, "the README shows how to register memvidd with an MCP client"
+    for b in found:
+        servers = json.loads(b.code)["mcpServers"]
+        assert [(Path(s["command"]).name, s["args"]) for s in servers.values()] == [("memvidd", ["mcp"])]
 
 
 # -- running the README ----------------------------------------------------------------------

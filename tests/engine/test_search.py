@@ -307,6 +307,51 @@ def test_vectors_handed_to_the_writer_wait_for_its_commit(path, embedder):
         assert _kinds(path)["vectors"] == 1
 
 
+class GatedEmbedder:
+    """The real model behind a gate: embedding waits until the test opens it (or fails,
+    if told to), so that what waits for a vector can be seen waiting."""
+
+    def __init__(self, real: engine.Embedder, *, fail: bool = False) -> None:
+        self.real, self.model, self.dim, self.fail = real, real.model, real.dim, fail
+        self.gate = threading.Event()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        assert self.gate.wait(60)
+        if self.fail:
+            raise RuntimeError("the model crashed")
+        return self.real.embed(texts)
+
+
+@pytest.mark.timeout(90)
+def test_unembedded_counts_what_a_semantic_reader_waits_for(path, embedder, tmp_path):
+    gated = GatedEmbedder(embedder)
+    with engine.create(path, embedder=gated) as cap:
+        assert cap.unembedded(cap.seq) == 0
+        cap.put("photosynthesis converts light into chemical energy", uri="doc://bio")
+        s1 = cap.commit()
+        cap.put_many([{"text": "rivers carve canyons", "uri": "doc://geo"}, {"data": b"\x00\x01", "uri": "blob://1"},
+                      {"text": "stars fuse hydrogen", "uri": "doc://astro"}])
+        s2 = cap.commit()
+        # Waiting: the first frame (being embedded or queued), then the two text frames of
+        # the second commit (not the binary one); nothing at or before commit 0.
+        assert (cap.unembedded(0), cap.unembedded(s1), cap.unembedded(s2)) == (0, 1, 3)
+        gated.gate.set()
+        assert cap.wait_embedded(timeout=60)
+        assert cap.unembedded(s2) == 0
+        assert cap.find("how do canyons form", mode="vec", k=1)[0].uri == "doc://geo"
+    with engine.create(tmp_path / "lex.mv2", model=None) as cap:  # embeds nothing: nothing to wait for
+        cap.put("plain words")
+        assert cap.unembedded(cap.commit()) == 0
+    failing = GatedEmbedder(embedder, fail=True)
+    with engine.create(tmp_path / "failing.mv2", embedder=failing) as cap:
+        cap.put("a text that will never get its vector")
+        seq = cap.commit()
+        failing.gate.set()
+        assert not cap.wait_embedded(timeout=60)
+        with pytest.raises(engine.EngineError, match="embedding failed: RuntimeError: the model crashed"):
+            cap.unembedded(seq)
+
+
 def test_doctor_reindex_rebuilds_both_indexes_from_the_capsule(path, embedder, tmp_path):
     with engine.create(path, embedder=embedder) as cap:
         fill(cap)
