@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import docx
+import msgspec
 import openpyxl
 import pptx
 import pytest
@@ -241,7 +242,7 @@ def test_a_hit_carries_its_documents_location_from_the_tags():
     assert (hit.sheet, hit.rows, hit.location()) == ("Q1", (2, 41), "Q1 rows 2-41")
     assert HitOut.of({**base, "tags": {"slide": "2"}}).location() == "slide 2"
     odd = HitOut.of({**base, "tags": {"page": "three"}})  # a tag someone put: left a tag
-    assert odd.page is None and odd.location() == "" and odd.tags == {"page": "three"}
+    assert odd.page is msgspec.UNSET and odd.location() == "" and odd.tags == {"page": "three"}
 
 
 # -- a real daemon watching a folder of documents ---------------------------------------------
@@ -318,7 +319,7 @@ def test_a_daemon_watching_a_folder_of_documents_finds_them_with_their_locations
         (gadget,) = find(d, "gadget150")
         first, last = gadget.rows
         assert gadget.sheet == "Inventory" and first <= 150 <= last
-        assert [h.page for h in find(d, "capybaras")] == [None], "a text file's hit has no page"
+        assert [h.page for h in find(d, "capybaras")] == [msgspec.UNSET], "a text file's hit has no page"
 
         r = cli(d, "find", "platypus", "--mode", "lex", "--json")
         assert r.returncode == 0, r.stderr

@@ -146,8 +146,8 @@ def test_verify_report_is_the_engines_field_for_field(path):
 
 
 def test_a_hit_changes_shape_in_one_place(path):
-    # The engine's hit, field for field, then what the daemon adds (file freshness).
-    assert fields(p.HitOut) == fields(engine.Hit) + ["mtime", "stale"]
+    # The engine's hit, field for field, then what the daemon adds (file freshness, document location).
+    assert fields(p.HitOut) == fields(engine.Hit) + ["mtime", "stale", "page", "slide", "sheet", "rows"]
     with engine.create(path, model=None) as cap:
         cap.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
         cap.commit()
