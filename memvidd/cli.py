@@ -38,7 +38,6 @@ import msgspec
 
 from . import cli_config, cli_events, timewords
 from . import protocol as p
-from .chunker import is_document
 from .cli_config import connect as _client
 from .client import RemoteError
 from .config import ConfigError
@@ -249,7 +248,7 @@ def cmd_put(args: argparse.Namespace) -> int:
         raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
     meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=_tags(args.tag),
                                   expires=_expires(args.expires)).items() if v is not None}
-    if args.file and is_document(args.file):
+    if args.file and _is_document(args.file):
         return _put_document(args, raw, meta)
     if args.capsule:
         with _direct(args, write=True) if os.path.exists(args.capsule) else _new_capsule(args) as cap:
@@ -263,6 +262,12 @@ def cmd_put(args: argparse.Namespace) -> int:
                 c.searchable(seq, capsule=args.name)
     _emit(args, {"frame_id": fid, "seq": seq}, lambda: print(f"frame {fid} (commit {seq})"))
     return 0
+
+
+def _is_document(name: str) -> bool:
+    from .chunker import is_document  # here: a daemon command does not pay for the chunker's import
+
+    return is_document(name)
 
 
 def _put_document(args: argparse.Namespace, raw: bytes, meta: dict[str, Any]) -> int:
