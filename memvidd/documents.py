@@ -7,7 +7,7 @@ In a child, a document that takes too long is stopped (the child is killed, what
 loop it is in: a thread cannot be), one that takes too much memory fails alone (the
 child's address space is capped), a crash of a library kills the child and not the
 daemon, and two documents are read at once although PDFium allows one thread. Children
-are kept between documents (importing openpyxl alone takes 0.45 s) and exit after
+are kept between documents (importing openpyxl alone takes 0.43 s) and exit after
 ``extract.IDLE_S`` without work, or when the process that started them is gone.
 
 Each chunk of a document carries where it is in its tags: ``page`` (PDF), ``slide``
