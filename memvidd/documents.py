@@ -113,8 +113,9 @@ def _chunked(kind: str, base: str, reply: extract.Reply, size: int, overlap: int
 
 
 def _table_chunks(s: extract.Section, size: int) -> list[Chunk]:
-    """A sheet's rows in chunks of at most ``size`` characters (a longer row alone), each
-    starting with the header row and tagged with its rows' first and last numbers."""
+    """A sheet's rows in chunks of about ``size`` characters, each starting with the header
+    row and tagged with its rows' first and last numbers (a row longer than ``size`` is
+    cut in pieces, each under the header, each tagged with that row)."""
     out: list[Chunk] = []
     group: list[tuple[int, str]] = []
     used = len(s.header) + 1
@@ -124,16 +125,20 @@ def _table_chunks(s: extract.Section, size: int) -> list[Chunk]:
         text = "\n".join([s.header, *(line for _, line in group)]) + "\n"
         out.append(Chunk(text, s.title, first, last, {**s.where, "rows": f"{first}-{last}"}))
 
-    for number, line in s.rows:
-        if group and used + len(line) + 1 > size:
-            close()
-            group, used = [], len(s.header) + 1
-        group.append((number, line))
-        used += len(line) + 1
+    room = max(size - len(s.header) - 2, size // 2)  # the header, the piece, two newlines
+    for number, whole in s.rows:
+        for at in range(0, len(whole), room):
+            line = whole[at : at + room]
+            if group and used + len(line) + 1 > size:
+                close()
+                group, used = [], len(s.header) + 1
+            group.append((number, line))
+            used += len(line) + 1
     if group:
         close()
     elif not out:  # a header and nothing under it: still searchable
-        out.append(Chunk(s.header + "\n", s.title, 1, 1, {**s.where, "rows": "1-1"}))
+        n = s.header_row
+        out.append(Chunk(s.header + "\n", s.title, n, n, {**s.where, "rows": f"{n}-{n}"}))
     return out
 
 
@@ -147,8 +152,10 @@ class _Child:
         self.memory_bytes = memory_bytes
         # -P: the script's directory (memvidd/) is not put on sys.path, where its modules
         # would hide standard ones of the same names.
+        # A session of its own: a Ctrl-C meant for the daemon is not the child's (it ends
+        # when the daemon's end of its stdin closes).
         self.proc = subprocess.Popen([sys.executable, "-P", extract.__file__, str(memory_bytes)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self._in, False)
@@ -227,7 +234,10 @@ class Children:
             raise Unreadable(f"its extractor died ({how}): over the memory budget of "
                              f"{limits.memory_bytes >> 20} MiB, or a damaged file")
         reply = self._decoder.decode(body)
-        self._give(child)
+        if reply.error.startswith(extract.OVER_MEMORY):
+            child.kill()  # it is ending: never handed another document
+        else:
+            self._give(child)
         if reply.error:
             raise Unreadable(reply.error)
         return reply
@@ -244,9 +254,6 @@ class Children:
         return child if child is not None else _Child(memory_bytes)
 
     def _give(self, child: _Child) -> None:
-        if child.proc.poll() is not None:  # it exits after running out of memory
-            child.kill()
-            return
         child.idle_since = time.monotonic()
         with self._lock:
             if len(self._idle) < self.KEEP:

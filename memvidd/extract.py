@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 IDLE_S = 120.0  # a child with no work for this long exits (the parent starts another when needed)
+OVER_MEMORY = "over the memory budget"  # a reply whose error starts so: the child exits after it
 # OLE2 (compound file) signature: how an encrypted DOCX/XLSX/PPTX is stored (an
 # ``EncryptionInfo`` stream beside the encrypted package), or a legacy .doc/.xls/.ppt.
 OLE2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
@@ -61,7 +62,8 @@ class Section(msgspec.Struct, array_like=True):
     where: dict[str, str]  # where it is: {"page": "3"}, {"slide": "2"}, {"sheet": "Q1"}, {}
     title: str = ""
     markdown: bool = False
-    header: str = ""  # a table: its header row, repeated atop each of its chunks
+    header: str = ""  # a table: its header row, repeated atop each of its chunks...
+    header_row: int = 0  # ...and that row's number
     rows: list[tuple[int, str]] = []  # a table: (row number, the row as one line), in order
 
 
@@ -187,7 +189,7 @@ def xlsx(data: bytes, budget: _Budget) -> Reply:
         sections = []
         for sheet in book.worksheets:
             sheet.reset_dimensions()  # the stored size may be wrong (some writers say A1): read every row
-            header: str | None = None
+            header: tuple[int, str] | None = None
             rows: list[tuple[int, str]] = []
             for number, values in enumerate(sheet.iter_rows(min_row=1, values_only=True), 1):
                 cells = [_cell(v) for v in values]
@@ -197,11 +199,12 @@ def xlsx(data: bytes, budget: _Budget) -> Reply:
                     continue
                 line = budget.take(" | ".join(cells))
                 if header is None:
-                    header = line
+                    header = (number, line)
                 else:
                     rows.append((number, line))
             if header is not None:
-                sections.append(Section("", {"sheet": sheet.title}, title=sheet.title, header=header, rows=rows))
+                sections.append(Section("", {"sheet": sheet.title}, title=sheet.title, header=header[1],
+                                        header_row=header[0], rows=rows))
         title = (book.properties.title or "").strip()
     finally:
         book.close()
@@ -268,7 +271,7 @@ def extract(req: Request, memory_bytes: int = 0) -> Reply:
     except Unreadable as e:
         return Reply(error=str(e))
     except MemoryError:
-        return Reply(error=f"over the memory budget of {memory_bytes >> 20} MiB")
+        return Reply(error=f"{OVER_MEMORY} of {memory_bytes >> 20} MiB")
     except ImportError as e:
         return Reply(error=f"cannot read {what}: {e.name or LIBRARIES[req.kind]} is not installed "
                            f"(memvidd needs {LIBRARIES[req.kind]})")
@@ -320,7 +323,7 @@ def main(argv: list[str]) -> int:
         reply = extract(decoder.decode(body), memory_bytes)
         out = encoder.encode(reply)
         _write_all(stdout, len(out).to_bytes(4, "big") + out)
-        if reply.error.startswith("over the memory budget"):
+        if reply.error.startswith(OVER_MEMORY):
             return 0  # its heap may be in pieces: the next document gets a fresh child
         del reply, out, body
         gc.collect()

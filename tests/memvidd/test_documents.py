@@ -89,6 +89,11 @@ def xlsx_file(rows: int = 300) -> bytes:
     other = book.create_sheet("Notes")
     other.append(["topic"])
     other.append(["axolotl husbandry"])
+    long = book.create_sheet("Long")
+    long["A3"], long["B3"] = "key", "essay"  # the header need not be row 1
+    long["A4"], long["B4"] = "k1", "tapir " * 1000
+    lonely = book.create_sheet("Lonely")
+    lonely["B2"] = "only a header: quetzal"
     buf = io.BytesIO()
     book.save(buf)
     return buf.getvalue()
@@ -145,6 +150,11 @@ def test_a_sheet_is_a_table_whose_chunks_each_start_with_its_header():
     assert where(doc, "gadget150 ") == [{"sheet": "Inventory", "rows": next(c.tags["rows"] for c in inventory
                                                                             if "gadget150 " in c.text)}]
     assert where(doc, "axolotl") == [{"sheet": "Notes", "rows": "2-2"}]
+    long = [c for c in doc.chunks if c.tags["sheet"] == "Long"]
+    assert len(long) > 10 and all(c.tags["rows"] == "4-4" and c.text.startswith("key | essay\n") for c in long)
+    assert max(len(c.text) for c in long) <= 400, "a long row is cut, each piece under the header"
+    assert "".join(c.text.split("\n", 1)[1].rstrip("\n") for c in long) == "k1 | " + ("tapir " * 1000).strip()
+    assert where(doc, "quetzal") == [{"sheet": "Lonely", "rows": "2-2"}]
 
 
 def test_slides_docx_and_html_are_read_with_their_structure():
