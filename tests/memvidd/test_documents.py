@@ -23,12 +23,14 @@ import openpyxl
 import pptx
 import pytest
 from daemon_util import DaemonProc
+from test_watcher import mkroot, until, watching, write
 from reportlab.lib import pdfencrypt
 from reportlab.pdfgen import canvas
 
 from memvidd import documents
 from memvidd.client import Client
 from memvidd.documents import Limits, Unreadable, read_file
+from memvidd.ingest import file_uri
 from memvidd.protocol import HitOut
 
 pytestmark = pytest.mark.timeout(120)
@@ -253,6 +255,31 @@ def test_a_hit_carries_its_documents_location_from_the_tags():
     assert HitOut.of({**base, "tags": {"slide": "2"}}).location() == "slide 2"
     odd = HitOut.of({**base, "tags": {"page": "three"}})  # a tag someone put: left a tag
     assert odd.page is msgspec.UNSET and odd.location() == "" and odd.tags == {"page": "three"}
+
+
+# -- the indexer -----------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_a_page_inserted_in_a_watched_pdf_moves_the_pages_of_the_text_after_it(tmp_path):
+    """Where a chunk is belongs to what it is: the same paragraph on another page is a new
+    chunk with the right page, and no chunk is left with its old one."""
+    root = mkroot(tmp_path)
+    report = write(root / "report.pdf", pdf(PAGES))
+    async with watching(tmp_path, root) as ix:
+        cap = ix.svc.cap
+
+        def pages(word: str) -> list[str]:
+            return sorted(h.tags.get("page", "") for h in cap.find(word, mode="lex", k=20)
+                          if word in cap.get(h.frame_id).text)
+
+        await until(lambda: pages("platypus") == ["2"], what="the report indexed", ix=ix)
+        assert cap.get(uri=file_uri(report)).tags["type"] == "pdf"
+        write(report, pdf(["A new first page about a pangolin", *PAGES]))
+        await until(lambda: pages("pangolin") == ["1"], what="the new page", ix=ix)
+        await until(lambda: pages("platypus") == ["3"], what="platypus on page 3 now", ix=ix)
+        assert pages("wombats") == ["4"] and pages("revenue") == ["2"]
+        assert ix.stats()["skipped"] == {} and ix.progress.errors == 0
 
 
 # -- a real daemon watching a folder of documents ---------------------------------------------
