@@ -15,6 +15,7 @@ sets off. The parts:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import uuid
@@ -497,15 +498,23 @@ class Capsule:
                 "block_cache": s.blocks.stats(),
             }
 
+    def vector_coverage(self) -> float | None:
+        """The share of text frames that have a vector (searchable by meaning), as in
+        ``stats()["vectors"]["coverage"]`` but without its cost; None: no vectors here."""
+        s = self._s
+        with s.lock:
+            if s.vec is None:
+                return None
+            return _share(*self._embedding.coverage())
+
     def _vector_stats(self) -> dict[str, Any] | None:
         s = self._s
         if s.vec is None:
             return None
-        text = sum(1 for m in s.table.frames if m.op == fmt.PUT and m.is_text)
-        have = sum(s.has_vec) + len(s.ready_vectors)
+        have, text = self._embedding.coverage()
         return {
             "model": s.vec["model"], "dim": s.vec["dim"], "text_frames": text,
-            "frames_with_vectors": have, "coverage": round(have / text, 4) if text else 1.0,
+            "frames_with_vectors": have, "coverage": _share(have, text),
             "embedding": self._embedding.stats(),
         }
 
@@ -544,3 +553,8 @@ class Capsule:
         s = self._s
         state = "closed" if s.closed else ("readonly" if self.readonly else "writer")
         return f"<Capsule {self.path!r} seq={s.table.seq} frames={s.table.next_id} {state}>"
+
+
+def _share(have: int, text: int) -> float:
+    """``have / text`` to 4 decimals, rounded down: 1.0 only when every text frame has one."""
+    return math.floor(have / text * 10_000) / 10_000 if text else 1.0

@@ -40,6 +40,7 @@ class EmbeddingQueue:
         self._seconds = 0.0
         self._errors = 0
         self.error: str | None = None
+        self._counted: tuple[object, int, int] = (None, 0, 0)  # (table, frames counted, text frames among them)
 
     def queue_unembedded(self, first_id: int) -> None:
         """Queue text frames from ``first_id`` on that have no vector yet (lock held)."""
@@ -135,6 +136,19 @@ class EmbeddingQueue:
                 return False
             time.sleep(0.01)
 
+    def coverage(self) -> tuple[int, int]:
+        """(text frames with a vector, text frames) without a walk over every frame: each
+        frame is looked at once, as it comes (frames never change kind; lock held)."""
+        s = self._s
+        t = s.table
+        table, upto, text = self._counted
+        if table is not t or upto > t.next_id:  # a compaction's new table: count again
+            upto = text = 0
+        if upto < t.next_id:
+            text += sum(1 for m in t.frames[upto:] if m.op == fmt.PUT and m.is_text)
+        self._counted = (t, t.next_id, text)
+        return s.has_vec.count(1) + len(s.ready_vectors), text
+
     def stop(self) -> None:
         """Wake the thread so it sees the capsule closed, and wait for it to end."""
         self._wake.set()
@@ -142,9 +156,14 @@ class EmbeddingQueue:
             self._thread.join()
 
     def stats(self) -> dict[str, Any]:
+        rate = self._embedded / self._seconds if self._seconds else None
+        left = len(self._queue) + len(self._inflight)
         return {
             "queued": len(self._queue), "embedded": self._embedded, "errors": self._errors,
             "last_error": self.error,
-            "frames_per_s": round(self._embedded / self._seconds, 2) if self._seconds else None,
+            "frames_per_s": round(rate, 2) if rate else None,
             "embedder_loaded": self._s.embedder is not None,
+            # What is queued now, at the rate measured so far: None while it cannot be
+            # told (nothing embedded yet, or the embedding stopped on an error).
+            "eta_s": 0 if not left else (max(0.1, round(left / rate, 1)) if rate and not self.error else None),
         }

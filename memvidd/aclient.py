@@ -150,6 +150,9 @@ class AsyncClient(_Requests):
     async def reload(self) -> p.ReloadReply:
         return await self._call(p.Reload(id=self._id()))
 
+    async def session(self, name: str, action: str = "start", *, capsule: str | None = None) -> p.SessionReply:
+        return await self._call(p.Session(id=self._id(), capsule=capsule, name=name, action=action))  # type: ignore[arg-type]
+
     async def tail(self, **kw: Any) -> AsyncIterator[p.FrameOut]:
         await self._send(p.Tail(id=self._id(), **kw))
         while True:

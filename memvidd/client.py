@@ -268,6 +268,10 @@ class Client(_Requests):
     def rules(self, *, as_of: int | float | None = None, capsule: str | None = None) -> p.RulesReply:
         return self._call(p.Rules(id=self._id(), capsule=capsule, as_of=as_of))
 
+    def session(self, name: str, action: str = "start", *, capsule: str | None = None) -> p.SessionReply:
+        """Start or stop recording session ``name`` (``"session" in self.server.features``)."""
+        return self._call(p.Session(id=self._id(), capsule=capsule, name=name, action=action))  # type: ignore[arg-type]
+
     def reload(self) -> p.ReloadReply:
         """Have the daemon re-read its configuration file and apply what changed; the
         reply lists the changes (``"reload" in self.server.features`` first: older

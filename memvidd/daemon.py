@@ -80,6 +80,14 @@ def setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(name)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    set_log_level(level)
+
+
+def set_log_level(level: str) -> None:
+    """``level`` for the daemon's loggers; ``watchfiles``, which logs a line at INFO for
+    every batch of changes (every save), speaks below WARNING only at DEBUG."""
+    logging.getLogger().setLevel(level.upper())
+    logging.getLogger("watchfiles").setLevel(logging.NOTSET if level.upper() == "DEBUG" else logging.WARNING)
 
 
 def raise_fd_limit() -> None:
@@ -379,7 +387,7 @@ class Daemon:
     def _apply_settings(self) -> None:
         """The settings read where they are used (limits, durability, log level)."""
         cfg = self.cfg
-        logging.getLogger().setLevel(cfg.daemon.log_level.upper())
+        set_log_level(cfg.daemon.log_level)
         for svc in self.services.values():
             svc.interval = self._interval_ms() / 1000
         q = self.queries

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ import msgspec
 
 from . import extract
 from .chunker import Chunk, ChunkTimeout, Document, chunk_document, file_kind, is_document
+from .manifest import file_uri
 
 __all__ = ["Limits", "Unreadable", "is_document", "put_items", "read_file"]
 
@@ -279,6 +279,6 @@ def put_items(path: str, data: bytes, *, uri: str | None = None, title: str | No
     doc = read_file(path, data)
     if not doc.chunks:
         raise Unreadable("no text")
-    uri = uri if uri is not None else "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe="/")
+    uri = uri if uri is not None else file_uri(os.path.abspath(path))
     return [{"text": c.text, "uri": f"{uri}#{i}", "title": title or c.title,
              "tags": {**(tags or {}), "type": doc.kind, **c.tags}, **meta} for i, c in enumerate(doc.chunks)]

@@ -8,8 +8,8 @@ Pipeline (bounded trio channels between the stages, so a slow stage pushes back)
                                                        └──> engine embedder thread
 
 A file is a document: a ``file`` frame (binary msgpack manifest: size, mtime, content
-hash, and the digest, frame id and key of each chunk, in order) at ``file://<path>``, and
-one ``chunk`` frame per chunk at ``file://<path>#<key>``. Chunks are not numbered: a key
+hash, and the digest, frame id, key and lines of each chunk, in order: ``manifest.py``)
+at ``file://<path>``, and one ``chunk`` frame per chunk at ``file://<path>#<key>``. Chunks are not numbered: a key
 is made from the digest of the text the chunk first had (``match_chunks``), so a chunk
 whose text did not change keeps its frame wherever it moved (an insertion near the top
 writes the new chunk, not every chunk after it), an edited chunk gets a new version at
@@ -48,11 +48,8 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import threading
 import time
-import urllib.parse
-from array import array
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -65,13 +62,22 @@ import engine
 
 from .chunker import Document, file_kind, is_document
 from .documents import Unreadable, read_file
+from .manifest import (
+    CHUNK_KIND,
+    FILE_KIND,
+    Known,
+    Manifest,
+    chunk_uri,
+    clean,
+    file_uri,
+    manifest_decoder,
+    uri_path,
+)
 from .service import CapsuleService, WriteOp
 from .tree import Moved, Tree, is_binary
 
 log = logging.getLogger("memvidd.ingest")
 
-FILE_KIND = "file"
-CHUNK_KIND = "chunk"
 EMPTY_SETTLE_S = 0.3  # how long an emptied file may stay empty before it counts
 WRITER_POLL_S = 0.02  # how often a file that some process has open for writing is looked at again
 WRITER_WAIT_S = 1.0  # ...for at most this long; then it is taken as it is (a log that stays open)
@@ -79,54 +85,7 @@ MAX_RETRIES = 5
 SCAN = -2  # the `attempt` of a path queued by the start-up scan (size+mtime are trusted)
 FINAL = -1  # the last attempt after retries: take the file as it is
 SKIPPED_SHOWN = 50  # skipped files listed in the stats (the count has them all)
-
-
-class Manifest(msgspec.Struct, array_like=True):
-    """What the capsule knows of one file (the payload of its ``file`` frame)."""
-
-    root: str
-    size: int
-    mtime_ns: int
-    sha: bytes
-    chunks: list[tuple[bytes, int]]  # in file order: (blake2b-128 of the chunk text, its frame id)
-    # The fragment of each chunk's URI (``file://<path>#<key>``). Empty in manifests
-    # written before chunks had keys: their URIs are ``#<position>``, and they stay valid.
-    keys: list[str] = msgspec.field(default_factory=list)
-    # Why the file has no chunks although it has text (too slow or failing to chunk), or
-    # "". Older manifests lack it; older daemons ignore it (an extra array element).
-    skipped: str = ""
-
-    def chunk_keys(self) -> list[str]:
-        return self.keys if self.keys else [str(i) for i in range(len(self.chunks))]
-
-
-_manifest_dec = msgspec.msgpack.Decoder(Manifest)
-
-
-class Known:
-    """A manifest as the indexer keeps it in memory: ~40 B a chunk (its digests as one
-    bytes object, its frame ids as an array, its keys as one string) instead of ~250 B
-    of tuples, so that memory does not grow with the tree by much more than a file's
-    path. ``chunks`` and ``chunk_keys()`` unfold it for the one file being changed."""
-
-    __slots__ = ("root", "size", "mtime_ns", "sha", "skipped", "_digests", "_fids", "_keys")
-
-    def __init__(self, m: Manifest) -> None:
-        self.root = sys.intern(m.root)  # one copy per tree, not per file
-        self.size, self.mtime_ns, self.sha, self.skipped = m.size, m.mtime_ns, m.sha, m.skipped
-        self._digests = b"".join(d for d, _ in m.chunks)
-        self._fids = array("q", [fid for _, fid in m.chunks])
-        self._keys = "\n".join(m.keys) if m.keys else None  # keys never hold a newline
-
-    @property
-    def chunks(self) -> list[tuple[bytes, int]]:
-        d = self._digests
-        return [(d[16 * i : 16 * i + 16], fid) for i, fid in enumerate(self._fids)]
-
-    def chunk_keys(self) -> list[str]:
-        if self._keys is None:  # written before chunks had keys: ``#<position>``
-            return [str(i) for i in range(len(self._fids))]
-        return self._keys.split("\n") if self._fids else []
+RATE_WINDOW_S = 30.0  # the indexing rate (and ETA) is measured over this much recent work
 
 
 class DigestMap:
@@ -153,27 +112,8 @@ class DigestMap:
             self._fid.set(engine.halves(d)[0], -1)
 
 
-def file_uri(path: str | Path) -> str:
-    """``file://`` + the percent-encoded path bytes: any file name, even non-UTF-8, fits."""
-    return "file://" + urllib.parse.quote(os.fsencode(str(path)), safe="/")
-
-
-def uri_path(uri: str) -> str:
-    return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):]))
-
-
-def clean(text: str) -> str:
-    """Metadata as valid Unicode: a non-UTF-8 file name (decoded with surrogateescape)
-    shows its undecodable bytes as U+FFFD in titles."""
-    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
-
-
 def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", errors="surrogateescape"), digest_size=16).digest()
-
-
-def chunk_uri(uri: str, key: str) -> str:
-    return f"{uri}#{key}"
 
 
 def match_chunks(old: list[tuple[bytes, str]], new: list[bytes]) -> tuple[list[tuple[str, int | None]], list[str]]:
@@ -264,6 +204,9 @@ class Wait(float):
 class Progress(msgspec.Struct):
     phase: str = "starting"  # starting, scanning, indexing, watching; missing (no root exists), idle (no root)
     files_seen: int = 0
+    # Paths queued to be looked at (by a scan: new, changed or vanished since the manifests;
+    # by the watcher: every change), and of them those done, whatever the outcome (written,
+    # unchanged, skipped, deleted, failed): files_to_index - files_indexed are left to do.
     files_to_index: int = 0
     files_indexed: int = 0
     files_unchanged: int = 0
@@ -299,6 +242,7 @@ class IngestPipeline:
         self.writing: dict[str, float] = {}  # path -> when it was first seen open for writing
         self.paths_send, self.paths_recv = trio.open_memory_channel[tuple[str, int]](queue)
         self.progress = Progress(started=time.time())
+        self._finished: deque[float] = deque(maxlen=1024)  # when the last files were done (monotonic)
         self._changed = trio.Event()  # the roots to watch, or the set of them that exists, changed
         self.missing: set[str] = set()  # roots that are not (yet) directories
         self.stop = threading.Event()
@@ -317,7 +261,7 @@ class IngestPipeline:
             if info.uri is None:
                 continue
             try:
-                m = _manifest_dec.decode(cap.get(info.id).payload)
+                m = manifest_decoder.decode(cap.get(info.id).payload)
             except (msgspec.DecodeError, msgspec.ValidationError, engine.EngineError) as e:
                 log.warning("unreadable manifest uri=%s: %s (the file will be re-indexed)", info.uri, e)
                 continue
@@ -356,13 +300,35 @@ class IngestPipeline:
         p = Path(path)
         return next((t for t in self.trees if t.root == p or t.root in p.parents), None)
 
+    def left(self) -> int:
+        """Files queued or being indexed: looked at, and their writes not yet committed."""
+        return self.progress.files_to_index - self.progress.files_indexed
+
+    def _done(self) -> None:
+        """One queued path is done (whatever the outcome)."""
+        self.progress.files_indexed += 1
+        self._finished.append(time.monotonic())
+        if self.progress.phase == "indexing" and not self.left():
+            self.progress.phase = "watching"
+
+    def rate(self, window_s: float = RATE_WINDOW_S) -> float | None:
+        """Files done per second lately (over the last ``window_s`` of work, so that an idle
+        hour does not dilute it); None while too few were done to tell."""
+        now = time.monotonic()
+        recent = [t for t in self._finished if now - t <= window_s]
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
+
     def stats(self) -> dict[str, Any]:
         s = msgspec.to_builtins(self.progress)
         generated = {path: why for t in self.trees for path, why in t.generated.copy().items()}
         elapsed = time.time() - self.progress.started
-        done = self.progress.files_indexed + self.progress.files_unchanged + self.progress.files_skipped
+        done = self.progress.files_indexed + self.progress.files_unchanged
+        left, queued, rate = self.left(), len(self.pending), self.rate()
         s.update(
-            documents=len(self.docs), queued=len(self.pending),
+            documents=len(self.docs), queued=queued,
+            in_flight=max(0, left - queued),  # read, or written and not yet committed, or to be retried
             mb_read=round(self.progress.bytes_read / 1e6, 3),
             files_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
             roots=[str(t.root) for t in self.trees],
@@ -374,9 +340,9 @@ class IngestPipeline:
             files_unchunkable=len(self.skipped),
             files_generated=len(generated),  # passed over as generated data (tree.GENERATED)
         )
-        left = self.progress.files_to_index - self.progress.files_indexed
-        rate = self.progress.files_indexed / elapsed if elapsed > 0 else 0
-        s["eta_s"] = round(left / rate, 1) if rate > 0 and left > 0 else 0
+        # The files left at the recent rate (their embedding is the engine's: vectors.embedding);
+        # None while it cannot be told yet.
+        s["eta_s"] = 0 if not left else (max(0.1, round(left / rate, 1)) if rate else None)  # never 0 while left
         return s
 
     # -- the pipeline -------------------------------------------------------------------
@@ -457,15 +423,20 @@ class IngestPipeline:
         t0 = time.monotonic()
         await trio.to_thread.run_sync(self._scan, trees)
         self.progress.scan_seconds = round(time.monotonic() - t0, 3)
-        self.progress.phase = "indexing" if self.pending else "watching"
+        self.progress.phase = "indexing" if self.left() else "watching"
         log.info("scan done capsule=%s files=%s to_index=%s seconds=%s", self.svc.name,
                  self.progress.files_seen, self.progress.files_to_index, self.progress.scan_seconds)
 
     def _enqueue_from_thread(self, path: str, attempt: int = 0) -> None:
-        if path in self.pending:
+        if path not in self.pending:
+            trio.from_thread.run(self._enqueue, path, attempt)
+
+    async def _enqueue(self, path: str, attempt: int) -> None:
+        if path in self.pending:  # on the event loop, so the count and the set agree
             return
         self.pending.add(path)
-        trio.from_thread.run(self.paths_send.send, (path, attempt))
+        self.progress.files_to_index += 1
+        await self.paths_send.send((path, attempt))
 
     def _scan(self, trees: list[Tree]) -> None:
         """Walk ``trees``; queue what changed since the manifests, and what vanished."""
@@ -479,7 +450,6 @@ class IngestPipeline:
                 if m is not None and m.size == st.st_size and m.mtime_ns == st.st_mtime_ns:
                     self.progress.files_unchanged += 1
                     continue
-                self.progress.files_to_index += 1
                 self._enqueue_from_thread(str(path), SCAN)
         live_roots = {str(t.root) for t in trees}
         for uri, m in list(self.docs.items()):
@@ -496,6 +466,7 @@ class IngestPipeline:
                     self.progress.errors += 1
                     log.exception("cannot index path=%s", path)
                     self.pending.discard(path)
+                    self._done()
                     continue
                 if isinstance(outcome, Wait):  # a writer has it open: look again soon
                     self._later(path, attempt, outcome)
@@ -508,7 +479,9 @@ class IngestPipeline:
                     outcome = await trio.to_thread.run_sync(self._prepare, path, FINAL)
                 self.pending.discard(path)
                 if isinstance(outcome, WriteOp):  # the final attempt never asks to wait
-                    await writes.send((path, outcome))
+                    await writes.send((path, outcome))  # done once committed
+                else:
+                    self._done()
                 if path in self.again:
                     self.again.discard(path)
                     self._queue_now(path)
@@ -535,13 +508,13 @@ class IngestPipeline:
                             self.progress.errors += 1
                             log.error("index write failed path=%s: %s", path, op.error)
                             self._undo(file_uri(path), op)
-                            self._later(path, 1, 1.0)
+                            self._later(path, 1, 1.0)  # still to do: not done yet
+                        else:
+                            self._done()
                     finally:
                         limit.release()
 
                 nursery.start_soon(settle)
-                if not self.pending and self.progress.phase == "indexing":
-                    self.progress.phase = "watching"
 
     def _undo(self, uri: str, op: WriteOp) -> None:
         """A write failed: what the indexer assumed it did is put back as the capsule has it.
@@ -602,7 +575,7 @@ class IngestPipeline:
             return self._delete(uri)
         except OSError as e:
             self.progress.files_skipped += 1
-            log.info("skip path=%s reason=unreadable: %s", path, e.strerror)
+            log.debug("skip path=%s reason=unreadable: %s", path, e.strerror)
             return None
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or len(data) != after.st_size:
             return 0.05 if attempt != FINAL else None  # it changed while we read it: read it again
@@ -689,7 +662,7 @@ class IngestPipeline:
                 out.append((d, fid))
                 self.progress.chunks_written += 1
             manifest = Manifest(str(tree.root), st.st_size, st.st_mtime_ns, sha, out, [k for k, _ in plan],
-                                skipped)
+                                skipped, [(c.start_line, c.end_line) for _, c in chunks])
             cap.put(msgspec.msgpack.encode(manifest), uri=uri, title=title, kind=FILE_KIND, tags=tags,
                     timestamp=st.st_mtime_ns / 1e9)
             known = Known(manifest)
@@ -697,8 +670,9 @@ class IngestPipeline:
                 self._set_doc(uri, known)
                 for d, fid in out:
                     self.by_digest.set(d, fid)
-            self.progress.files_indexed += 1
-            return old, known, {fid for _, fid in out} - {fid for _, fid in old_chunks}
+            written = {fid for _, fid in out} - {fid for _, fid in old_chunks}
+            log.debug("indexed path=%s chunks=%s new=%s", uri_path(uri), len(out), len(written))
+            return old, known, written
 
         return WriteOp(fn=apply)
 
@@ -778,6 +752,7 @@ class IngestPipeline:
             self.again.add(path)  # changed again while queued or being read: look once more
             return
         self.pending.add(path)
+        self.progress.files_to_index += 1
         try:
             self.paths_send.send_nowait((path, 0))
         except trio.WouldBlock:

@@ -447,12 +447,3 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     finally:
         link.close()
     return 0
-
-
-def add_command(sub: Any, config_help: str) -> None:
-    """``memvidd mcp``, on the command line's subcommands."""
-    m = sub.add_parser("mcp", help="serve the daemon's memory to an MCP client (an agent) on stdin/stdout")
-    m.add_argument("--socket", help="daemon socket (default: that of --config, $MEMVIDD_SOCKET, then the config's)")
-    m.add_argument("--config", help=config_help)
-    m.add_argument("--name", help="capsule name in the daemon (default: its default capsule)")
-    m.set_defaults(func=cmd_mcp)

@@ -25,7 +25,7 @@ FEATURES = ("put", "put_many", "find", "get", "timeline", "remove", "stats", "ta
             # version 2
             "expires", "compact", "rewind", "rules", "set_rules",
             # later additions within version 2 (optional: check ``features`` before sending)
-            "reload", "min_seq", "timeline_kind")
+            "reload", "min_seq", "timeline_kind", "session")
 
 # Bounds on request fields (docs/protocol.md, "Limits"), in UTF-8 bytes: what a request
 # brings to the engine, its caches and the replies stays small whatever a client sends.
@@ -229,8 +229,19 @@ class Reload(Msg, frozen=True):
     id: int = 0
 
 
+class Session(Msg, frozen=True):
+    """Start or stop recording an agent session on a capsule: while it records, the finds
+    and puts of every connection are kept as ``memvidd.session`` frames, to replay later
+    (memvidd/sessions.py); feature ``session``, added within version 2."""
+
+    id: int = 0
+    capsule: str | None = None
+    name: str = ""
+    action: Literal["start", "stop"] = "start"
+
+
 Request = (Hello | Put | PutMany | Find | Get | Timeline | Remove | Stats | Tail | Capsules | Flush | Verify
-           | Compact | Rewind | SetRules | Rules | Reload)
+           | Compact | Rewind | SetRules | Rules | Reload | Session)
 
 # -- replies ---------------------------------------------------------------------------
 
@@ -274,9 +285,10 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes | None = None
 
 
-class HitOut(msgspec.Struct, frozen=True, kw_only=True):
+class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A search result on the wire: the engine's ``Hit``, field for field, then what the
-    daemon adds: a watched file's freshness, a document's location."""
+    daemon adds (within version 2; absent for other hits): where a chunk of a watched file
+    sits in it and the file's freshness, where a document's chunk is in the document."""
 
     frame_id: int
     uri: str | None
@@ -291,9 +303,12 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True):
     commit_time: float | None = None  # when that commit was made: when it was indexed (None: an older server)
     valid_until: int | None
     sources: list[str]  # which ranked lists it came from: "lex", "vec"
-    # Freshness of a chunk of a watched file (added within version 2; absent for other hits):
-    # the file's mtime as indexed, and whether the file on disk differs from it now (changed
-    # or gone since: the watcher has not caught up).
+    # Where a chunk of a watched file is (added within version 2; absent for other hits):
+    # the file's path, the chunk's lines in it (first, last; 1-based) when known, the file's
+    # mtime as indexed, and whether the file on disk differs from it now (changed or gone
+    # since: the watcher has not caught up).
+    path: str | None = None
+    lines: tuple[int, int] | None = None
     mtime: float | msgspec.UnsetType = msgspec.UNSET
     stale: bool | msgspec.UnsetType = msgspec.UNSET
     # Where a document's chunk is (added within version 2; absent for other hits), read
@@ -304,12 +319,19 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True):
     rows: tuple[int, int] | msgspec.UnsetType = msgspec.UNSET  # ...the chunk's rows, first and last
 
     @classmethod
-    def of(cls, hit: Any) -> HitOut:
-        """The wire hit of the engine's ``Hit`` (or of anything with its fields): the one
-        place where a hit changes shape, for the daemon and for ``memvidd find --capsule``."""
+    def of(cls, hit: Any, place: dict[str, Any] | None = None) -> HitOut:
+        """The wire hit of the engine's ``Hit`` (or of anything with its fields), with its
+        ``place`` when it is a chunk of a watched file (``manifest.places``: path, lines,
+        mtime, stale) and its location when it is a document's chunk (its frame's tags):
+        the one place where a hit changes shape, for the daemon and ``memvidd find
+        --capsule``. A document's chunk has no ``lines``: those would count the lines of
+        the text extracted from its page, slide or sheet, not of the file."""
         out = msgspec.convert(hit, cls, from_attributes=True)
         where = _where(out.tags)
-        return msgspec.structs.replace(out, **where) if where else out
+        if where and place:
+            place = {k: v for k, v in place.items() if k != "lines"}
+        added = {**(place or {}), **where}
+        return msgspec.structs.replace(out, **added) if added else out
 
     def location(self) -> str:
         """Where the hit is in its document, for people: "p.3", "slide 2", "Q1 rows 2-41", or ""."""
@@ -369,6 +391,9 @@ class FindReply(Msg, frozen=True):
     seq: int = 0
     warnings: list[str] = []
     cached: bool = False
+    # vec and hybrid: the share of the text frames that had a vector when it searched
+    # (1.0: all; below, a warning says the semantic part was partial). Added within version 2.
+    coverage: float | None = None
 
 
 class GetReply(Msg, frozen=True):
@@ -407,8 +432,12 @@ class DaemonStats(Record, frozen=True):
 class CapsuleStats(Record, frozen=True):
     """``stats``: the top level of the engine's ``Capsule.stats()`` (its sections, which grow
     with the engine, as maps), plus the daemon's counters and, when the capsule has a
-    watcher, the indexer's. A key the engine adds needs a field here (a test checks)."""
+    watcher, the indexer's. A key the engine adds needs a field here (a test checks).
+    ``ready`` and ``ready_in_s`` sum it up (``readiness.py``; added within version 2)."""
 
+    # Scanned, nothing queued, being indexed or staged, and every text frame with its vector.
+    ready: bool | msgspec.UnsetType = msgspec.UNSET
+    ready_in_s: float | None | msgspec.UnsetType = msgspec.UNSET  # estimated; None: cannot be told yet
     path: str = ""
     capsule_id: str = ""
     format: dict[str, int] = {}  # read_version, write_version
@@ -521,6 +550,13 @@ class ReloadReply(Msg, frozen=True):
     errors: list[str] = []  # changes that failed (e.g. a capsule that cannot be opened)
 
 
+class SessionReply(Msg, frozen=True):
+    id: int = 0
+    name: str = ""
+    events: int = 0  # stop: the finds and puts the session recorded
+    active: list[str] = []  # the sessions recording on this capsule now
+
+
 class TailEvent(Msg, frozen=True):
     id: int = 0  # the id of the Tail request
     frame: FrameOut | None = None
@@ -540,7 +576,7 @@ class Error(Msg, frozen=True):
 
 Reply = (HelloReply | PutReply | FindReply | GetReply | TimelineReply | RemoveReply | StatsReply
          | CapsulesReply | FlushReply | VerifyReply | CompactReply | RewindReply | RulesReply | ReloadReply
-         | TailEvent | TailEnd | Error)
+         | SessionReply | TailEvent | TailEnd | Error)
 
 # Error codes (docs/protocol.md lists when each is sent).
 BAD_FRAME: Final = "bad_frame"  # undecodable body, unknown op, wrong field types
@@ -600,6 +636,8 @@ def problem(req: Any, max_put: int = 0) -> str | None:
             return f"min_seq {req.min_seq} is negative (a commit sequence: a put's seq)"
         case Find() if not 0 < req.wait_s <= MAX_WAIT_S:
             return f"wait_s {req.wait_s:g} is not within 0 < wait_s <= {MAX_WAIT_S:g}"
+        case Session() if not req.name or _size(req.name) > MAX_NAME or "/" in req.name:
+            return f"a session name is 1 to {MAX_NAME} bytes without '/'"
         case Timeline() if req.limit > MAX_TIMELINE:
             return f"limit {req.limit} exceeds the limit of {MAX_TIMELINE} (page with since/until)"
         case SetRules():

@@ -26,7 +26,7 @@ import os
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import msgspec
 import trio
@@ -37,8 +37,10 @@ from . import protocol as p
 from .budget import Budget, OverBudget, Share
 from .config import ConfigError
 from .framing import MessageReader, MessageTooLarge, TruncatedMessage, pack_message
-from .freshness import any_files, stamp
+from .manifest import CHUNK_KIND
 from .peer import peer_uid
+from .readiness import with_readiness
+from .replies import find_reply
 from .service import CapsuleService, NotSearchable, Subscriber, WriteOp, frame_filter
 
 log = logging.getLogger("memvidd.server")
@@ -440,6 +442,7 @@ class AgentServer:
 
                     def put_reply(op: WriteOp) -> p.PutReply:
                         svc.acked_puts += len(op.ids)
+                        svc.sessions.put(op.ids, [i.get("uri") for i in items], op.seq)
                         return p.PutReply(id=rid, frame_ids=op.ids, seq=op.seq)
 
                     await conn.write(WriteOp(items), svc, put_reply, fail)
@@ -459,19 +462,20 @@ class AgentServer:
                         all_versions=req.all_versions)
 
                     async def find() -> p.FindReply:
+                        reply = await answer()
+                        svc.sessions.found(req, reply)
+                        return reply
+
+                    async def answer() -> p.FindReply:
                         if req.min_seq is not None:  # read your writes
                             await svc.searchable(req.min_seq, semantic=req.semantic, wait_s=req.wait_s)
                         # A cache hit costs microseconds: answer it here rather than pay a
-                        # thread hop (~0.1 ms) for it.
+                        # thread hop (~0.1 ms) for it, unless it needs the capsule again
+                        # (file hits' places and freshness, vector coverage).
                         hits = svc.cap.find_cached(req.query, **args)
-                        if hits is None:
-                            hits = await svc.read(svc.cap.find, req.query, **args)
-                        out = [p.HitOut.of(h) for h in hits]
-                        if any_files(out):  # freshness of file chunks: the disk looked at now
-                            out = await svc.read_quietly(stamp, svc.cap, out, hits.seq)
-                        return p.FindReply(id=rid, hits=out,
-                                           mode=cast(p.Mode, hits.mode),  # one of MODES, "auto" resolved
-                                           seq=hits.seq, warnings=hits.warnings, cached=hits.cached)
+                        if hits is not None and hits.mode == "lex" and not any(h.kind == CHUNK_KIND for h in hits):
+                            return find_reply(rid, svc.cap, hits)
+                        return await svc.read(find_reply, rid, svc.cap, hits, req.query, args)
 
                     await conn.read(find, fail)
                 case p.Get():
@@ -506,7 +510,7 @@ class AgentServer:
                             upgrades=dict(svc.upgrades), compactions=dict(svc.compactions))
                         indexer = svc.indexer.stats() if svc.indexer is not None else msgspec.UNSET
                         s = msgspec.structs.replace(s, daemon=daemon, indexer=indexer)
-                        return p.StatsReply(id=rid, stats=s)
+                        return p.StatsReply(id=rid, stats=with_readiness(s))
 
                     await conn.read(stats, fail)
                 case p.Capsules():
@@ -571,6 +575,19 @@ class AgentServer:
                         return p.RulesReply(id=rid, rules=await svc.read(svc.cap.rules, as_of=as_of), seq=seq)
 
                     await conn.read(rules, fail)
+                case p.Session():
+                    svc = self.service(req.capsule)
+
+                    async def session() -> p.SessionReply:
+                        try:
+                            n = svc.sessions.start(req.name) if req.action == "start" else svc.sessions.stop(req.name)
+                        except ValueError as e:
+                            raise engine.InvalidArgument(str(e)) from None
+                        except KeyError as e:
+                            raise engine.NotFound(e.args[0]) from None
+                        return p.SessionReply(id=rid, name=req.name, events=n, active=svc.sessions.active)
+
+                    await conn.read(session, fail)
                 case p.Reload():
                     reloader = self.reload
                     if reloader is None:

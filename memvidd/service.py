@@ -47,6 +47,7 @@ import trio.lowlevel
 import engine
 
 from .budget import OverBudget
+from .sessions import Recorder
 
 log = logging.getLogger("memvidd.service")
 
@@ -152,6 +153,8 @@ class CapsuleService:
         self._seen_seq = cap.seq  # the last commit pushed to subscribers
         self.commits = 0
         self.acked_puts = 0
+        # Agent sessions recording here: their events are queued as puts like any other.
+        self.sessions = Recorder(self._record)
         self.indexer: Any = None  # the capsule's directory indexer, when it watches roots
         self.last_request = trio.current_time()  # reads and writes: what upgrades yield to
         self.upgrades = {"runs": 0, "moved": 0, "saved": 0, "busy": 0}
@@ -169,6 +172,11 @@ class CapsuleService:
 
     async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._writer, abandon_on_cancel=False)
+
+    def _record(self, items: list[dict[str, Any]]) -> None:
+        """Queue a session's event; nobody waits for it (a failed commit fails the puts
+        it shares a commit with, and they report it)."""
+        self.submit(WriteOp(items))
 
     def submit(self, op: WriteOp) -> WriteOp:
         """Queue ``op`` (in arrival order); ``await op.done.wait()`` for its outcome."""

@@ -201,15 +201,3 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"  {line}")
     return 0
 
-
-def register(sub: Any) -> None:
-    """Add ``import`` to the ``memvidd`` command's subparsers."""
-    c = sub.add_parser("import", help="import a capsule written by upstream memvid (memvid-sdk, memvid-cli)")
-    c.add_argument("file", metavar="FILE.mv2", help="the upstream capsule (read only)")
-    c.add_argument("--into", metavar="CAPSULE",
-                   help=f"the memvidd capsule to write (default: a new FILE{NEW_SUFFIX}); through the daemon "
-                        "when the configured daemon serves it")
-    c.add_argument("--socket", help="the daemon to ask first (default: $MEMVIDD_SOCKET, then the config's)")
-    c.add_argument("--json", action="store_true", help="machine-readable report")
-    c.set_defaults(func=cmd_import)
-

@@ -362,8 +362,10 @@ def test_a_daemon_watching_a_folder_of_documents_finds_them_with_their_locations
         assert r.returncode == 0, r.stderr
         (hit,) = json.loads(r.stdout)["hits"]
         assert hit["page"] == 2 and "sheet" not in hit, "location fields only where they are"
+        # The file's place (path, freshness), but its page instead of lines within the page's text.
+        assert hit["path"] == str(tree / "report.pdf") and hit["stale"] is False and "lines" not in hit, hit
         r = cli(d, "find", "platypus", "--mode", "lex")
-        assert f"{tree}/report.pdf#" in r.stdout and " p.2  [lex]" in r.stdout, r.stdout
+        assert f"{tree}/report.pdf p.2  " in r.stdout and ":1" not in r.stdout, r.stdout
 
         # put --file of a document: its chunks, with their pages.
         other = tmp_path / "memo.pdf"
@@ -373,6 +375,8 @@ def test_a_daemon_watching_a_folder_of_documents_finds_them_with_their_locations
         assert len(json.loads(r.stdout)["frame_ids"]) == 2
         (okapi,) = find(d, "okapi")
         assert okapi.page == 2 and okapi.tags["source"] == "mail" and okapi.uri.endswith("memo.pdf#1")
+        r = cli(d, "find", "okapi", "--mode", "lex")
+        assert f"{okapi.uri} p.2  " in r.stdout, r.stdout  # not a watched file: its URI, then its page
         r = cli(d, "put", "--file", str(tree / "locked.pdf"))
         assert r.returncode == 1 and "locked.pdf: encrypted: needs a password" in r.stderr
         assert d.stop() == 0

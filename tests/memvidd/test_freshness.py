@@ -84,7 +84,7 @@ def test_file_hits_say_when_they_were_indexed_and_whether_the_file_changed_since
             (hit,) = c.find("lighthouse", mode="lex")
             assert hit.stale is True and hit.mtime == st.st_mtime_ns / 1e9  # the mtime as indexed
             text, data = anyio.run(mcp_find, d.socket, "lighthouse", tmp_path / "mcp.log")
-            assert text.startswith(f"1. {note}  ") and "STALE: it changed on disk since it was indexed" in text
+            assert text.startswith(f"1. {note}:1-3  ") and "STALE: it changed on disk since it was indexed" in text
             assert data["hits"][0]["stale"] is True and data["hits"][0]["mtime"] == hit.mtime
             note.unlink()  # gone: stale too
             (hit,) = c.find("lighthouse", mode="lex")
