@@ -33,9 +33,12 @@ MARKDOWN = {".md", ".markdown", ".mdx", ".rst"}
 CODE = {
     ".py", ".pyi", ".rs", ".go", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".kt", ".js", ".jsx",
     ".ts", ".tsx", ".rb", ".php", ".swift", ".scala", ".cs", ".sh", ".bash", ".zsh", ".lua", ".pl",
-    ".sql", ".toml", ".yaml", ".yml", ".json", ".css", ".scss", ".html", ".xml", ".proto", ".el",
+    ".sql", ".toml", ".yaml", ".yml", ".json", ".css", ".scss", ".xml", ".proto", ".el",
     ".ex", ".exs", ".erl", ".hs", ".ml", ".r", ".jl", ".dart", ".zig", ".nim", ".vue", ".svelte",
 }
+# Documents: their text is extracted first (``documents.py``), then chunked here.
+DOCUMENTS = {".pdf": "pdf", ".docx": "docx", ".xlsx": "xlsx", ".xlsm": "xlsx", ".pptx": "pptx", ".html": "html",
+             ".htm": "html", ".xhtml": "html"}
 # The one regex here, matched once per unindented line: linear in the line's length, as
 # each alternative of the repeated group starts with its own keyword (a failed match gives
 # back each run of whitespace once, never re-splits it between iterations).
@@ -78,11 +81,19 @@ class Chunk:
     title: str
     start_line: int  # 1-based, inclusive
     end_line: int
+    # Where a document's chunk is: {"page": "3"}, {"slide": "2"}, {"sheet": "Q1", "rows": "2-41"}.
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """What makes two chunks the same: the text and, in a document, where it is (a
+        paragraph that moved to another page is another chunk, with the right page)."""
+        return self.text + "".join(f"\0{k}={v}" for k, v in self.tags.items())
 
 
 @dataclass
 class Document:
-    kind: str  # "markdown", "code" or "text"
+    kind: str  # "markdown", "code", "text", or a document's format ("pdf", "docx", ...: DOCUMENTS)
     title: str
     chunks: list[Chunk]
     tags: dict[str, str] = field(default_factory=dict)
@@ -91,11 +102,18 @@ class Document:
 def file_kind(name: str) -> str:
     dot = name.rfind(".")
     ext = name[dot:].lower() if dot > 0 else ""
+    if ext in DOCUMENTS:
+        return DOCUMENTS[ext]
     if ext in MARKDOWN:
         return "markdown"
     if ext in CODE:
         return "code"
     return "text"
+
+
+def is_document(name: str) -> bool:
+    """Is a file called ``name`` a document, whose text is extracted before it is chunked?"""
+    return file_kind(name) in DOCUMENTS.values()
 
 
 def chunk_document(name: str, text: str, *, size: int = 1500, overlap: int = 150,

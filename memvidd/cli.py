@@ -40,6 +40,7 @@ from .cli_args import errors
 from .client import ConnectionLost, RemoteError
 from .config import ConfigError
 from .protocol import PROTOCOL_VERSION
+from .timewords import EXAMPLES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -68,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 CONFIG_HELP = ("configuration file (default: $MEMVIDD_CONFIG, then $XDG_CONFIG_HOME/memvidd/config.toml "
                "if it exists, then the embedded default)")
-AS_OF_HELP = "commit number, @unix-time or ISO time (e.g. 2024-05-01T12:00)"
-TIME_HELP = "@unix-time or ISO time (e.g. 2024-05-01 or 2024-05-01T12:00)"
+TIME_HELP = f"a time in words or numbers: {EXAMPLES}"
+AS_OF_HELP = f"a commit number, or {TIME_HELP}"
 JSON_HELP = "print for programs: the reply as one line of JSON, every field, nothing cut"
 FIND_EPILOG = """\
 output: for each hit, its relevance (0-100: its score as a share of the best hit's), its
@@ -135,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often the live view asks the daemon (default: 0.5)")
     c = client_cmd("put", "store a text (argument, '-' for stdin, or --file)", "cli_client.cmd_put")
     c.add_argument("text", nargs="?", help="the text to store ('-': read it from stdin)")
-    c.add_argument("--file", help="store this file's content (as text if it is UTF-8, else as bytes)")
+    c.add_argument("--file", help="store this file's content (as text if it is UTF-8, else as bytes); "
+                   "a PDF, DOCX, XLSX, PPTX or HTML file: its text, a frame per chunk, each saying where it is")
     c.add_argument("--uri", help="the frame's URI: a put to a URI that has a frame makes a new version of it")
     c.add_argument("--title", help="the frame's title")
     c.add_argument("--kind", help="the frame's kind (e.g. note, log), which find --kind filters on")
     c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the frame (repeatable)")
-    c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, @unix-time or ISO time")
+    c.add_argument("--expires", metavar="WHEN", help="leave every query then: seconds from now, "
+                   "or a time to come ('tomorrow 9:00', 'in 2 hours', ISO, @unix-time)")
     c.add_argument("--events", action="store_true", help="send JSON lines from stdin to the event socket")
     c.add_argument("--wait", action="store_true", help="return once the put is searchable, by meaning too")
     c = client_cmd("find", "search (lexical, semantic or hybrid)", "cli_client.cmd_find", epilog=FIND_EPILOG,

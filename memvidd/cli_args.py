@@ -7,12 +7,12 @@ Loads neither the engine nor trio: a command that talks to a daemon stays light.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+from . import timewords
 
 if TYPE_CHECKING:
     import engine
@@ -53,21 +53,15 @@ def emit(args: argparse.Namespace, obj: Any, human: Any) -> None:
 
 
 def as_of(value: str | None) -> int | float | None:
-    """``--as-of 12`` is commit 12; ``@1700000000`` or an ISO time is a point in time."""
-    if value is None:
-        return None
-    if value.startswith("@"):
-        return float(value[1:])
-    if value.isdigit():
-        return int(value)
-    t = dt.datetime.fromisoformat(value)
-    return (t if t.tzinfo else t.astimezone()).timestamp()
+    """``--as-of 12`` is commit 12; "yesterday", "2 hours ago", ``@1700000000`` or an ISO
+    time is a point in time (``timewords``)."""
+    return timewords.as_of(value)
 
 
-def when(value: str | None) -> float | None:
-    """``--since`` / ``--until``: ``@unix-time`` or an ISO time (a bare number is Unix seconds too)."""
-    a = as_of(value)
-    return float(a) if a is not None else None
+def when(value: str | None, option: str = "--since") -> float | None:
+    """``--since`` / ``--until``: a time in words or numbers; a bare integer is refused
+    (it would read as a commit: ``--as-of N``), naming ``option``."""
+    return timewords.since(value, option)
 
 
 def tags(pairs: list[str] | None) -> dict[str, str] | None:
@@ -83,14 +77,6 @@ def tags(pairs: list[str] | None) -> dict[str, str] | None:
 
 
 def expires(value: str | None) -> float | None:
-    """``--expires 3600`` is an hour from now; ``@1700000000`` or an ISO time is a time."""
-    if value is None:
-        return None
-    try:
-        return time.time() + float(value)
-    except ValueError:
-        pass
-    if value.startswith("@"):
-        return float(value[1:])
-    t = dt.datetime.fromisoformat(value)
-    return (t if t.tzinfo else t.astimezone()).timestamp()
+    """``--expires 3600`` is an hour from now; "tomorrow 9:00", ``@1700000000`` or an ISO
+    time is a time."""
+    return timewords.expires(value)

@@ -73,14 +73,10 @@ def cmd_put(args: argparse.Namespace) -> int:
         raise SystemExit("memvidd: put needs TEXT, '-' for stdin, or --file")
     meta = {k: v for k, v in dict(uri=args.uri, title=args.title, kind=args.kind, tags=cli_args.tags(args.tag),
                                   expires=cli_args.expires(args.expires)).items() if v is not None}
+    if args.file and _is_document(args.file):
+        return _put_document(args, raw, meta)
     if args.capsule:
-        if not os.path.exists(args.capsule):
-            import engine
-
-            cap = engine.create(args.capsule, model=None, passphrase=cli_args.passphrase(args))
-        else:
-            cap = _direct(args, write=True)
-        with cap:
+        with _writable(args) as cap:
             fid = cap.put(data, **meta)
             seq = cap.commit()
     else:
@@ -93,9 +89,50 @@ def cmd_put(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writable(args: argparse.Namespace) -> engine.Capsule:
+    """The ``--capsule FILE`` of a put, opened for writing; created if it does not exist."""
+    if os.path.exists(args.capsule):
+        return _direct(args, write=True)
+    import engine
+
+    return engine.create(args.capsule, model=None, passphrase=cli_args.passphrase(args))
+
+
+def _is_document(name: str) -> bool:
+    from .chunker import is_document  # here: a daemon command does not pay for the chunker's import
+
+    return is_document(name)
+
+
+def _put_document(args: argparse.Namespace, raw: bytes, meta: dict[str, Any]) -> int:
+    """A PDF, office or HTML file: its text, a frame per chunk, each saying where it is."""
+    from .documents import Unreadable, put_items
+
+    try:
+        items = put_items(args.file, raw, **meta)
+    except Unreadable as e:
+        raise SystemExit(f"memvidd: {args.file}: {e}") from None
+    if args.capsule:
+        with _writable(args) as cap:
+            fids = cap.put_many(items)
+            seq = cap.commit()
+    else:
+        fids, seq = [], 0
+        with connect(args) as c:
+            for i in range(0, len(items), 64):  # a message each, well under max-frame-bytes
+                reply = c._call(c._put_many(items[i : i + 64], args.name))
+                fids, seq = fids + reply.frame_ids, reply.seq
+            if args.wait:
+                c.searchable(seq, capsule=args.name)
+    cli_args.emit(args, {"frame_id": fids[0], "frame_ids": fids, "seq": seq},
+                  lambda: print(f"frames {fids[0]}-{fids[-1]} (commit {seq}): {len(fids)} chunks of {args.file}"))
+    return 0
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     kw = dict(k=args.k, mode=args.mode, scope=args.scope, tags=cli_args.tags(args.tag), kind=args.kind,
-              since=cli_args.when(args.since), until=cli_args.when(args.until), as_of=cli_args.as_of(args.as_of))
+              since=cli_args.when(args.since), until=cli_args.when(args.until, "--until"),
+              as_of=cli_args.as_of(args.as_of))
     if args.capsule:
         from .replies import find_reply
 
@@ -135,8 +172,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    kw = dict(since=cli_args.when(args.since), until=cli_args.when(args.until), limit=args.limit, reverse=args.reverse,
-              as_of=cli_args.as_of(args.as_of))
+    kw = dict(since=cli_args.when(args.since), until=cli_args.when(args.until, "--until"), limit=args.limit,
+              reverse=args.reverse, as_of=cli_args.as_of(args.as_of))
     if args.capsule:
         with _direct(args) as cap:
             entries = cap.timeline(**kw)

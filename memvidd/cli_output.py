@@ -72,13 +72,18 @@ def kept(scores: list[int], show_all: bool = False) -> int:
 
 def place(h: HitOut) -> str:
     """``path:first-last`` for a file's chunk (the path relative to the current directory
-    when it is below it), the URI for another frame, ``#id`` for a frame without one."""
+    when it is below it), the URI for another frame, ``#id`` for a frame without one; for a
+    document's chunk, its page, slide, or sheet and rows instead of lines (``path p.3``)."""
+    where = h.location()
     if h.path is None:
-        return h.uri or f"#{h.frame_id}"
+        base = h.uri or f"#{h.frame_id}"
+        return f"{base} {where}" if where else base
     path = h.path
     cwd = os.getcwd().rstrip("/") + "/"
     if path.startswith(cwd):
         path = path[len(cwd):]
+    if where:
+        return f"{path} {where}"
     if h.lines is None:
         return path
     first, last = h.lines

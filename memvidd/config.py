@@ -59,6 +59,9 @@ class Watcher(Base, frozen=True):
     max_file_bytes: Positive = 2 << 20
     chunk_size: Annotated[int, msgspec.Meta(ge=200, le=100_000)] = 1500
     chunk_overlap: NonNegative = 150
+    max_document_bytes: Positive = 64 << 20
+    document_budget_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    document_memory_bytes: Annotated[int, msgspec.Meta(ge=256 << 20)] = 1 << 30
 
 
 class Cache(Base, frozen=True):

@@ -48,6 +48,7 @@ import engine
 from . import __version__, systemd
 from . import protocol as p
 from .config import CapsuleConfig, Config, ConfigError, expand, load, private_dirs, private_socket_dir
+from .documents import Limits
 from .events import EventServer
 from .ingest import IngestPipeline
 from .memory import fix_mmap_threshold, serve_trim
@@ -306,8 +307,9 @@ class Daemon:
 
     def _trees(self, c: CapsuleConfig) -> list[Tree]:
         w = self.cfg.watcher
+        documents = Limits(w.max_document_bytes, w.document_budget_s, w.document_memory_bytes)
         return [Tree(expand(root), include=c.include, exclude=c.exclude, max_bytes=w.max_file_bytes,
-                     skip_generated=c.skip_generated) for root in c.watch]
+                     skip_generated=c.skip_generated, documents=documents) for root in c.watch]
 
     def _indexer(self, svc: CapsuleService, trees: list[Tree]) -> IngestPipeline:
         w = self.cfg.watcher

@@ -21,7 +21,9 @@ tombstones; a rename is a delete plus an add whose chunks reuse the old vectors.
 
 Hostile files: a file is read only through ``Tree.open`` (no symlink swapped in after the
 checks can lead the read out of the root). Chunking runs in a worker thread under a time
-budget (``chunk_budget_s``); a file that exceeds it, or that the chunker fails on, is
+budget (``chunk_budget_s``); a document's text (PDF, office, HTML) is first extracted in a
+child process within the tree's ``documents`` limits (``documents.py``). A file that
+exceeds them, or that cannot be read or chunked (encrypted, damaged, scanned), is
 skipped: its manifest has no chunks and says why (``skipped``), so that it is not chunked
 again, even after a restart, until its content changes. Those files and their reasons are
 listed in the stats.
@@ -58,7 +60,8 @@ import watchfiles
 
 import engine
 
-from .chunker import ChunkTimeout, Document, chunk_document, file_kind
+from .chunker import Document, file_kind, is_document
+from .documents import Unreadable, read_file
 from .manifest import (
     CHUNK_KIND,
     FILE_KIND,
@@ -81,10 +84,6 @@ WRITER_WAIT_S = 1.0  # ...for at most this long; then it is taken as it is (a lo
 MAX_RETRIES = 5
 SCAN = -2  # the `attempt` of a path queued by the start-up scan (size+mtime are trusted)
 FINAL = -1  # the last attempt after retries: take the file as it is
-# Chunking time allowed per file: about 10x the worst linear case measured (~2.6 s/MB for
-# a file of "#" lines), so that a loaded machine does not skip a file that is fine.
-CHUNK_BUDGET_S = 2.0
-CHUNK_BUDGET_S_PER_MB = 25.0
 SKIPPED_SHOWN = 50  # skipped files listed in the stats (the count has them all)
 RATE_WINDOW_S = 30.0  # the indexing rate (and ETA) is measured over this much recent work
 
@@ -233,7 +232,7 @@ class IngestPipeline:
         self.debounce_ms = debounce_ms
         self.step_ms = step_ms
         self.workers = workers
-        self.chunk_budget_s = chunk_budget_s  # None: by the file's size (CHUNK_BUDGET_S...)
+        self.chunk_budget_s = chunk_budget_s  # None: by the file's size (documents.CHUNK_BUDGET_S...)
         self.docs: dict[str, Known] = {}  # file uri -> manifest (as committed or staged)
         self.skipped: dict[str, str] = {}  # file uri -> why it has no chunks (Known.skipped)
         self.by_digest = DigestMap()  # chunk text digest -> a frame id holding it
@@ -559,6 +558,8 @@ class IngestPipeline:
         if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns and attempt == SCAN:
             self.progress.files_unchanged += 1  # the scan trusts size+mtime; events check the hash
             return None
+        if is_document(p.name) and (why := tree.documents.too_big(st.st_size)) is not None:  # not read
+            return self._skip(uri, tree, p, st, b"", why, known)
         try:
             with tree.open(p, st) as f:  # the file vetted above, or Moved
                 if attempt != FINAL and being_written(f.fileno()):
@@ -566,7 +567,7 @@ class IngestPipeline:
                     if time.monotonic() - first < WRITER_WAIT_S:
                         return Wait(WRITER_POLL_S)
                 self.writing.pop(path, None)
-                data = f.read(tree.max_bytes + 1)
+                data = f.read(max(tree.max_bytes, tree.documents.max_bytes) + 1)
                 after = os.fstat(f.fileno())
         except Moved:
             return 0.05 if attempt != FINAL else None  # replaced since the stat: vet it again
@@ -581,7 +582,7 @@ class IngestPipeline:
         if not data and (known is None or known.chunks) and 0 <= attempt < 2:
             return EMPTY_SETTLE_S  # just created, or truncate-then-write: give the writer a moment
         self.progress.bytes_read += len(data)
-        if is_binary(data):
+        if is_binary(data) and not is_document(p.name):
             self.progress.files_skipped += 1
             tree._skip(p, "binary")  # noqa: SLF001 - the tree owns the once-per-file log
             return self._delete(uri) if known is not None else None
@@ -591,14 +592,11 @@ class IngestPipeline:
             return None
         if known is not None and known.skipped and known.sha == sha:  # touched, not changed
             return self._skip(uri, tree, p, st, sha, known.skipped, known)
-        text = data.decode("utf-8", errors="replace")
-        budget = self.chunk_budget_s
-        if budget is None:
-            budget = CHUNK_BUDGET_S + CHUNK_BUDGET_S_PER_MB * len(data) / 1e6
-        try:
-            doc = chunk_document(path, text, size=self.chunk_size, overlap=self.overlap, budget_s=budget)
-        except ChunkTimeout:
-            return self._skip(uri, tree, p, st, sha, f"took over {budget:.3g}s to chunk", known)
+        try:  # a document's text is extracted in a child process, within tree.documents' limits
+            doc = read_file(path, data, size=self.chunk_size, overlap=self.overlap, budget_s=self.chunk_budget_s,
+                            limits=tree.documents)
+        except Unreadable as e:  # too slow to chunk; a document encrypted, damaged, scanned, too big...
+            return self._skip(uri, tree, p, st, sha, str(e), known)
         except Exception as e:  # a chunker bug: skip this file (until it changes), not every start
             log.exception("cannot chunk path=%s", path)
             return self._skip(uri, tree, p, st, sha, f"cannot chunk: {type(e).__name__}: {e}"[:200], known)
@@ -632,7 +630,7 @@ class IngestPipeline:
                 known: Known | None, *, skipped: str = "") -> WriteOp:
         title = clean(doc.title)
         tags = {clean(k): clean(v) for k, v in {**doc.tags, "root": tree.root.name, "type": doc.kind}.items()}
-        chunks = [(digest(c.text), c) for c in doc.chunks]
+        chunks = [(digest(c.identity), c) for c in doc.chunks]
 
         def apply(cap: engine.Capsule) -> tuple[Known | None, Known, set[int]]:
             with self.lock:
@@ -658,7 +656,8 @@ class IngestPipeline:
                 if vector is not None:
                     self.progress.vectors_reused += 1
                 # ``chunk`` is the position when written; the manifest has the current order.
-                fid = cap.put(c.text, uri=chunk_uri(uri, key), title=clean(c.title), kind=CHUNK_KIND, tags=tags,
+                fid = cap.put(c.text, uri=chunk_uri(uri, key), title=clean(c.title), kind=CHUNK_KIND,
+                              tags={**tags, **c.tags},  # a document's chunk: where it is (page, sheet, rows)
                               parent=uri, chunk=i, vector=vector)
                 out.append((d, fid))
                 self.progress.chunks_written += 1

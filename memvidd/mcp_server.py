@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, TypeVar
 
 import msgspec
 
-from . import __version__
+from . import __version__, timewords
 from . import protocol as p
 from .client import Client, ConnectionLost, RemoteError
 
@@ -117,31 +117,34 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 def _time(value: float | str | None, what: str) -> float | None:
-    """A Unix time (number) or an ISO 8601 time (local unless it has an offset)."""
+    """A Unix time (number), or a time in words or ISO 8601 (``timewords``: local unless
+    it has an offset)."""
     if value is None or isinstance(value, float | int):
         return None if value is None else float(value)
     try:
-        t = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise ToolFailed(f"{what}: {value!r} is neither a Unix time nor an ISO 8601 time "
-                         "(e.g. 2025-01-31 or 2025-01-31T14:00)") from None
-    return (t if t.tzinfo else t.astimezone()).timestamp()
+        return timewords.since(value, what)
+    except timewords.WhenError as e:
+        raise ToolFailed(f"{what}: {e}") from None
 
 
 def _as_of(value: int | str | None) -> int | float | None:
-    """A commit number (integer, or a string of digits) or a time (ISO 8601)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, str):
-        return _time(value, "as_of")
-    return value
+    """A commit number (integer, or a string of digits) or a time (words or ISO 8601)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return timewords.parse_when(value)
+    except timewords.WhenError as e:
+        raise ToolFailed(f"as_of: {e}") from None
 
 
 def _expires(value: float | str | None) -> float | None:
-    """Seconds from now (number) or an ISO 8601 time."""
-    if isinstance(value, float | int):
-        return time.time() + value
-    return _time(value, "expires")
+    """Seconds from now (number), or a time to come (words or ISO 8601)."""
+    if value is None or isinstance(value, float | int):
+        return None if value is None else time.time() + value
+    try:
+        return timewords.expires(value)
+    except timewords.WhenError as e:
+        raise ToolFailed(f"expires: {e}") from None
 
 
 # -- results a model reads --------------------------------------------------------------
@@ -152,15 +155,19 @@ def when(ts: float) -> str:
 
 
 def where(hit: Any) -> str:
-    """path:lines for a chunk of a file (path alone, or the URI, when that is all there is)."""
+    """path:lines for a chunk of a file (path alone, or the URI, when that is all there is);
+    for a document's chunk, then its page, slide or sheet and rows."""
     path = getattr(hit, "path", None)
     uri = hit.uri or ""
     if path is None and uri.startswith("file://"):
         path = os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):].partition("#")[0]))
     lines = getattr(hit, "lines", None)
     if path and isinstance(lines, list | tuple) and len(lines) == 2:
-        return f"{path}:{lines[0]}-{lines[1]}"
-    return f"{path}:{lines}" if path and lines else (path or uri or f"frame #{hit.frame_id}")
+        place = f"{path}:{lines[0]}-{lines[1]}"
+    else:
+        place = f"{path}:{lines}" if path and lines else (path or uri or f"frame #{hit.frame_id}")
+    location = hit.location() if isinstance(hit, p.HitOut) else ""
+    return f"{place} {location}" if location else place
 
 
 def hit_text(rank: int, h: p.HitOut) -> str:
@@ -335,10 +342,11 @@ def build(link: Link) -> "MCPServer[Any]":
         tags: Annotated[dict[str, str] | None, Field(description="Only memories with all these tags")] = None,
         kind: Annotated[str | None, Field(description="Only memories of this kind (e.g. note, chunk)")] = None,
         since: Annotated[float | str | None, Field(description=(
-            "Only memories from this time on: ISO 8601 (2025-01-31, 2025-01-31T14:00) or Unix seconds"))] = None,
+            "Only memories from this time on: words ('yesterday', 'last tuesday 17:00', '2 hours ago'), "
+            "ISO 8601 (2025-01-31, 2025-01-31T14:00) or Unix seconds"))] = None,
         until: Annotated[float | str | None, Field(description="Only memories up to this time (as since)")] = None,
         as_of: Annotated[int | str | None, Field(description=(
-            "Search memory as it was then: a commit number, or an ISO 8601 time"))] = None,
+            "Search memory as it was then: a commit number, or a time (as since)"))] = None,
     ) -> Annotated[CallToolResult, FindResult]:
         def ask(c: Client) -> tuple[p.FindReply, list[str]]:
             kw: dict[str, Any] = dict(k=k, mode=mode, scope=scope, tags=tags, kind=kind, since=_time(since, "since"),
@@ -375,7 +383,8 @@ def build(link: Link) -> "MCPServer[Any]":
         tags: Annotated[dict[str, str] | None, Field(description='Labels to filter by, e.g. {"project": "x"}')] = None,
         kind: Annotated[str | None, Field(description="What sort of memory: note, decision, preference, ...")] = None,
         expires: Annotated[float | str | None, Field(description=(
-            "Forget it then: seconds from now, or an ISO 8601 time (default: never)"))] = None,
+            "Forget it then: seconds from now, or a time: words ('tomorrow 9:00', 'in 2 days') or "
+            "ISO 8601 (default: never)"))] = None,
     ) -> Annotated[CallToolResult, PutResult]:
         def store(c: Client) -> p.PutReply:
             kw = {k: v for k, v in dict(uri=uri, title=title, tags=tags, kind=kind, expires=_expires(expires)).items()
@@ -395,7 +404,7 @@ def build(link: Link) -> "MCPServer[Any]":
         uri: Annotated[str | None, Field(description="The memory's uri")] = None,
         frame_id: Annotated[int | None, Field(ge=0, description="Or its frame id (#N in find and timeline)")] = None,
         as_of: Annotated[int | str | None, Field(description=(
-            "As it was then: a commit number, or an ISO 8601 time"))] = None,
+            "As it was then: a commit number, or a time: words ('yesterday 17:00') or ISO 8601"))] = None,
     ) -> CallToolResult:
         if (uri is None) == (frame_id is None):
             raise ToolError("get needs exactly one of uri or frame_id")
@@ -405,7 +414,8 @@ def build(link: Link) -> "MCPServer[Any]":
     @server.tool(name="timeline", description=TIMELINE_DOC, annotations=reading)
     async def timeline(
         since: Annotated[float | str | None, Field(description=(
-            "From this time on: ISO 8601 (2025-01-31, 2025-01-31T14:00) or Unix seconds"))] = None,
+            "From this time on: words ('yesterday', 'last tuesday 17:00', '2 hours ago'), "
+            "ISO 8601 (2025-01-31, 2025-01-31T14:00) or Unix seconds"))] = None,
         until: Annotated[float | str | None, Field(description="Up to this time (as since)")] = None,
         kind: Annotated[str | None, Field(description="Only memories of this kind")] = None,
         limit: Annotated[int, Field(ge=1, le=500, description="How many")] = 20,

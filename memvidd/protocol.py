@@ -286,8 +286,9 @@ class FrameOut(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A search result on the wire: the engine's ``Hit``, field for field, and where a
-    chunk of a watched file sits in it (added within version 2; absent for other hits)."""
+    """A search result on the wire: the engine's ``Hit``, field for field, then what the
+    daemon adds (within version 2; absent for other hits): where a chunk of a watched file
+    sits in it and the file's freshness, where a document's chunk is in the document."""
 
     frame_id: int
     uri: str | None
@@ -310,15 +311,52 @@ class HitOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     lines: tuple[int, int] | None = None
     mtime: float | msgspec.UnsetType = msgspec.UNSET
     stale: bool | msgspec.UnsetType = msgspec.UNSET
+    # Where a document's chunk is (added within version 2; absent for other hits), read
+    # from its tags (``documents.py`` puts them there):
+    page: int | msgspec.UnsetType = msgspec.UNSET  # a PDF's page (1-based)
+    slide: int | msgspec.UnsetType = msgspec.UNSET  # a PPTX's slide (1-based)
+    sheet: str | msgspec.UnsetType = msgspec.UNSET  # an XLSX's sheet...
+    rows: tuple[int, int] | msgspec.UnsetType = msgspec.UNSET  # ...the chunk's rows, first and last
 
     @classmethod
     def of(cls, hit: Any, place: dict[str, Any] | None = None) -> HitOut:
         """The wire hit of the engine's ``Hit`` (or of anything with its fields), with its
         ``place`` when it is a chunk of a watched file (``manifest.places``: path, lines,
-        mtime, stale): the one place where a hit changes shape, for the daemon and
-        ``memvidd find --capsule``."""
+        mtime, stale) and its location when it is a document's chunk (its frame's tags):
+        the one place where a hit changes shape, for the daemon and ``memvidd find
+        --capsule``. A document's chunk has no ``lines``: those would count the lines of
+        the text extracted from its page, slide or sheet, not of the file."""
         out = msgspec.convert(hit, cls, from_attributes=True)
-        return out if not place else msgspec.structs.replace(out, **place)
+        where = _where(out.tags)
+        if where and place:
+            place = {k: v for k, v in place.items() if k != "lines"}
+        added = {**(place or {}), **where}
+        return msgspec.structs.replace(out, **added) if added else out
+
+    def location(self) -> str:
+        """Where the hit is in its document, for people: "p.3", "slide 2", "Q1 rows 2-41", or ""."""
+        if isinstance(self.page, int):
+            return f"p.{self.page}"
+        if isinstance(self.slide, int):
+            return f"slide {self.slide}"
+        if isinstance(self.sheet, str):
+            return f"{self.sheet} rows {self.rows[0]}-{self.rows[1]}" if isinstance(self.rows, tuple) else self.sheet
+        return ""
+
+
+def _where(tags: dict[str, str]) -> dict[str, Any]:
+    """The location fields of a hit whose frame's tags hold them (a tag that does not read
+    as one, which a put may have set to anything, is left a tag)."""
+    out: dict[str, Any] = {}
+    for key in ("page", "slide"):
+        if tags.get(key, "").isdecimal():
+            out[key] = int(tags[key])
+    if "sheet" in tags:
+        out["sheet"] = tags["sheet"]
+        first, sep, last = tags.get("rows", "").partition("-")
+        if sep and first.isdecimal() and last.isdecimal():
+            out["rows"] = (int(first), int(last))
+    return out
 
 
 class CapsuleInfo(msgspec.Struct, frozen=True, kw_only=True):

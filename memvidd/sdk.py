@@ -61,6 +61,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import timewords
 from .sdk_backends import (
     Backend,
     CapsuleExistsError,
@@ -161,6 +162,15 @@ def _timestamp(value: int | float | str | None) -> float | None:
         return value
     t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     return (t if t.tzinfo else t.astimezone()).timestamp()
+
+
+def _when(value: int | float | str | None, what: str | None = None) -> int | float | None:
+    """A time argument: a number is a Unix time (as upstream's); text is read by
+    ``timewords`` ("yesterday", "2 hours ago", an ISO time; for ``as_of_ts`` a string of
+    digits is a commit). ``ValueError`` names text that is no time."""
+    if value is None or not isinstance(value, str):
+        return None if value is None else float(value)
+    return timewords.parse_when(value) if what is None else timewords.since(value, what)
 
 
 def _refuse(what: str, alternative: str) -> NotImplementedError:
@@ -274,12 +284,13 @@ class Memvid:
             return self._b.remove(int(frame_id))
 
     def find(self, query: str, *, k: int = 10, snippet_chars: int = 480, scope: str | None = None,
-             cursor: str | None = None, mode: str | None = None, as_of_ts: int | float | None = None,
+             cursor: str | None = None, mode: str | None = None, as_of_ts: int | float | str | None = None,
              **unsupported: Any) -> dict[str, Any]:
         """Search; returns upstream's result shape: ``{"query", "hits": [{"rank",
         "frame_id", "uri", "title", "text", "snippet", "score", "tags", "labels", ...}],
         "total_hits", "took_ms", "engine", "context"}``. ``as_of_ts``: search the capsule
-        as it was then (a real snapshot: versions and removals since are undone)."""
+        as it was then (a real snapshot: versions and removals since are undone): a Unix
+        time, or a time in words or ISO ("yesterday 17:00": ``timewords``)."""
         if cursor is not None:
             raise _refuse("find with a cursor (pagination)", "a larger k")
         _no_extras("find", unsupported, {"query_embedding": "mode='sem' (the capsule's model embeds the query)",
@@ -292,7 +303,7 @@ class Memvid:
             raise ValueError(f"mode must be one of 'lex', 'sem' or 'auto', not {mode!r}")
         kw: dict[str, Any] = {"k": k, "mode": our_mode, "snippet_chars": snippet_chars, "scope": scope}
         if as_of_ts is not None:
-            kw["as_of"] = float(as_of_ts)
+            kw["as_of"] = _when(as_of_ts)
         t0 = time.perf_counter()
         with translated():
             found, used = self._b.find(query, **kw)
@@ -323,16 +334,18 @@ class Memvid:
                 "sources": [{x: h[x] for x in ("frame_id", "uri", "title", "snippet", "score")} for h in found["hits"]],
                 "stats": {"latency_ms": found["took_ms"], "retrieval_ms": found["took_ms"], "synthesis_ms": 0}}
 
-    def timeline(self, *, limit: int = 100, since: int | float | None = None, until: int | float | None = None,
+    def timeline(self, *, limit: int = 100, since: int | float | str | None = None,
+                 until: int | float | str | None = None,
                  reverse: bool = False, as_of_frame: int | None = None,
-                 as_of_ts: int | float | None = None) -> list[dict[str, Any]]:
+                 as_of_ts: int | float | str | None = None) -> list[dict[str, Any]]:
         """Live frames in time order: ``[{"frame_id", "timestamp", "preview", "uri",
         "child_frames"}]`` (``preview``: the first 120 characters, as upstream)."""
         if as_of_frame is not None:
             raise _refuse("timeline(as_of_frame=...)", "timeline(as_of_ts=...)")
-        kw: dict[str, Any] = {"limit": limit, "reverse": reverse, "since": since, "until": until}
+        kw: dict[str, Any] = {"limit": limit, "reverse": reverse, "since": _when(since, "since"),
+                              "until": _when(until, "until")}
         if as_of_ts is not None:
-            kw["as_of"] = float(as_of_ts)
+            kw["as_of"] = _when(as_of_ts)
         with translated():
             entries = self._b.timeline(**kw)
             out = []

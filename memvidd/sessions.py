@@ -127,6 +127,7 @@ class Replay(msgspec.Struct, kw_only=True):
 
 def events(client: Any, name: str, capsule: str | None = None) -> list[Event]:
     """The recorded events of session ``name``, oldest first (``client``: a ``Client``)."""
+    client.flush(capsule=capsule)  # the daemon queues events without waiting: read them once written
     frames: dict[int, p.FrameOut] = {}
     since = None
     while True:  # every frame of the kind, a page at a time

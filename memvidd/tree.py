@@ -4,7 +4,8 @@ A file is indexed when it is under the root (symlinks that lead outside are neve
 followed), not inside a junk directory (``.git``, ``node_modules``, virtualenvs, build
 output, caches), not ignored by a ``.gitignore`` on its way down from the root (nested
 ones included, with git's semantics, via ``pathspec``), matches the include globs (if
-any) and no exclude glob, is at most ``max_bytes`` long, is not binary and, unless
+any) and no exclude glob, is at most ``max_bytes`` long and not binary (a document, PDF,
+office or HTML, has its own limits, ``documents.Limits``, applied by the indexer), and, unless
 ``skip_generated`` is off, is not generated or vendored data (``GENERATED``: lock files,
 minified bundles, source maps, tokenizer, vocabulary and model files, JSON/CSV/TSV data
 over ``DATA_MAX_BYTES``). Each skip of a file that looked like a candidate is logged once
@@ -29,6 +30,9 @@ from typing import BinaryIO, Literal
 
 import pathspec
 from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+
+from .chunker import is_document
+from .documents import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger("memvidd.tree")
 
@@ -113,7 +117,7 @@ def spec(lines: Iterable[str], *, source: str | None = None) -> pathspec.GitIgno
 JUNK_FILES = spec([
     "*.pyc", "*.pyo", "*.o", "*.so", "*.a", "*.dylib", "*.dll", "*.exe", "*.class", "*.jar",
     "*.swp", "*.swo", "*~", ".#*", "#*#", ".DS_Store", "*.mv2", "*.mv2e", "*.tmp",
-    "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.ico", "*.pdf", "*.zip", "*.gz", "*.tar",
+    "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.ico", "*.zip", "*.gz", "*.tar",
     "*.xz", "*.zst", "*.7z", "*.woff", "*.woff2", "*.ttf", "*.mp3", "*.mp4", "*.mov", "*.sqlite",
     "*.db", "*.bin",
 ])
@@ -171,11 +175,12 @@ def is_binary(head: bytes) -> bool:
 
 class Tree:
     def __init__(self, root: str | Path, *, include: list[str] | None = None, exclude: list[str] | None = None,
-                 max_bytes: int = 2 << 20, skip_generated: bool = True) -> None:
+                 max_bytes: int = 2 << 20, skip_generated: bool = True, documents: Limits = DEFAULT_LIMITS) -> None:
         self.root = Path(root).resolve()
         self.include = spec(include) if include else None
         self.exclude = spec(exclude or [])
         self.max_bytes = max_bytes
+        self.documents = documents  # PDFs, office files, HTML: their own size and extraction budget
         self.skip_generated = skip_generated
         # Files passed over as generated data -> why (``generated``), for the stats. Kept
         # current by the checks below, ``forget`` (a file gone) and each full ``walk``.
@@ -280,7 +285,7 @@ class Tree:
         """The checks that need a stat: regular file, inside the root, not too big."""
         if not stat.S_ISREG(st.st_mode):
             return False
-        if st.st_size > self.max_bytes:
+        if st.st_size > self.max_bytes and not is_document(path.name):  # a document's own limit: the indexer's
             self._skip(path, f"larger than {self.max_bytes} bytes")
             return False
         return not self._passed_over(path, generated(path.name, st.st_size))

@@ -216,7 +216,7 @@ async def test_a_file_too_slow_to_chunk_is_skipped_until_it_changes_even_after_a
         chunked.append(name)
         return chunk_document(name, text, **kw)
 
-    monkeypatch.setattr("memvidd.ingest.chunk_document", spy)
+    monkeypatch.setattr("memvidd.documents.chunk_document", spy)
     async with watching(tmp_path, root, chunk_budget_s=0.5) as ix:  # a restart: nothing is read again
         cap = ix.svc.cap
         await until(lambda: ix.progress.phase == "watching" and not ix.pending, ix=ix)
@@ -245,7 +245,7 @@ async def test_a_file_the_chunker_fails_on_is_skipped_with_the_reason(tmp_path, 
             raise RuntimeError("a chunker bug")
         return chunk_document(name, text, **kw)
 
-    monkeypatch.setattr("memvidd.ingest.chunk_document", failing)  # no real text fails today
+    monkeypatch.setattr("memvidd.documents.chunk_document", failing)  # no real text fails today
     async with watching(tmp_path, root) as ix:
         cap = ix.svc.cap
         await until(lambda: manifest(cap, bad) is not None and hits(cap, "wombat"), ix=ix)

@@ -92,13 +92,16 @@ def test_an_agent_lists_the_tools_stores_finds_and_reads(daemon, tmp_path):
             assert [e["uri"] for e in listed["entries"]] == ["note://ops/keys"] and "note://ops/keys" in text
             text, listed = await call(s, "timeline", limit=2)
             assert len(listed["entries"]) == 2 and listed["entries"][0]["kind"] == "note"  # newest first
+            _, recent = await call(s, "timeline", since="1 hour ago", until="in 1 minute")  # time in words
+            assert len(recent["entries"]) == 2
+            assert not (await call(s, "timeline", until="yesterday"))[1]["entries"]
             text, stats = await call(s, "stats")
             assert stats["memories"] == 2 and "2 memories" in text and "lexical only" in text
 
             # Bad arguments: refused by the schema, by this server, or by the daemon.
             assert "k" in await error(s, "find", query="keys", k=0)
             assert "mode" in await error(s, "find", query="keys", mode="fuzzy")
-            assert "neither a Unix time nor an ISO 8601 time" in await error(s, "find", query="keys", since="soon")
+            assert "since: cannot read 'soon' as a time" in await error(s, "find", query="keys", since="soon")
             assert "exactly one of uri or frame_id" in await error(s, "get")
             assert "as_of commit 99 is outside 0.." in await error(s, "get", uri="note://ops/keys", as_of=99)
             assert "not_found" in await error(s, "get", uri="note://nothing")

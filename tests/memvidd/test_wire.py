@@ -147,8 +147,9 @@ def test_verify_report_is_the_engines_field_for_field(path):
 
 def test_a_hit_changes_shape_in_one_place(path):
     # The engine's hit, field for field, then what the daemon adds for a chunk of a watched
-    # file: where it is in the file, and the file's freshness (all optional).
-    assert fields(p.HitOut) == [*fields(engine.Hit), "path", "lines", "mtime", "stale"]
+    # file (where it is in the file, and the file's freshness) and for a document's chunk
+    # (its page, slide, or sheet and rows): all optional.
+    assert fields(p.HitOut) == [*fields(engine.Hit), "path", "lines", "mtime", "stale", "page", "slide", "sheet", "rows"]
     with engine.create(path, model=None) as cap:
         cap.put("the user prefers dark mode", uri="pref://theme", tags={"kind": "pref"})
         cap.commit()
@@ -159,6 +160,12 @@ def test_a_hit_changes_shape_in_one_place(path):
     assert over_the_wire(p.FindReply(hits=[out], mode="lex")).hits == [out]
     placed = p.HitOut.of(hit, {"path": "/notes/theme.md", "lines": (3, 9)})
     assert over_the_wire(p.FindReply(hits=[placed], mode="lex")).hits[0].lines == (3, 9)
+    # A document's chunk: its page from its tags, and no lines (they would count the lines
+    # of the text extracted from the page, not of the file); the rest of its place stays.
+    page = p.HitOut.of(msgspec.structs.replace(hit, tags={"page": "3"}),
+                       {"path": "/docs/a.pdf", "lines": (1, 4), "mtime": 1.0, "stale": False})
+    assert (page.page, page.lines, page.path, page.mtime, page.stale) == (3, None, "/docs/a.pdf", 1.0, False)
+    assert over_the_wire(p.FindReply(hits=[page], mode="lex")).hits == [page]
     # A client from before the new fields reads the hit as it always did.
     old = msgspec.defstruct("OldHit", [(f, typing.Any) for f in fields(engine.Hit)])
     assert msgspec.msgpack.decode(p.encoder.encode(placed), type=old).uri == "pref://theme"
