@@ -148,16 +148,26 @@ def key(frame_id: int, uri: str | None) -> str:
     return uri if uri is not None else f"#{frame_id}"
 
 
+def ranks(hits: list[tuple[str, float]]) -> dict[str, int]:
+    """Each hit's rank, from 1, equal for equal scores ("1224"): hits that tie may come
+    back in either order from one search to the next, which is no change."""
+    out: dict[str, int] = {}
+    rank, previous = 0, None
+    for i, (k, score) in enumerate(hits, 1):
+        if score != previous:
+            rank, previous = i, score
+        out.setdefault(k, rank)
+    return out
+
+
 def compare(event: Event, reply: p.FindReply) -> Divergence:
-    then = [key(fid, uri) for fid, uri, _ in event.hits]
-    now = [key(h.frame_id, h.uri) for h in reply.hits]
-    rank_then = {k: r for r, k in enumerate(then, 1)}
-    rank_now = {k: r for r, k in enumerate(now, 1)}
-    moved = [(k, rank_then[k], r) for k, r in rank_now.items() if k in rank_then and rank_then[k] != r]
+    then = ranks([(key(fid, uri), score) for fid, uri, score in event.hits])
+    now = ranks([(key(h.frame_id, h.uri), h.score) for h in reply.hits])
+    moved = [(k, then[k], r) for k, r in now.items() if k in then and then[k] != r]
     return Divergence(
         query=event.query or "", recorded_seq=event.seq, replayed_seq=reply.seq, recorded_mode=event.mode,
         replayed_mode=reply.mode, same=then == now, hits=len(now),
-        gained=[k for k in now if k not in rank_then], lost=[k for k in then if k not in rank_now], moved=moved)
+        gained=[k for k in now if k not in then], lost=[k for k in then if k not in now], moved=moved)
 
 
 def replay(client: Any, name: str, *, capsule: str | None = None, **overrides: Any) -> Replay:

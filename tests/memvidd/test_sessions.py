@@ -102,3 +102,23 @@ def test_bad_session_requests_are_clear_errors(daemon, capsys):
         assert c.session("twice", "stop").active == []
     assert main(cli(daemon, "replay", "nothing-recorded")) == 1
     assert "no session 'nothing-recorded' is recorded" in capsys.readouterr().err
+
+
+def test_hits_that_tie_may_swap_places_without_a_move():
+    """Equal scores come back in either order from one search to the next (an as-of
+    search walks other segments): a replay counts that as no change; a real move is one."""
+    event = sessions.Event(op="find", time=0.0, seq=3, query="red", mode="lex",
+                           hits=[(1, "note://fox", 0.5), (2, "note://kite", 0.5), (3, "note://hat", 0.2)])
+
+    def reply(*hits: tuple[int, str, float]) -> p.FindReply:
+        return p.FindReply(seq=4, mode="lex", hits=[
+            p.HitOut(frame_id=fid, uri=uri, title=None, score=score, snippet="", highlights=[], tags={}, kind=None,
+                     timestamp=0.0, commit_seq=1, valid_until=None, sources=["lex"], commit_time=0.0)
+            for fid, uri, score in hits])
+
+    swapped = sessions.compare(event, reply((2, "note://kite", 0.5), (1, "note://fox", 0.5), (3, "note://hat", 0.2)))
+    assert swapped.same and not swapped.moved
+    moved = sessions.compare(event, reply((3, "note://hat", 0.9), (1, "note://fox", 0.5), (2, "note://kite", 0.5)))
+    assert not moved.same and moved.moved == [("note://hat", 3, 1), ("note://fox", 1, 2), ("note://kite", 1, 2)]
+    assert sessions.ranks([("a", 1.0), ("b", 1.0), ("c", 0.5), ("d", 0.5), ("e", 0.1)]) == {
+        "a": 1, "b": 1, "c": 3, "d": 3, "e": 5}
