@@ -40,6 +40,27 @@ name = "{name}"
 path = "{dir}/{name}.mv2"
 """
 
+WATCHING = """
+[daemon]
+socket = "{dir}/q.sock"
+events-socket = "{dir}/e.sock"
+
+[embedding]
+model = "none"
+
+[[capsule]]
+name = "default"
+path = "{dir}/default.mv2"
+watch = [{watch}]
+{extra}
+"""
+
+
+def watching_config(run: Path, *trees: Path, extra: str = "") -> str:
+    """A lexical daemon's configuration whose default capsule (in ``run``) watches
+    ``trees``; ``extra`` lines go into the capsule's table."""
+    return WATCHING.format(dir=run, watch=", ".join(f'"{t}"' for t in trees), extra=extra)
+
 
 class DaemonProc:
     def __init__(self, tmp: Path, *, capsules: tuple[str, ...] = ("default",), max_put: int = 1 << 20,

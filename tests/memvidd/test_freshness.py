@@ -15,24 +15,10 @@ import msgspec
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from daemon_util import ROOT, DaemonProc
+from daemon_util import ROOT, DaemonProc, watching_config
 from memvidd.client import Client
 
 pytestmark = pytest.mark.timeout(120)
-
-WATCHING = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-
-[embedding]
-model = "none"
-
-[[capsule]]
-name = "default"
-path = "{dir}/default.mv2"
-watch = [{watch}]
-"""
 
 
 def found(c: Client, query: str, deadline: float) -> list:
@@ -64,7 +50,7 @@ def test_file_hits_say_when_they_were_indexed_and_whether_the_file_changed_since
     run = tmp_path / "run"
     run.mkdir()
     d = DaemonProc(run)
-    d.config.write_text(WATCHING.format(dir=run, watch=f'"{tree}"'))
+    d.config.write_text(watching_config(run, tree))
     try:
         d.start()
         with Client(d.socket) as c:
@@ -78,7 +64,7 @@ def test_file_hits_say_when_they_were_indexed_and_whether_the_file_changed_since
             assert plain.uri == "note://keeper" and plain.commit_time is not None
             assert "mtime" not in msgspec.to_builtins(plain) and "stale" not in msgspec.to_builtins(plain)
 
-            d.config.write_text(WATCHING.format(dir=run, watch=""))  # nobody watches the file now
+            d.config.write_text(watching_config(run))  # nobody watches the file now
             assert any("watch" in line for line in c.reload().applied)
             os.utime(note, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # changed on disk
             (hit,) = c.find("lighthouse", mode="lex")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_util import DaemonProc
+from daemon_util import DaemonProc, watching_config
 from test_watcher import FILE_KIND, live, mkroot, until, watching, write
 
 from memvidd.client import Client
@@ -149,21 +149,6 @@ async def test_skip_generated_false_indexes_them_and_a_restart_with_the_default_
 
 # -- the configuration, in a real daemon ---------------------------------------------------
 
-CONFIG = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-
-[embedding]
-model = "none"
-
-[[capsule]]
-name = "default"
-path = "{dir}/default.mv2"
-watch = ["{tree}"]
-{extra}
-"""
-
 
 def indexer(d: DaemonProc) -> dict[str, Any]:
     with Client(d.socket) as c:
@@ -184,12 +169,12 @@ def test_the_daemon_reads_skip_generated_from_its_config_and_a_reload_applies_it
     run = tmp_path / "run"
     run.mkdir()
     d = DaemonProc(run)
-    d.config.write_text(CONFIG.format(dir=run, tree=tree, extra="skip-generated = false"))
+    d.config.write_text(watching_config(run, tree, extra="skip-generated = false"))
     d.start()
     try:
         wait_for(d, lambda s: s["documents"] == len(KEPT) + len(PASSED_OVER) and s["phase"] == "watching",
                  "every file indexed")
-        d.config.write_text(CONFIG.format(dir=run, tree=tree, extra=""))
+        d.config.write_text(watching_config(run, tree))
         with Client(d.socket) as c:
             reply = c.reload()
         assert reply.applied == ["capsule default.skip-generated: false -> true"], reply

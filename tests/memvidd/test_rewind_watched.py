@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from daemon_util import ROOT, DaemonProc
+from daemon_util import ROOT, DaemonProc, watching_config
 from test_watcher import mkroot, write
 
 import engine
@@ -18,20 +18,6 @@ from memvidd.client import Client
 from memvidd.ingest import file_uri
 
 pytestmark = pytest.mark.timeout(120)
-
-CONFIG = """
-[daemon]
-socket = "{dir}/q.sock"
-events-socket = "{dir}/e.sock"
-
-[embedding]
-model = "none"
-
-[[capsule]]
-name = "default"
-path = "{dir}/default.mv2"
-watch = ["{tree}"]
-"""
 
 
 def found(c: Client, word: str) -> set[str]:
@@ -52,7 +38,7 @@ def watched(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     d = DaemonProc(run)
-    d.config.write_text(CONFIG.format(dir=run, tree=tree))
+    d.config.write_text(watching_config(run, tree))
     yield d, tree
     d.close()
 
