@@ -20,6 +20,7 @@ than its budget of bytes, characters, seconds or memory, its library missing.
 
 from __future__ import annotations
 
+import atexit
 import os
 import selectors
 import signal
@@ -269,6 +270,7 @@ class Children:
 
 
 CHILDREN = Children()
+atexit.register(CHILDREN.close)  # idle children end with this process, their pipes closed
 
 
 def put_items(path: str, data: bytes, *, uri: str | None = None, title: str | None = None,
