@@ -40,8 +40,20 @@ def passphrase(args: argparse.Namespace, prefix: str = "") -> str | None:
     return engine.read_passphrase(**sources)
 
 
-def encrypted_hint(e: engine.InvalidArgument) -> SystemExit:
-    return SystemExit(f"memvidd: {e} (--passphrase-file PATH, --passphrase-env VAR or --passphrase-credential NAME)")
+def open_capsule(path: str, passphrase: str | None, **options: Any) -> engine.Capsule:
+    """``engine.open`` for a command: an encrypted capsule opened without a passphrase is
+    an error that says how to give one."""
+    import engine
+
+    try:
+        return engine.open(path, passphrase=passphrase, **options)
+    except engine.WrongPassphrase:
+        raise
+    except engine.InvalidArgument as e:
+        if passphrase is None and "encrypted" in str(e):
+            raise SystemExit(f"memvidd: {e} (--passphrase-file PATH, --passphrase-env VAR or "
+                             "--passphrase-credential NAME)") from None
+        raise
 
 
 def emit(args: argparse.Namespace, obj: Any, human: Any) -> None:

@@ -35,17 +35,10 @@ def _direct(args: argparse.Namespace, *, write: bool = False) -> engine.Capsule:
     import engine
 
     embedder = engine.Embedder() if getattr(args, "mode", None) in ("vec", "hybrid") else None
-    passphrase = cli_args.passphrase(args)
     try:
-        return engine.open(args.capsule, readonly=not write, embedder=embedder, passphrase=passphrase)
+        return cli_args.open_capsule(args.capsule, cli_args.passphrase(args), readonly=not write, embedder=embedder)
     except engine.CapsuleLocked as e:
         raise SystemExit(f"memvidd: {e}: a daemon holds it; talk to it with --socket") from None
-    except engine.WrongPassphrase:
-        raise
-    except engine.InvalidArgument as e:
-        if passphrase is None and "encrypted" in str(e):
-            raise cli_args.encrypted_hint(e) from None
-        raise
 
 
 def _frame_text(f: Any) -> str:

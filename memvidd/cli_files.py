@@ -115,16 +115,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _open_file(path: str, passphrase: str | None) -> engine.Capsule:
     """A read-only open (shared with a daemon serving the capsule)."""
-    import engine
-
-    try:
-        return engine.open(path, readonly=True, passphrase=passphrase)
-    except engine.WrongPassphrase:
-        raise
-    except engine.InvalidArgument as e:
-        if passphrase is None and "encrypted" in str(e):
-            raise cli_args.encrypted_hint(e) from None
-        raise
+    return cli_args.open_capsule(path, passphrase, readonly=True)
 
 
 

@@ -26,13 +26,6 @@ from memvidd.framing import pack_message, recv_message, send_message
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path).start()
-    yield d
-    d.close()
-
-
 def test_put_find_get_timeline_remove_over_the_socket(daemon):
     with Client(daemon.socket) as c:
         assert c.server.version == p.PROTOCOL_VERSION and "find" in c.server.features

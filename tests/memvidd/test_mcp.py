@@ -51,13 +51,6 @@ async def error(s: ClientSession, tool: str, **args: Any) -> str:
     return r.content[0].text
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path).start()
-    yield d
-    d.close()
-
-
 def test_an_agent_lists_the_tools_stores_finds_and_reads(daemon, tmp_path):
     async def main() -> None:
         async with session(daemon.socket, tmp_path / "mcp.log") as s:

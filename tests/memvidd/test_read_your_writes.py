@@ -21,13 +21,6 @@ from memvidd.framing import pack_message, recv_message
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path).start()
-    yield d
-    d.close()
-
-
 def test_a_find_with_min_seq_waits_for_that_commit(daemon):
     """A find naming a commit not made yet is answered once it is, with what it brought."""
     with Client(daemon.socket) as writer, socket.socket(socket.AF_UNIX) as reader:

@@ -17,13 +17,6 @@ from memvidd.client import Client, RemoteError
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path).start()
-    yield d
-    d.close()
-
-
 def cli(daemon: DaemonProc, *argv: str) -> list[str]:
     return [*argv, "--socket", daemon.socket]
 
