@@ -258,3 +258,21 @@ def test_life_commands_against_a_daemon(tmp_path):
         assert texts(tmp_path / "copy.mv2") == {"d://1": "the first version"}
     finally:
         d.close()
+
+
+def test_an_encrypted_capsule_without_a_passphrase_says_how_to_give_one(tmp_path):
+    """Both kinds of command that open a file (a client command's --capsule, verify) say
+    which options give the passphrase; a wrong passphrase stays the engine's error."""
+    path = str(tmp_path / "secret.mv2e")
+    with engine.create(path, model=None, passphrase="pw", kdf=engine.KdfParams(memory_cost=1024, iterations=1)) as c:
+        c.put("hidden")
+    hint = "(--passphrase-file PATH, --passphrase-env VAR or --passphrase-credential NAME)"
+    for argv in (["find", "hidden", "--mode", "lex", "--capsule", path], ["branch", str(tmp_path / "b.mv2"),
+                                                                          "--capsule", path]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert "encrypted" in str(info.value) and hint in str(info.value), argv
+    key = tmp_path / "wrong.key"
+    key.write_text("not it\n")
+    key.chmod(0o600)
+    assert cli.main(["find", "hidden", "--mode", "lex", "--capsule", path, "--passphrase-file", str(key)]) == 1
